@@ -1,0 +1,21 @@
+"""KArAt: Kolmogorov-Arnold Attention for vision transformers.
+
+Importing ``karat`` registers the KArAt models in timm's registry.
+"""
+from .attention import KArAtAttention, KArAtCore, mask_to_keep
+from .bases import ZeroModule
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import KArAtConfig
+from .kan import KANLayer
+from .operator import KArAtOperator, OperatorProvider
+from .optim import karat_parameter_names, param_groups
+from .simplex import project_to_simplex
+from . import models  # noqa: F401  (registers timm models)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KArAtAttention", "KArAtConfig", "KArAtCore", "KArAtOperator", "KANLayer", "OperatorProvider", "ZeroModule",
+    "karat_parameter_names", "load_checkpoint", "mask_to_keep", "param_groups", "project_to_simplex",
+    "save_checkpoint",
+]

@@ -1,0 +1,181 @@
+"""Attention with KArAt in place of softmax.
+
+``KArAtCore`` is the one piece every host uses unchanged (timm ViT/Swin/ConViT, detectron2 ViTDet,
+mmseg/mmdet backbones): it takes per-head ``q, k, v`` plus the host's relative-position bias and key
+mask, and returns the per-head output. ``KArAtAttention`` wraps it as a drop-in ``attn_layer`` for
+timm's ``VisionTransformer`` with timm's parameter names (``qkv``, ``q_norm``, ``k_norm``, ``norm``,
+``proj``), so softmax ViT weights load into it.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import efficient
+from .config import KArAtConfig
+from .operator import KArAtOperator, OperatorProvider
+
+OperatorFactory = Callable[[int, int], KArAtOperator]
+
+
+def mask_to_keep(attn_mask: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Split an SDPA-style mask into (bool keep-mask, additive bias).
+
+    A bool mask is True where attention is allowed. A float mask is additive: ``-inf`` entries mask the
+    key (KArAt semantics), finite entries are a bias added to the logits.
+    """
+    if attn_mask is None:
+        return None, None
+    if attn_mask.dtype == torch.bool:
+        return attn_mask, None
+    keep = ~torch.isneginf(attn_mask)
+    return (None if bool(keep.all()) else keep), attn_mask.masked_fill(~keep, 0.0)
+
+
+class KArAtCore(nn.Module):
+    """Per-head attention output ``sigma(S) V`` for the first ``k`` heads and ``softmax(S) V`` for the rest.
+
+    Args:
+        num_heads: heads of the host attention.
+        num_tokens: keys each head sees (N); the operator's weights are indexed by key position.
+        cfg: KArAt options.
+        operator_factory: builds (or, for universal sharing, returns the shared) operator.
+        attn_drop: dropout on the attention weights, as in timm.
+    """
+
+    def __init__(self, num_heads: int, num_tokens: int, cfg: KArAtConfig,
+                 operator_factory: Optional[OperatorFactory] = None, attn_drop: float = 0.0) -> None:
+        super().__init__()
+        self.cfg, self.num_heads, self.num_tokens = cfg, num_heads, num_tokens
+        self.num_karat_heads = cfg.karat_heads(num_heads)
+        factory = operator_factory or OperatorProvider(cfg)
+        self.operator = factory(self.num_karat_heads, num_tokens)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.export_attention = False  # set True to keep the last sigma(S) in ``last_attention``
+        self.last_attention: Optional[torch.Tensor] = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                key_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+        """q, k, v: ``(B, H, N, d)``; bias: additive, broadcastable to ``(B, H, N, N)``; key_mask: bool,
+        broadcastable to ``(B, H, N, N)``, False where a key is masked. Returns ``(B, H, N, d)``."""
+        if k.shape[-2] != self.num_tokens:
+            raise ValueError(
+                f"KArAt attention was built for {self.num_tokens} tokens but got {k.shape[-2]}. KArAt weights "
+                f"are tied to the token count: create the model with the input size you use (img_size=...) "
+                f"or resample the checkpoint to the new token count (karat spec section 6).")
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        h = self.num_karat_heads
+        out_karat = self._karat(q[:, :h], k[:, :h], v[:, :h], _heads(bias, 0, h), _heads(key_mask, 0, h), scale)
+        if h == self.num_heads:
+            return out_karat
+        out_soft = self._softmax(q[:, h:], k[:, h:], v[:, h:], _heads(bias, h, None), _heads(key_mask, h, None), scale)
+        return torch.cat([out_karat, out_soft], dim=1)
+
+    def resolve_impl(self) -> str:
+        """``reference`` (materialise sigma(S)) or ``efficient`` (spec section 5), from ``cfg.impl``.
+
+        ``auto`` takes the efficient path unless something needs the N x N matrix: ``project_l1``, a
+        non-modular depth other than 2, attention-map export, or attention dropout while training."""
+        reason = efficient.supports(self.operator)
+        if reason is None and self.export_attention:
+            reason = "exporting attention maps needs sigma(S) itself"
+        if reason is None and self.training and self.attn_drop.p > 0:
+            reason = "attention dropout acts on the entries of sigma(S)"
+        if self.cfg.impl == "efficient" and reason is not None:
+            raise ValueError(f"impl='efficient' cannot serve this configuration: {reason}. "
+                             f"Use impl='auto' (falls back to the reference path) or impl='reference'.")
+        if self.cfg.impl == "reference" or reason is not None:
+            return "reference"
+        return "efficient"
+
+    def _karat(self, q, k, v, bias, key_mask, scale) -> torch.Tensor:
+        if self.resolve_impl() == "efficient":
+            return efficient.attend(self.operator, q * scale, k, v, bias, key_mask)
+        logits = (q * scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        sigma = self.operator(logits, key_mask)
+        if self.export_attention:
+            self.last_attention = sigma.detach()
+        return self.attn_drop(sigma) @ v
+
+    def _softmax(self, q, k, v, bias, key_mask, scale) -> torch.Tensor:
+        mask = bias
+        if key_mask is not None:
+            mask = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~key_mask, float("-inf"))
+            mask = mask if bias is None else mask + bias
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              dropout_p=self.attn_drop.p if self.training else 0.0)
+
+    def extra_repr(self) -> str:
+        return f"karat_heads={self.num_karat_heads}/{self.num_heads}, tokens={self.num_tokens}"
+
+
+def _heads(t: Optional[torch.Tensor], start: int, stop: Optional[int]) -> Optional[torch.Tensor]:
+    """Slice the head axis of a ``(B, H, N, N)``-broadcastable tensor (left alone where it broadcasts)."""
+    if t is None or t.dim() < 4 or t.shape[1] == 1:
+        return t
+    return t[:, start:stop]
+
+
+class KArAtAttention(nn.Module):
+    """Drop-in ``attn_layer`` for ``timm.models.vision_transformer.VisionTransformer``.
+
+    timm's ``Block`` builds it from a class with timm's attention keywords, so the KArAt ones
+    (``karat_cfg``, ``num_tokens``, ``operator_factory``) are bound into a subclass with :meth:`bind`.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
+                 scale_norm: bool = False, proj_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 norm_layer: Optional[type[nn.Module]] = None, *, karat_cfg: KArAtConfig, num_tokens: int,
+                 operator_factory: Optional[OperatorFactory] = None, attn_head_dim: Optional[int] = None,
+                 dim_out: Optional[int] = None, device=None, dtype=None, **unused) -> None:
+        super().__init__()
+        if unused:
+            raise TypeError(f"KArAtAttention does not support {sorted(unused)}")
+        head_dim = attn_head_dim or dim // num_heads
+        if attn_head_dim is None and dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        if (qk_norm or scale_norm) and norm_layer is None:
+            raise ValueError("norm_layer must be given when qk_norm or scale_norm is set")
+        self.num_heads, self.head_dim, self.attn_dim = num_heads, head_dim, num_heads * head_dim
+        self.scale = head_dim ** -0.5
+        self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias)
+        self.q_norm = norm_layer(head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(head_dim) if qk_norm else nn.Identity()
+        self.karat = KArAtCore(num_heads, num_tokens, karat_cfg, operator_factory, attn_drop)
+        self.norm = norm_layer(self.attn_dim) if scale_norm else nn.Identity()
+        self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+
+    @classmethod
+    def bind(cls, karat_cfg: KArAtConfig, num_tokens: int,
+             operator_factory: Optional[OperatorFactory] = None) -> type["KArAtAttention"]:
+        """A subclass whose constructor takes only timm's attention arguments (timm wants a class)."""
+        factory = operator_factory or OperatorProvider(karat_cfg)
+
+        class BoundKArAtAttention(cls):
+            def __init__(self, *args, **kwargs) -> None:
+                super().__init__(*args, karat_cfg=karat_cfg, num_tokens=num_tokens, operator_factory=factory, **kwargs)
+
+        BoundKArAtAttention.__name__ = BoundKArAtAttention.__qualname__ = cls.__name__
+        return BoundKArAtAttention
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        if is_causal:
+            raise ValueError("KArAt attention has no causal mode; pass a boolean attn_mask instead")
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        keep, bias = mask_to_keep(attn_mask)
+        x = self.karat(q, k, v, bias=bias, key_mask=keep, scale=self.scale)
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        x = self.norm(x)
+        x = self.proj(x)
+        return self.proj_drop(x)

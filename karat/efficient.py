@@ -1,0 +1,262 @@
+"""Memory-efficient evaluation of ``sigma(S) V`` without building ``sigma(S)`` (spec section 5).
+
+Two building blocks cover every supported configuration:
+
+* ``reduce_keys``: a KAN layer N -> r applied to rows of ``S`` (``Phi(S)``), summed over blocks of keys;
+  each block's features are recomputed in backward (activation checkpointing), so what stays in memory is
+  ``S`` itself and the ``N x r`` result, never the ``N x N x M`` feature tensor.
+* ``expand_to_keys``: a KAN layer r -> N whose outputs weight the values: ``out = sigma V`` with
+  ``sigma_ij = sum_p phi_pj(U_ip)``. For a shared-feature basis (Fourier, B-spline) and key-level masks it is
+  linear in N: ``out = F(U) (C V)``; otherwise it runs over blocks of keys, again recomputed in backward.
+
+``phi1_w2`` is ``reduce_keys`` then ``H (W^T V)``; ``w1_phi2`` is ``U = S W^T`` then ``expand_to_keys``;
+the non-modular depth-2 operator is ``reduce_keys`` then ``expand_to_keys``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .bases import SharedFeatureBasis
+from .kan import KANLayer
+from .operator import KArAtOperator
+
+KEY_BLOCK: Optional[int] = None  # keys per block; None sizes blocks to BLOCK_ELEMENTS
+BLOCK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 25}  # feature entries of one block (bounds the transient memory)
+
+
+def supports(op: KArAtOperator) -> Optional[str]:
+    """None when the efficient path can evaluate ``op``, else the reason it cannot."""
+    if op.cfg.project_l1:
+        return "project_l1 needs every row of sigma(S) to project it onto the simplex"
+    if op.mode == "depth" and len(op.layers) != 2:
+        return f"a non-modular operator of depth {len(op.layers)} (only depth 2 factorises through rank r)"
+    return None
+
+
+def _blocks(n: int, block: int):
+    return [slice(j, min(j + block, n)) for j in range(0, n, block)]
+
+
+def block_size(rows: int, width: int, n: int, device: torch.device) -> int:
+    """Keys per block so that ``rows x block x width`` feature entries stay within the device's budget."""
+    if KEY_BLOCK:
+        return KEY_BLOCK
+    budget = BLOCK_ELEMENTS.get(device.type, BLOCK_ELEMENTS["cuda"])
+    return max(8, min(n, budget // max(1, rows * width)))
+
+
+def _maybe_checkpoint(fn, *args):
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def _is_key_level(mask: Optional[torch.Tensor]) -> bool:
+    """A mask that is the same for every query (padding), shape ``(..., 1, N)``."""
+    return mask is None or mask.shape[-2] == 1
+
+
+def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Reduce a broadcast gradient back to ``shape`` (the shape of the tensor that was broadcast)."""
+    lead = grad.dim() - len(shape)
+    if lead:
+        grad = grad.sum(dim=tuple(range(lead)))
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    return grad.sum(dim=dims, keepdim=True) if dims else grad
+
+
+class _ReduceKeysFromQK(torch.autograd.Function):
+    """``Phi(S)`` for a shared-feature KAN layer, with ``S = q k^T (+ bias)`` recomputed block by block.
+
+    Neither ``S`` nor its ``N x N x M`` features are ever stored: forward keeps ``q, k`` (and the bias the
+    host already holds); backward recomputes each key block's logits and features and accumulates
+    ``dq``, ``dk``, the coefficient gradient and the bias gradient. Memory O(N (r + d)) per head plus one block.
+    """
+
+    # Work is laid out head-major, (H, B, N, ...), so that every contraction with the per-head coefficients
+    # is one large (B*N rows) matrix product per head.
+
+    @staticmethod
+    def forward(ctx, q, k, bias, coef, layer, key_mask, block):
+        # q (B,H,N,d) pre-scaled; k (B,H,N,d); coef (H, N, M, r) from _layer_coefficients(layer)
+        qh, kh, bh, mh = (None if t is None else t.transpose(0, 1) for t in (q, k, bias, key_mask))
+        h, b, n = qh.shape[:3]
+        out = q.new_zeros(h, b * n, coef.shape[-1])
+        for j in _blocks(k.shape[-2], block):
+            feats = _block_features(layer, qh, kh, bh, mh, j)
+            out.baddbmm_(feats.view(h, b * n, -1), coef[:, j].flatten(1, 2))
+        ctx.save_for_backward(q, k, bias, coef, key_mask)
+        ctx.layer, ctx.block = layer, block
+        return out.view(h, b, n, -1).transpose(0, 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        q, k, bias, coef, key_mask = ctx.saved_tensors
+        need_q, need_k, need_bias, need_coef = ctx.needs_input_grad[:4]
+        qh, kh, bh, mh = (None if t is None else t.transpose(0, 1) for t in (q, k, bias, key_mask))
+        h, b, n = qh.shape[:3]
+        dq = torch.zeros_like(qh) if need_q else None
+        dk = torch.zeros_like(kh) if need_k else None
+        dbias = torch.zeros_like(bias) if need_bias else None
+        dbh = None if dbias is None else dbias.transpose(0, 1)
+        dcoef = torch.zeros_like(coef) if need_coef else None
+        dyh = dy.transpose(0, 1).reshape(h, b * n, -1)
+        layer = ctx.layer
+        for j in _blocks(k.shape[-2], ctx.block):
+            s, mask, feats = _block_features(layer, qh, kh, bh, mh, j, return_logits=True)
+            flat = feats.view(h, b * n, -1)  # (H, B*N, bk*M)
+            cj = coef[:, j].flatten(1, 2)  # (H, bk*M, r)
+            if need_coef:
+                dcoef[:, j] = (flat.transpose(1, 2) @ dyh).view_as(dcoef[:, j])
+            dfeats = (dyh @ cj.transpose(1, 2)).view_as(feats)
+            ds = _features_vjp(layer, s, mask, feats, dfeats)  # (H, B, N, bk)
+            if need_q:
+                dq += ds @ kh[..., j, :]
+            if need_k:
+                dk[..., j, :] = ds.transpose(-2, -1) @ qh
+            if need_bias:
+                dbh[..., j] = _sum_to(ds, dbh[..., j].shape)
+        return (None if dq is None else dq.transpose(0, 1), None if dk is None else dk.transpose(0, 1),
+                dbias, dcoef, None, None, None)
+
+
+def _block_features(layer, qh, kh, bh, mh, j, return_logits: bool = False):
+    """Logits of key block ``j`` recomputed from q, k (head-major) and their masked features."""
+    s = qh @ kh[..., j, :].transpose(-2, -1)
+    if bh is not None:
+        s = s + bh[..., j]
+    mask = None if mh is None else mh[..., j]
+    feats = _features(layer, s, mask)
+    return (s, mask, feats) if return_logits else feats
+
+
+def _features(layer: KANLayer, s: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Features of a shared-feature KAN layer at ``s``, the base activation as one extra feature, masked."""
+    feats = layer.basis.features(s)
+    if layer.has_base:
+        feats = torch.cat([feats, layer.base_fn(s).unsqueeze(-1)], dim=-1)
+    if mask is not None:
+        feats = feats * mask.unsqueeze(-1).to(feats.dtype)
+    return feats
+
+
+def _features_vjp(layer: KANLayer, s: torch.Tensor, mask: Optional[torch.Tensor], feats: torch.Tensor,
+                  dfeats: torch.Tensor) -> torch.Tensor:
+    """Gradient with respect to ``s`` of ``sum(dfeats * _features(layer, s, mask))``."""
+    m = layer.basis.num_functions
+    ds = layer.basis.features_vjp(s, feats[..., :m], dfeats[..., :m])
+    if layer.has_base:
+        with torch.enable_grad():
+            s_ = s.detach().requires_grad_()
+            ds = ds + torch.autograd.grad(layer.base_fn(s_), s_, dfeats[..., m])[0]
+    if mask is not None:  # masked entries are constant zeros; the basis vjp may not know it
+        ds = ds * mask.to(ds.dtype)
+    return ds
+
+
+def _layer_coefficients(layer: KANLayer) -> torch.Tensor:
+    """``(H, in, M(+1), out)``: basis coefficients times ``w_s`` (and ``w_b`` for the base feature)."""
+    coef = layer.basis.coefficients * layer.basis_scale.unsqueeze(-1)  # (H, in, out, M)
+    if layer.has_base:
+        coef = torch.cat([coef, layer.base_weight.unsqueeze(-1)], dim=-1)
+    return coef.transpose(-1, -2).contiguous()
+
+
+def reduce_keys_qk(layer: KANLayer, q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor],
+                   key_mask: Optional[torch.Tensor], block: Optional[int] = None) -> torch.Tensor:
+    """``Phi(q k^T + bias)`` without storing the logits or their features (shared-feature bases)."""
+    if bias is not None and bias.dim() < 4:
+        bias = bias.expand(*([1] * (4 - bias.dim())), *bias.shape)
+    width = layer.basis.num_functions + int(layer.has_base)
+    block = block or block_size(q.shape[0] * q.shape[1] * q.shape[2], width, k.shape[-2], q.device)
+    return _ReduceKeysFromQK.apply(q, k, bias, _layer_coefficients(layer), layer, key_mask, block)
+
+
+def reduce_keys(layer: KANLayer, logits: torch.Tensor, key_mask: Optional[torch.Tensor],
+                block: Optional[int] = None) -> torch.Tensor:
+    """``Phi(S)``: ``(B, H, N_q, N) -> (B, H, N_q, r)``, summed over key blocks recomputed in backward."""
+    out = None
+    block = block or block_size(logits.numel() // logits.shape[-1], layer.out_features, logits.shape[-1], logits.device)
+    for j in _blocks(logits.shape[-1], block):
+        m = None if key_mask is None else key_mask[..., j]
+
+        def part(s_blk, _j=j, _m=m):
+            return layer(s_blk, _m, edges=(_j, slice(None)))
+
+        y = _maybe_checkpoint(part, logits[..., j])
+        out = y if out is None else out + y
+    return out
+
+
+def expand_to_keys(layer: KANLayer, u: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
+                   block: Optional[int] = None) -> torch.Tensor:
+    """``sigma V`` with ``sigma_ij = mask_ij sum_p phi_pj(U_ip)``: u ``(B, H, N_q, r)``, v ``(B, H, N, d)``."""
+    if isinstance(layer.basis, SharedFeatureBasis) and _is_key_level(key_mask):
+        vm = v if key_mask is None else v * key_mask.transpose(-1, -2).to(v.dtype)
+        basis = layer.basis
+        coef = basis.coefficients * layer.basis_scale.unsqueeze(-1)  # (H, r, N, M)
+        cv = torch.einsum("hpjm,bhjd->bhpmd", coef, vm)
+        out = torch.einsum("bhipm,bhpmd->bhid", basis.features(u), cv)
+        if layer.has_base:
+            out = out + torch.einsum("bhip,bhpd->bhid", layer.base_fn(u), torch.einsum("hpj,bhjd->bhpd", layer.base_weight, vm))
+        return out
+    out = None
+    block = block or block_size(u.numel() // u.shape[-1], u.shape[-1], v.shape[-2], v.device)
+    for j in _blocks(v.shape[-2], block):
+        m = None if key_mask is None else key_mask[..., j]
+
+        def part(u_, v_blk, _j=j, _m=m):
+            sigma = layer(u_, edges=(slice(None), _j))
+            if _m is not None:
+                sigma = sigma * _m.to(sigma.dtype)
+            return sigma @ v_blk
+
+        y = _maybe_checkpoint(part, u, v[..., j, :])
+        out = y if out is None else out + y
+    return out
+
+
+def attend(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``sigma(S) V`` with ``S = q k^T (+ bias)`` (q already scaled), without materialising ``sigma(S)``.
+
+    The same function as the reference path (tests check it in float64)."""
+    reason = supports(op)
+    if reason is not None:
+        raise ValueError(f"impl='efficient' cannot evaluate {reason}; use impl='reference' or 'auto'.")
+    if k.shape[-2] != op.num_tokens:
+        raise ValueError(f"KArAt operator was built for {op.num_tokens} key tokens but got {k.shape[-2]}.")
+    key_level = _is_key_level(key_mask)
+    keep_v = None if key_mask is None or not key_level else key_mask.transpose(-1, -2).to(v.dtype)  # (.., N, 1)
+    if op.mode == "w1_phi2" and key_level:
+        # U = S W^T = q (W k)^T (+ bias W^T): linear in N, no N x N logits unless the host gave a bias.
+        km = k if keep_v is None else k * keep_v
+        u = q @ torch.einsum("hrj,bhjd->bhrd", op.weight, km).transpose(-1, -2)
+        if bias is not None:
+            b = bias if key_mask is None else bias * key_mask.to(bias.dtype)
+            u = u + torch.einsum("bhij,hrj->bhir", b.expand(*q.shape[:2], *b.shape[-2:]), op.weight)
+        return expand_to_keys(op.phi, u, v, key_mask)
+    def logits() -> torch.Tensor:
+        s = q @ k.transpose(-2, -1)
+        return s if bias is None else s + bias
+
+    if op.mode == "w1_phi2":  # with a per-query mask: U needs the masked logits
+        s = logits()
+        u = torch.einsum("bhij,hrj->bhir", s * key_mask.to(s.dtype), op.weight)
+        return expand_to_keys(op.phi, u, v, key_mask)
+    first = op.phi if op.mode == "phi1_w2" else op.layers[0]
+    if isinstance(first.basis, SharedFeatureBasis):
+        hidden = reduce_keys_qk(first, q, k, bias, key_mask)
+    else:
+        hidden = reduce_keys(first, logits(), key_mask)
+    if op.mode != "phi1_w2":
+        return expand_to_keys(op.layers[1], hidden, v, key_mask)
+    if key_level:
+        vm = v if keep_v is None else v * keep_v
+        return hidden @ torch.einsum("hjr,bhjd->bhrd", op.weight, vm)
+    sigma = torch.einsum("bhir,hjr->bhij", hidden, op.weight) * key_mask.to(hidden.dtype)
+    return sigma @ v

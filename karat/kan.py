@@ -1,0 +1,57 @@
+"""A KAN layer applied along the last axis, stacked over attention heads (spec section 2)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .bases import ALL_EDGES, Basis, EdgeSlice, ZeroModule, build_basis
+from .config import KArAtConfig, resolve_base_fn
+
+
+class KANLayer(nn.Module):
+    """``y_p = sum_q w_b[q,p] b(x_q) + w_s[q,p] f_qp(x_q)`` for every head (efficient-KAN convention).
+
+    ``init_scale`` is the standard deviation the outputs start with; the operator sets it so that
+    ``sigma(S) V`` starts at the scale of ``V`` whatever the number of tokens.
+    """
+
+    def __init__(self, num_heads: int, in_features: int, out_features: int, cfg: KArAtConfig,
+                 init_scale: float = 1.0) -> None:
+        super().__init__()
+        self.num_heads, self.in_features, self.out_features = num_heads, in_features, out_features
+        self.base_fn = resolve_base_fn(cfg.base_fn)()
+        shape = (num_heads, in_features, out_features)
+        self.base_weight = nn.Parameter(torch.randn(shape) * (init_scale / math.sqrt(in_features)))
+        self.basis_scale = nn.Parameter(torch.ones(shape))
+        self.basis: Basis = build_basis(cfg, num_heads, in_features, out_features, init_scale)
+        # With the zero base, w_b has an identically zero gradient; freezing it keeps DDP (no unused
+        # parameters) and optimizers quiet while the parameter (and the paper's count) stays.
+        self.has_base = not isinstance(self.base_fn, ZeroModule)
+        if not self.has_base or cfg.base_not_trainable:
+            self.base_weight.requires_grad_(False)
+        if cfg.basis_not_trainable:
+            self.basis_scale.requires_grad_(False)
+            for p in self.basis.parameters():
+                p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, input_mask: Optional[torch.Tensor] = None,
+                edges: EdgeSlice = ALL_EDGES) -> torch.Tensor:
+        """x: ``(B, H, R, in)``; input_mask: bool broadcastable to x, False drops that input's edges.
+
+        ``edges`` = (input slice, output slice) evaluates one block of edges only (x holds those inputs):
+        the efficient paths sum a layer over blocks of keys without building all edges at once."""
+        i, o = edges
+        y = self.basis(x, self.basis_scale[:, i, o], input_mask, edges)
+        if self.has_base:
+            base = self.base_fn(x)
+            if input_mask is not None:
+                base = base * input_mask.to(base.dtype)
+            y = y + torch.einsum("bhri,hio->bhro", base, self.base_weight[:, i, o])
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.num_heads}, in={self.in_features}, out={self.out_features}, "
+                f"basis={type(self.basis).__name__}")

@@ -1,0 +1,130 @@
+"""KArAt Vision Transformers registered in timm (``timm.create_model('vit_tiny_patch16_224_karat', ...)``).
+
+They are timm's own ``VisionTransformer`` with ``KArAtAttention`` as ``attn_layer``, so everything timm
+offers (``forward_features``, ``forward_head``, ``reset_classifier``, ``forward_intermediates``,
+``features_only``, pretrained configs) works unchanged. KArAt options are keyword arguments named after
+the paper's flags (``basis_type``, ``grid``, ``hidden_dim``, ``modular_mode``, ``universal``, ...).
+
+``pretrained=True`` starts from the softmax timm ViT of the same size (KArAt weights freshly initialised),
+the way the paper's fine-tuning starts from a softmax checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Mapping
+
+import torch
+from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.layers import to_2tuple
+
+from ..attention import KArAtAttention
+from ..config import KArAtConfig
+from ..operator import OperatorProvider
+
+_logger = logging.getLogger(__name__)
+
+KARAT_KEY = ".karat."  # every KArAt parameter lives under an attention's ``karat`` submodule
+
+
+def is_karat_key(name: str) -> bool:
+    return KARAT_KEY in f".{name}"
+
+
+def vit_num_tokens(img_size: Any = 224, patch_size: Any = 16, class_token: bool = True, reg_tokens: int = 0,
+                   no_embed_class: bool = False, **_: Any) -> int:
+    """Tokens a timm ViT attention sees: patches plus prefix (class, register) tokens."""
+    h, w = to_2tuple(img_size)
+    ph, pw = to_2tuple(patch_size)
+    if h % ph or w % pw:
+        raise ValueError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
+    return (h // ph) * (w // pw) + int(class_token) + reg_tokens
+
+
+def karat_vit_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTransformer, **kwargs: Any) -> Dict[str, torch.Tensor]:
+    """timm's ViT checkpoint filter (position embedding resampling, ...) plus a check that everything
+    except KArAt parameters is present, so a wrong checkpoint fails loudly despite non-strict loading."""
+    out = checkpoint_filter_fn(state_dict, model, **kwargs)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in out]
+    karat_missing = [k for k in missing if is_karat_key(k)]
+    other_missing = [k for k in missing if not is_karat_key(k)]
+    if other_missing:
+        raise ValueError(
+            f"Checkpoint does not fit this KArAt ViT: {len(other_missing)} non-KArAt tensors are missing "
+            f"(e.g. {other_missing[:3]}). Use a checkpoint of the same ViT architecture (embed_dim, depth, heads).")
+    unexpected = [k for k in out if k not in expected]
+    if unexpected:
+        raise ValueError(f"Checkpoint has {len(unexpected)} tensors this KArAt ViT does not have "
+                         f"(e.g. {unexpected[:3]}); it is for another architecture.")
+    _logger.info("Loaded a softmax ViT checkpoint; %d KArAt tensors are newly initialised.", len(karat_missing))
+    return out
+
+
+def _create_vit_karat(variant: str, pretrained: bool = False, karat_defaults: Mapping[str, Any] | None = None,
+                      **kwargs: Any) -> VisionTransformer:
+    cfg = KArAtConfig.pop_from(kwargs, karat_defaults)
+    if kwargs.get("dynamic_img_size"):
+        raise ValueError("dynamic_img_size=True is not supported by KArAt: its operator weights are indexed by "
+                         "token position, so the token count is fixed; create the model with img_size=...")
+    if "attn_layer" in kwargs:
+        raise ValueError("attn_layer is set by the KArAt model; use a plain timm ViT for another attention")
+    num_tokens = vit_num_tokens(**kwargs)
+    out_indices = kwargs.pop("out_indices", 3)
+    attn_layer = KArAtAttention.bind(cfg, num_tokens, OperatorProvider(cfg))
+    model = build_model_with_cfg(
+        VisionTransformer, variant, pretrained,
+        pretrained_filter_fn=karat_vit_filter_fn,
+        pretrained_strict=False,  # KArAt tensors are new; karat_vit_filter_fn checks the rest
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        attn_layer=attn_layer,
+        **kwargs,
+    )
+    model.karat_cfg = cfg
+    return model
+
+
+def _cfg(softmax_hub_id: str = "", **kwargs: Any) -> Dict[str, Any]:
+    return {
+        "url": "",
+        "hf_hub_id": softmax_hub_id,
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "crop_pct": 0.9, "interpolation": "bicubic", "fixed_input_size": True,
+        "mean": IMAGENET_INCEPTION_MEAN, "std": IMAGENET_INCEPTION_STD,
+        "first_conv": "patch_embed.proj", "classifier": "head",
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+# The tag names the softmax weights a KArAt model starts from when pretrained=True.
+default_cfgs = generate_default_cfgs({
+    "vit_tiny_patch16_224_karat.augreg_in21k_ft_in1k": _cfg("timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"),
+    "vit_small_patch16_224_karat.augreg_in21k_ft_in1k": _cfg("timm/vit_small_patch16_224.augreg_in21k_ft_in1k"),
+    "vit_base_patch16_224_karat.augreg2_in21k_ft_in1k": _cfg("timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"),
+})
+
+
+@register_model
+def vit_tiny_patch16_224_karat(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT-Tiny/16 with KArAt (paper default: Fourier, G = 3, r = 12, blockwise; mixed heads k = 1)."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    return _create_vit_karat("vit_tiny_patch16_224_karat", pretrained, karat_defaults=dict(num_attention=1),
+                             **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_small_patch16_224_karat(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT-Small/16 with KArAt (mixed heads k = 3)."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_vit_karat("vit_small_patch16_224_karat", pretrained, karat_defaults=dict(num_attention=3),
+                             **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_base_patch16_224_karat(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT-Base/16 with KArAt (the paper uses G = 1 for Base; mixed heads k = 6)."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create_vit_karat("vit_base_patch16_224_karat", pretrained, karat_defaults=dict(num_attention=6, grid=1),
+                             **dict(model_args, **kwargs))

@@ -1,0 +1,72 @@
+"""The memory-efficient path computes exactly the reference function (float64), gradients included."""
+import pytest
+import torch
+
+from karat import KArAtConfig, KArAtCore
+from karat import efficient
+
+BASES = [
+    dict(basis_type="FourierBasis", grid=3),
+    dict(basis_type="FourierBasis", grid=2, base_fn="nn.SiLU"),
+    dict(basis_type="SplineBasis", grid=4, order=3, grid_range=(-3.0, 3.0)),
+    dict(basis_type="WaveletBasis", wavelet_type="mexican_hat"),
+    dict(basis_type="WaveletBasis", wavelet_type="shannon"),
+    dict(basis_type="RationalBasis", rational_order=(4, 3)),
+]
+MODES = [dict(modular_mode="phi1_w2"), dict(modular_mode="w1_phi2"), dict(modular_attn=False, depth=2)]
+MASKS = ["none", "keys", "queries"]
+
+
+def _masks(kind, b, n):
+    if kind == "none":
+        return None
+    if kind == "keys":  # padding: the same keys masked for every query
+        keep = torch.rand(b, 1, 1, n) > 0.3
+    else:  # Swin's shifted windows: a mask per query
+        keep = torch.rand(b, 1, n, n) > 0.3
+    keep[..., 0] = True
+    return keep
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.get("modular_mode", "depth2"))
+@pytest.mark.parametrize("basis", BASES, ids=lambda b: b.get("wavelet_type", b["basis_type"]) + b.get("base_fn", ""))
+def test_efficient_equals_reference(basis, mode, bias, mask, monkeypatch):
+    monkeypatch.setattr(efficient, "KEY_BLOCK", 4)  # several key blocks even at small N
+    n, b, h, d = 11, 2, 2, 4
+    ref = KArAtCore(h, n, KArAtConfig(hidden_dim=3, impl="reference", **basis, **mode)).double()
+    eff = KArAtCore(h, n, ref.cfg.replace(impl="efficient"), operator_factory=lambda *_: ref.operator).double()
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias_t = torch.randn(1, h, n, n, dtype=torch.float64, requires_grad=True) if bias else None
+    keep = _masks(mask, b, n)
+    out_ref = ref(q, k, v, bias=bias_t, key_mask=keep)
+    out_eff = eff(q, k, v, bias=bias_t, key_mask=keep)
+    torch.testing.assert_close(out_eff, out_ref)
+    inputs = [q, k, v] + ([bias_t] if bias else []) + [p for p in ref.operator.parameters() if p.requires_grad]
+    g = torch.randn_like(out_ref)
+    grads_ref = torch.autograd.grad(out_ref, inputs, g, allow_unused=True)
+    grads_eff = torch.autograd.grad(out_eff, inputs, g, allow_unused=True)
+    for gr, ge in zip(grads_ref, grads_eff):
+        if gr is None:
+            assert ge is None or not ge.any()
+        else:
+            torch.testing.assert_close(ge, gr)
+
+
+def test_auto_picks_efficient_unless_the_matrix_is_needed():
+    core = KArAtCore(2, 9, KArAtConfig())
+    assert core.resolve_impl() == "efficient"
+    core.export_attention = True
+    assert core.resolve_impl() == "reference"
+    assert KArAtCore(2, 9, KArAtConfig(project_l1=True)).resolve_impl() == "reference"
+    assert KArAtCore(2, 9, KArAtConfig(modular_attn=False, depth=3)).resolve_impl() == "reference"
+    dropout = KArAtCore(2, 9, KArAtConfig(), attn_drop=0.1)
+    assert dropout.resolve_impl() == "reference" and dropout.eval().resolve_impl() == "efficient"
+
+
+def test_efficient_refuses_what_it_cannot_serve():
+    core = KArAtCore(2, 9, KArAtConfig(impl="efficient", project_l1=True))
+    q = torch.randn(1, 2, 9, 4)
+    with pytest.raises(ValueError, match="impl='efficient' cannot serve.*project_l1"):
+        core(q, q, q)
