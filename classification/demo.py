@@ -23,8 +23,10 @@ from .engine import evaluate, train_one_epoch
 
 _logger = logging.getLogger(__name__)
 
-# What the demo trains: declarative, the same ViT-Tiny body with and without KArAt.
-DIGITS_VIT = dict(img_size=IMG_SIZE, patch_size=2, in_chans=1, num_classes=NUM_CLASSES)
+# What the demo trains: declarative, the same ViT-Tiny body with and without KArAt. 16 patch tokens of
+# 2 x 2 pixels, average-pooled (no class token), which trains faster than a class token on 1.4k images.
+DIGITS_VIT = dict(img_size=IMG_SIZE, patch_size=2, in_chans=1, num_classes=NUM_CLASSES, class_token=False,
+                  global_pool="avg")
 DEMO_MODELS: Dict[str, Dict[str, Any]] = {
     "softmax": dict(model="vit_tiny_patch16_224", kwargs=DIGITS_VIT),
     "karat": dict(model="vit_tiny_patch16_224_karat",
@@ -36,12 +38,13 @@ DEMO_MODELS: Dict[str, Dict[str, Any]] = {
 @dataclasses.dataclass
 class DemoSettings:
     epochs: int = 12
-    batch_size: int = 64
-    lr: float = 1e-3
+    batch_size: int = 32
+    lr: float = 5e-4
     attn_lr: float | None = None
     weight_decay: float = 0.05
     warmup_epochs: int = 1
     smoothing: float = 0.1
+    clip_grad: float | None = 1.0
     seed: int = 0
     train_limit: int | None = None  # use only the first n training images (tests)
 
@@ -72,7 +75,8 @@ def train_model(name: str, spec: Dict[str, Any], settings: DemoSettings, out_dir
     params = sum(p.numel() for p in model.parameters())
     with open(run_dir / "metrics.jsonl", "w") as log:
         for epoch in range(settings.epochs):
-            tr = train_one_epoch(model, train_loader, criterion, optimizer, epoch, scheduler, desc=name)
+            tr = train_one_epoch(model, train_loader, criterion, optimizer, epoch, scheduler,
+                                 clip_grad=settings.clip_grad, desc=name)
             va = evaluate(model, val_loader)
             row = dict(epoch=epoch, train_loss=tr.loss, train_top1=tr.top1, val_loss=va.loss, val_top1=va.top1,
                        epoch_seconds=tr.seconds, lr=optimizer.param_groups[0]["lr"])
