@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import efficient
+from . import efficient, fused
 from .config import KArAtConfig
 from .operator import KArAtOperator, OperatorProvider
 
@@ -74,25 +74,37 @@ class KArAtCore(nn.Module):
         out_soft = self._softmax(q[:, h:], k[:, h:], v[:, h:], _heads(bias, h, None), _heads(key_mask, h, None), scale)
         return torch.cat([out_karat, out_soft], dim=1)
 
-    def resolve_impl(self) -> str:
-        """``reference`` (materialise sigma(S)) or ``efficient`` (spec section 5), from ``cfg.impl``.
+    def resolve_impl(self, q: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                     key_mask: Optional[torch.Tensor] = None) -> str:
+        """``reference`` (materialise sigma(S)), ``efficient`` or ``fused`` (spec section 5), from ``cfg.impl``.
 
-        ``auto`` takes the efficient path unless something needs the N x N matrix: ``project_l1``, a
-        non-modular depth other than 2, attention-map export, or attention dropout while training."""
+        ``auto`` takes the fused kernels on CUDA where they apply, else the efficient path, unless something
+        needs the N x N matrix: ``project_l1``, a non-modular depth other than 2, attention-map export, or
+        attention dropout while training. An explicit impl that cannot serve the call raises."""
         reason = efficient.supports(self.operator)
         if reason is None and self.export_attention:
             reason = "exporting attention maps needs sigma(S) itself"
         if reason is None and self.training and self.attn_drop.p > 0:
             reason = "attention dropout acts on the entries of sigma(S)"
-        if self.cfg.impl == "efficient" and reason is not None:
-            raise ValueError(f"impl='efficient' cannot serve this configuration: {reason}. "
+        impl = self.cfg.impl
+        if impl in ("efficient", "fused") and reason is not None:
+            raise ValueError(f"impl='{impl}' cannot serve this configuration: {reason}. "
                              f"Use impl='auto' (falls back to the reference path) or impl='reference'.")
-        if self.cfg.impl == "reference" or reason is not None:
+        if impl == "reference" or reason is not None:
             return "reference"
+        if impl == "fused" or (impl == "auto" and q is not None and q.is_cuda):
+            why_not = fused.supports(self.operator, q, bias, key_mask) if q is not None else "no input given"
+            if why_not is None:
+                return "fused"
+            if impl == "fused":
+                raise ValueError(f"impl='fused' cannot serve this call: {why_not}. Use impl='auto' or 'efficient'.")
         return "efficient"
 
     def _karat(self, q, k, v, bias, key_mask, scale) -> torch.Tensor:
-        if self.resolve_impl() == "efficient":
+        impl = self.resolve_impl(q, bias, key_mask)
+        if impl == "fused":
+            return fused.attend(self.operator, q * scale, k, v)
+        if impl == "efficient":
             return efficient.attend(self.operator, q * scale, k, v, bias, key_mask)
         logits = (q * scale) @ k.transpose(-2, -1)
         if bias is not None:

@@ -14,7 +14,7 @@ import torch.nn as nn
 BASIS_TYPES = ("FourierBasis", "SplineBasis", "WaveletBasis", "RationalBasis")
 WAVELET_TYPES = ("mexican_hat", "morlet", "dog", "meyer", "shannon")
 MODULAR_MODES = ("phi1_w2", "w1_phi2")
-IMPLS = ("auto", "reference", "efficient")
+IMPLS = ("auto", "reference", "efficient", "fused")
 # Keyword names that mean something else to a host model: timm's ``depth`` is the number of blocks.
 HOST_OWNED = ("depth",)
 KWARG_ALIASES = {"karat_depth": "depth"}
@@ -172,5 +172,5 @@ OPTION_HELP = {
     "project_l1": "project rows of sigma(S) onto the probability simplex",
     "basis_not_trainable": "freeze basis coefficients and scalers",
     "base_not_trainable": "freeze the base-term weights",
-    "impl": "evaluation path: auto | reference | efficient",
+    "impl": "evaluation path: auto | reference | efficient | fused",
 }

@@ -2,15 +2,17 @@
 
 Two building blocks cover every supported configuration:
 
-* ``reduce_keys``: a KAN layer N -> r applied to rows of ``S`` (``Phi(S)``), summed over blocks of keys;
-  each block's features are recomputed in backward (activation checkpointing), so what stays in memory is
-  ``S`` itself and the ``N x r`` result, never the ``N x N x M`` feature tensor.
-* ``expand_to_keys``: a KAN layer r -> N whose outputs weight the values: ``out = sigma V`` with
-  ``sigma_ij = sum_p phi_pj(U_ip)``. For a shared-feature basis (Fourier, B-spline) and key-level masks it is
-  linear in N: ``out = F(U) (C V)``; otherwise it runs over blocks of keys, again recomputed in backward.
+* reduce over keys, ``Phi(S)``: a KAN layer N -> r applied to the rows of ``S``. For shared-feature bases
+  (Fourier, B-spline) ``reduce_keys_qk`` is a custom autograd function that recomputes each key block's
+  logits from ``q, k`` and their features in forward and backward, so neither ``S`` nor the
+  ``N x N x M`` feature tensor is ever stored; per-edge bases (wavelets, rationals) use ``reduce_keys``,
+  which sums key blocks of the materialised logits under activation checkpointing.
+* expand to keys, ``expand_to_keys``: a KAN layer r -> N whose outputs weight the values,
+  ``out = sigma V`` with ``sigma_ij = sum_p phi_pj(U_ip)``. For a shared-feature basis and key-level masks it
+  is linear in N, ``out = F(U) (C V)``; otherwise it runs over key blocks under checkpointing.
 
-``phi1_w2`` is ``reduce_keys`` then ``H (W^T V)``; ``w1_phi2`` is ``U = S W^T`` then ``expand_to_keys``;
-the non-modular depth-2 operator is ``reduce_keys`` then ``expand_to_keys``.
+``phi1_w2`` is a key reduction followed by ``H (W^T V)``; ``w1_phi2`` is ``U = q (W k)^T`` followed by an
+expansion; the non-modular depth-2 operator is a reduction followed by an expansion.
 """
 from __future__ import annotations
 
