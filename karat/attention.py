@@ -103,9 +103,15 @@ class KArAtCore(nn.Module):
     def _karat(self, q, k, v, bias, key_mask, scale) -> torch.Tensor:
         impl = self.resolve_impl(q, bias, key_mask)
         if impl == "fused":
-            return fused.attend(self.operator, q * scale, k, v)
+            try:
+                return fused.attend(self.operator, q * scale, k, v)
+            except Exception as e:  # a kernel that fails to build here must not take `auto` users down
+                if self.cfg.impl == "fused":
+                    raise
+                fused.disable(f"{type(e).__name__}: {e}")
+                impl = "efficient"
         if impl == "efficient":
-            return efficient.attend(self.operator, q * scale, k, v, bias, key_mask)
+            return efficient.attend(self.operator, q, k, v, bias, key_mask, scale)
         logits = (q * scale) @ k.transpose(-2, -1)
         if bias is not None:
             logits = logits + bias

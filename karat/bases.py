@@ -64,9 +64,17 @@ class SharedFeatureBasis(Basis):
         """``(..., in) -> (..., in, M)``."""
         raise NotImplementedError
 
-    def features_vjp(self, x: torch.Tensor, feats: torch.Tensor, grad_feats: torch.Tensor) -> torch.Tensor:
-        """``sum_m grad_feats_m * dB_m/dx`` at ``x`` (``feats`` = ``features(x)``, given to save recomputing
-        what a basis can reuse). The default differentiates ``features`` with autograd."""
+    def fast_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The same values as ``features``, computed the fastest way without autograd in mind."""
+        return self.features(x)
+
+    def derivative_map(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(perm, scale)`` when every derivative is a scaled feature, ``dB_m/dx = scale_m B_perm(m)``
+        (then backward needs no new function evaluations); None otherwise."""
+        return None
+
+    def features_vjp(self, x: torch.Tensor, grad_feats: torch.Tensor) -> torch.Tensor:
+        """``sum_m grad_feats_m * dB_m/dx`` at ``x``, by differentiating ``features`` with autograd."""
         with torch.enable_grad():
             x = x.detach().requires_grad_()
             (grad,) = torch.autograd.grad(self.features(x), x, grad_feats)
@@ -90,20 +98,25 @@ class FourierBasis(SharedFeatureBasis):
         super().__init__(num_heads, in_features, out_features)
         self.grid = cfg.grid
         self.num_functions = 2 * cfg.grid
-        self.register_buffer("frequencies", torch.arange(1, cfg.grid + 1, dtype=torch.float32), persistent=False)
+        k = torch.arange(1, cfg.grid + 1, dtype=torch.float64)
+        self.register_buffer("frequencies", torch.cat([k, k]), persistent=False)
+        self.register_buffer("phases", torch.cat([torch.zeros_like(k), torch.full_like(k, math.pi / 2)]),
+                             persistent=False)
         self._init_coefficients(init_scale)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        kx = x.unsqueeze(-1) * self.frequencies.to(x.dtype)
+        kx = x.unsqueeze(-1) * self.frequencies[: self.grid].to(x.dtype)
         return torch.cat([torch.cos(kx), torch.sin(kx)], dim=-1)
 
-    def features_vjp(self, x: torch.Tensor, feats: torch.Tensor, grad_feats: torch.Tensor) -> torch.Tensor:
-        # d cos(kx) = -k sin(kx), d sin(kx) = k cos(kx): no new trigonometric evaluations.
-        g = self.grid
-        cos, sin = feats[..., :g], feats[..., g:]
-        k = self.frequencies.to(feats.dtype)
-        return ((grad_feats[..., g:] * cos - grad_feats[..., :g] * sin) * k).sum(-1)
+    def fast_features(self, x: torch.Tensor) -> torch.Tensor:
+        # cos(kx - phase) with phase 0 or pi/2: one call writes all 2G features, no concatenation.
+        return torch.cos(torch.addcmul(-self.phases.to(x.dtype), x.unsqueeze(-1), self.frequencies.to(x.dtype)))
 
+    def derivative_map(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(perm, scale)`` with ``dB_m/dx = scale_m * B_perm(m)``: d cos kx = -k sin kx, d sin kx = k cos kx."""
+        g = self.grid
+        perm = torch.cat([torch.arange(g, 2 * g), torch.arange(g)])
+        return perm, torch.cat([-self.frequencies[:g], self.frequencies[g:]])
 
 class SplineBasis(SharedFeatureBasis):
     """B-splines of order ``k`` on G uniform intervals of ``grid_range``, extended by k knots each side."""

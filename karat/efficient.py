@@ -82,16 +82,18 @@ class _ReduceKeysFromQK(torch.autograd.Function):
     # is one large (B*N rows) matrix product per head.
 
     @staticmethod
-    def forward(ctx, q, k, bias, coef, layer, key_mask, block):
-        # q (B,H,N,d) pre-scaled; k (B,H,N,d); coef (H, N, M, r) from _layer_coefficients(layer)
-        qh, kh, bh, mh = (None if t is None else t.transpose(0, 1) for t in (q, k, bias, key_mask))
+    def forward(ctx, q, k, bias, coef, layer, key_mask, block, scale):
+        # q, k (B,H,N,d), S = scale q k^T (+ bias); coef (H, N, M, r) from _layer_coefficients(layer).
+        # The scale is applied here, so that the q saved for backward is the caller's (no scaled copy kept).
+        qh, kh = _head_major(q, scale), _head_major(k)
+        bh, mh = (None if t is None else t.transpose(0, 1) for t in (bias, key_mask))
         h, b, n = qh.shape[:3]
         out = q.new_zeros(h, b * n, coef.shape[-1])
         for j in _blocks(k.shape[-2], block):
             feats = _block_features(layer, qh, kh, bh, mh, j)
             out.baddbmm_(feats.view(h, b * n, -1), coef[:, j].flatten(1, 2))
         ctx.save_for_backward(q, k, bias, coef, key_mask)
-        ctx.layer, ctx.block = layer, block
+        ctx.layer, ctx.block, ctx.scale = layer, block, scale
         return out.view(h, b, n, -1).transpose(0, 1)
 
     @staticmethod
@@ -99,7 +101,8 @@ class _ReduceKeysFromQK(torch.autograd.Function):
     def backward(ctx, dy):
         q, k, bias, coef, key_mask = ctx.saved_tensors
         need_q, need_k, need_bias, need_coef = ctx.needs_input_grad[:4]
-        qh, kh, bh, mh = (None if t is None else t.transpose(0, 1) for t in (q, k, bias, key_mask))
+        qh, kh = _head_major(q, ctx.scale), _head_major(k)
+        bh, mh = (None if t is None else t.transpose(0, 1) for t in (bias, key_mask))
         h, b, n = qh.shape[:3]
         dq = torch.zeros_like(qh) if need_q else None
         dk = torch.zeros_like(kh) if need_k else None
@@ -108,22 +111,39 @@ class _ReduceKeysFromQK(torch.autograd.Function):
         dcoef = torch.zeros_like(coef) if need_coef else None
         dyh = dy.transpose(0, 1).reshape(h, b * n, -1)
         layer = ctx.layer
+        # Fourier: every derivative is a scaled feature, so dL/dS = <dy C_rot^T, features> needs no new cos/sin.
+        dmap = None if layer.has_base else layer.basis.derivative_map()
+        if dmap is not None:
+            perm, scale = dmap
+            perm = perm.to(coef.device)
+            coef_rot = coef[:, :, perm] * scale.to(coef)[perm][:, None]  # row m: C_perm(m) * scale_perm(m)
         for j in _blocks(k.shape[-2], ctx.block):
             s, mask, feats = _block_features(layer, qh, kh, bh, mh, j, return_logits=True)
             flat = feats.view(h, b * n, -1)  # (H, B*N, bk*M)
-            cj = coef[:, j].flatten(1, 2)  # (H, bk*M, r)
             if need_coef:
                 dcoef[:, j] = (flat.transpose(1, 2) @ dyh).view_as(dcoef[:, j])
-            dfeats = (dyh @ cj.transpose(1, 2)).view_as(feats)
-            ds = _features_vjp(layer, s, mask, feats, dfeats)  # (H, B, N, bk)
+            if dmap is not None:
+                drot = (dyh @ coef_rot[:, j].flatten(1, 2).transpose(1, 2)).view_as(feats)
+                ds = torch.linalg.vecdot(drot, feats)  # masked entries have zero features: zero gradient
+            else:
+                dfeats = (dyh @ coef[:, j].flatten(1, 2).transpose(1, 2)).view_as(feats)
+                ds = _features_vjp(layer, s, mask, dfeats)  # (H, B, N, bk)
             if need_q:
                 dq += ds @ kh[..., j, :]
             if need_k:
                 dk[..., j, :] = ds.transpose(-2, -1) @ qh
             if need_bias:
                 dbh[..., j] = _sum_to(ds, dbh[..., j].shape)
-        return (None if dq is None else dq.transpose(0, 1), None if dk is None else dk.transpose(0, 1),
-                dbias, dcoef, None, None, None)
+        # dq was accumulated with respect to the scaled q; dk already against the scaled q
+        return (None if dq is None else dq.mul_(ctx.scale).transpose(0, 1), None if dk is None else dk.transpose(0, 1),
+                dbias, dcoef, None, None, None, None)
+
+
+def _head_major(t: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``scale * t`` as a contiguous ``(H, B, ...)`` tensor: one copy instead of one per key block."""
+    t = t.transpose(0, 1)
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    return torch.mul(t, scale, out=out) if scale != 1.0 else out.copy_(t)
 
 
 def _block_features(layer, qh, kh, bh, mh, j, return_logits: bool = False):
@@ -138,7 +158,7 @@ def _block_features(layer, qh, kh, bh, mh, j, return_logits: bool = False):
 
 def _features(layer: KANLayer, s: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """Features of a shared-feature KAN layer at ``s``, the base activation as one extra feature, masked."""
-    feats = layer.basis.features(s)
+    feats = layer.basis.fast_features(s)
     if layer.has_base:
         feats = torch.cat([feats, layer.base_fn(s).unsqueeze(-1)], dim=-1)
     if mask is not None:
@@ -146,11 +166,10 @@ def _features(layer: KANLayer, s: torch.Tensor, mask: Optional[torch.Tensor]) ->
     return feats
 
 
-def _features_vjp(layer: KANLayer, s: torch.Tensor, mask: Optional[torch.Tensor], feats: torch.Tensor,
-                  dfeats: torch.Tensor) -> torch.Tensor:
+def _features_vjp(layer: KANLayer, s: torch.Tensor, mask: Optional[torch.Tensor], dfeats: torch.Tensor) -> torch.Tensor:
     """Gradient with respect to ``s`` of ``sum(dfeats * _features(layer, s, mask))``."""
     m = layer.basis.num_functions
-    ds = layer.basis.features_vjp(s, feats[..., :m], dfeats[..., :m])
+    ds = layer.basis.features_vjp(s, dfeats[..., :m])
     if layer.has_base:
         with torch.enable_grad():
             s_ = s.detach().requires_grad_()
@@ -169,13 +188,13 @@ def _layer_coefficients(layer: KANLayer) -> torch.Tensor:
 
 
 def reduce_keys_qk(layer: KANLayer, q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor],
-                   key_mask: Optional[torch.Tensor], block: Optional[int] = None) -> torch.Tensor:
-    """``Phi(q k^T + bias)`` without storing the logits or their features (shared-feature bases)."""
+                   key_mask: Optional[torch.Tensor], scale: float = 1.0, block: Optional[int] = None) -> torch.Tensor:
+    """``Phi(scale q k^T + bias)`` without storing the logits or their features (shared-feature bases)."""
     if bias is not None and bias.dim() < 4:
         bias = bias.expand(*([1] * (4 - bias.dim())), *bias.shape)
     width = layer.basis.num_functions + int(layer.has_base)
     block = block or block_size(q.shape[0] * q.shape[1] * q.shape[2], width, k.shape[-2], q.device)
-    return _ReduceKeysFromQK.apply(q, k, bias, _layer_coefficients(layer), layer, key_mask, block)
+    return _ReduceKeysFromQK.apply(q, k, bias, _layer_coefficients(layer), layer, key_mask, block, scale)
 
 
 def reduce_keys(layer: KANLayer, logits: torch.Tensor, key_mask: Optional[torch.Tensor],
@@ -198,7 +217,7 @@ def expand_to_keys(layer: KANLayer, u: torch.Tensor, v: torch.Tensor, key_mask: 
                    block: Optional[int] = None) -> torch.Tensor:
     """``sigma V`` with ``sigma_ij = mask_ij sum_p phi_pj(U_ip)``: u ``(B, H, N_q, r)``, v ``(B, H, N, d)``."""
     if isinstance(layer.basis, SharedFeatureBasis) and _is_key_level(key_mask):
-        vm = v if key_mask is None else v * key_mask.transpose(-1, -2).to(v.dtype)
+        vm = _masked_rows(v, key_mask)
         basis = layer.basis
         coef = basis.coefficients * layer.basis_scale.unsqueeze(-1)  # (H, r, N, M)
         cv = torch.einsum("hpjm,bhjd->bhpmd", coef, vm)
@@ -222,9 +241,32 @@ def expand_to_keys(layer: KANLayer, u: torch.Tensor, v: torch.Tensor, key_mask: 
     return out
 
 
+def _masked_rows(t: torch.Tensor, key_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Zero the key rows of ``t`` (``(B, H, N, d)``) that a key-level mask ``(.., 1, N)`` masks."""
+    return t if key_mask is None else t * key_mask.transpose(-1, -2).to(t.dtype)
+
+
+def _logits(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    s = q @ k.transpose(-2, -1)
+    return s if bias is None else s + bias
+
+
+def _attend_w1_phi2(op: KArAtOperator, q, k, v, bias, key_mask) -> torch.Tensor:
+    if _is_key_level(key_mask):
+        # U = S W^T = q (W k)^T (+ bias W^T): linear in N, no N x N logits unless the host gave a bias.
+        u = q @ torch.einsum("hrj,bhjd->bhrd", op.weight, _masked_rows(k, key_mask)).transpose(-1, -2)
+        if bias is not None:
+            b = bias if key_mask is None else bias * key_mask.to(bias.dtype)
+            u = u + torch.einsum("bhij,hrj->bhir", b.expand(*q.shape[:2], *b.shape[-2:]), op.weight)
+    else:  # a per-query mask: U needs the masked logits
+        s = _logits(q, k, bias)
+        u = torch.einsum("bhij,hrj->bhir", s * key_mask.to(s.dtype), op.weight)
+    return expand_to_keys(op.phi, u, v, key_mask)
+
+
 def attend(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``sigma(S) V`` with ``S = q k^T (+ bias)`` (q already scaled), without materialising ``sigma(S)``.
+           key_mask: Optional[torch.Tensor] = None, scale: float = 1.0) -> torch.Tensor:
+    """``sigma(S) V`` with ``S = scale q k^T (+ bias)``, without materialising ``sigma(S)``.
 
     The same function as the reference path (tests check it in float64)."""
     reason = supports(op)
@@ -232,33 +274,16 @@ def attend(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"impl='efficient' cannot evaluate {reason}; use impl='reference' or 'auto'.")
     if k.shape[-2] != op.num_tokens:
         raise ValueError(f"KArAt operator was built for {op.num_tokens} key tokens but got {k.shape[-2]}.")
-    key_level = _is_key_level(key_mask)
-    keep_v = None if key_mask is None or not key_level else key_mask.transpose(-1, -2).to(v.dtype)  # (.., N, 1)
-    if op.mode == "w1_phi2" and key_level:
-        # U = S W^T = q (W k)^T (+ bias W^T): linear in N, no N x N logits unless the host gave a bias.
-        km = k if keep_v is None else k * keep_v
-        u = q @ torch.einsum("hrj,bhjd->bhrd", op.weight, km).transpose(-1, -2)
-        if bias is not None:
-            b = bias if key_mask is None else bias * key_mask.to(bias.dtype)
-            u = u + torch.einsum("bhij,hrj->bhir", b.expand(*q.shape[:2], *b.shape[-2:]), op.weight)
-        return expand_to_keys(op.phi, u, v, key_mask)
-    def logits() -> torch.Tensor:
-        s = q @ k.transpose(-2, -1)
-        return s if bias is None else s + bias
-
-    if op.mode == "w1_phi2":  # with a per-query mask: U needs the masked logits
-        s = logits()
-        u = torch.einsum("bhij,hrj->bhir", s * key_mask.to(s.dtype), op.weight)
-        return expand_to_keys(op.phi, u, v, key_mask)
+    if op.mode == "w1_phi2":
+        return _attend_w1_phi2(op, q * scale, k, v, bias, key_mask)
     first = op.phi if op.mode == "phi1_w2" else op.layers[0]
     if isinstance(first.basis, SharedFeatureBasis):
-        hidden = reduce_keys_qk(first, q, k, bias, key_mask)
+        hidden = reduce_keys_qk(first, q, k, bias, key_mask, scale)
     else:
-        hidden = reduce_keys(first, logits(), key_mask)
-    if op.mode != "phi1_w2":
+        hidden = reduce_keys(first, _logits(q * scale, k, bias), key_mask)
+    if op.mode == "depth":
         return expand_to_keys(op.layers[1], hidden, v, key_mask)
-    if key_level:
-        vm = v if keep_v is None else v * keep_v
-        return hidden @ torch.einsum("hjr,bhjd->bhrd", op.weight, vm)
+    if _is_key_level(key_mask):
+        return hidden @ torch.einsum("hjr,bhjd->bhrd", op.weight, _masked_rows(v, key_mask))
     sigma = torch.einsum("bhir,hjr->bhij", hidden, op.weight) * key_mask.to(hidden.dtype)
     return sigma @ v

@@ -16,6 +16,7 @@ falls back to ``karat.efficient``. Tested on the CPU with ``TRITON_INTERPRET=1``
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -30,14 +31,23 @@ from .bases import FourierBasis
 from .operator import KArAtOperator
 
 
-def available() -> bool:
-    return triton is not None
+_DISABLED: Optional[str] = None
+
+
+def disable(reason: str) -> None:
+    """Stop ``impl='auto'`` from choosing the fused kernels in this process (after they failed to run)."""
+    global _DISABLED
+    if _DISABLED is None:
+        warnings.warn(f"KArAt fused kernels disabled, falling back to the efficient PyTorch path: {reason}")
+    _DISABLED = reason
 
 
 def supports(op: KArAtOperator, q: torch.Tensor, bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor]) -> Optional[str]:
     """None when the fused kernels can evaluate this call, else the reason."""
     if triton is None:
         return "Triton is not installed"
+    if _DISABLED is not None:
+        return f"the fused kernels failed earlier in this process ({_DISABLED})"
     if op.mode != "phi1_w2" or not isinstance(op.phi.basis, FourierBasis):
         return "the fused kernels cover phi1_w2 with the Fourier basis"
     if op.cfg.project_l1:

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_benchmark_attention_level_small(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--level", "attention",
-                           "--tokens", "197", "--batch", "4", "--repeat", "1", "--json", str(out)],
+                           "--tokens", "197", "--batch", "4", "--repeat", "1", "--rounds", "1", "--json", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())

@@ -50,3 +50,23 @@ def test_fused_refuses_what_it_cannot_serve():
     q = torch.randn(1, 2, 9, 16)
     with pytest.raises(ValueError, match="impl='fused' cannot serve.*Fourier"):
         core(q, q, q)
+
+
+def test_auto_falls_back_when_the_fused_kernels_fail(monkeypatch):
+    import torch
+
+    from karat import KArAtConfig, KArAtCore, fused
+
+    core = KArAtCore(2, 9, KArAtConfig(impl="auto"))
+    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
+    expected = core(q, k, v)
+    monkeypatch.setattr(fused, "_DISABLED", None)
+    monkeypatch.setattr(core, "resolve_impl", lambda *a: "fused")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel failed to compile")
+
+    monkeypatch.setattr(fused, "attend", broken)
+    with pytest.warns(UserWarning, match="fused kernels disabled"):
+        torch.testing.assert_close(core(q, k, v), expected)
+    assert fused.supports(core.operator, q, None, None).startswith("the fused kernels failed earlier")
