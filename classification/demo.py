@@ -1,15 +1,17 @@
 """Demo stage 1: a Fourier-KArAt ViT-Tiny and the softmax ViT-Tiny it modifies, trained side by side on the
-embedded digits images, with checkpoints, TensorBoard logs, JSON-lines metrics and a learning-curve PNG."""
+embedded digits images, with checkpoints, TensorBoard logs, JSON-lines metrics, a learning-curve PNG and
+a picture of both models' attention maps."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import timm
 import torch
+import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -18,6 +20,7 @@ from torch.utils.data import DataLoader
 import karat  # noqa: F401  registers the KArAt models
 from karat import param_groups, save_checkpoint
 
+from .attention_maps import attention_maps, plot_attention
 from .digits import IMG_SIZE, NUM_CLASSES, load_digits_split
 from .engine import evaluate, train_one_epoch
 
@@ -49,7 +52,8 @@ class DemoSettings:
     train_limit: int | None = None  # use only the first n training images (tests)
 
 
-def train_model(name: str, spec: Dict[str, Any], settings: DemoSettings, out_dir: Path) -> Dict[str, Any]:
+def train_model(name: str, spec: Dict[str, Any], settings: DemoSettings, out_dir: Path) -> Tuple[Dict[str, Any], nn.Module]:
+    """Train one model; returns its results (params, per-epoch history, accuracy, time) and the model."""
     torch.manual_seed(settings.seed)
     train_set, val_set = load_digits_split(seed=settings.seed)
     if settings.train_limit:
@@ -91,9 +95,10 @@ def train_model(name: str, spec: Dict[str, Any], settings: DemoSettings, out_dir
             _logger.info("%-7s epoch %2d  loss %.3f  val top-1 %5.1f%%  (%.1fs)", name, epoch, tr.loss, va.top1,
                          tr.seconds)
     writer.close()
-    return dict(name=name, model=spec["model"], params=params, history=history,
-                top1=history[-1]["val_top1"], best_top1=max(r["val_top1"] for r in history),
-                seconds_per_epoch=sum(r["epoch_seconds"] for r in history) / len(history))
+    result = dict(name=name, model=spec["model"], params=params, history=history,
+                  top1=history[-1]["val_top1"], best_top1=max(r["val_top1"] for r in history),
+                  seconds_per_epoch=sum(r["epoch_seconds"] for r in history) / len(history))
+    return result, model
 
 
 def plot_curves(results: List[Dict[str, Any]], path: Path) -> None:
@@ -126,8 +131,14 @@ def summary_table(results: List[Dict[str, Any]]) -> str:
 
 
 def run(out_dir: Path, settings: DemoSettings) -> List[Dict[str, Any]]:
-    """Train both models, then write ``summary.json``, ``summary.md`` and ``learning_curves.png``."""
-    results = [train_model(name, spec, settings, out_dir) for name, spec in DEMO_MODELS.items()]
+    """Train both models, then write ``summary.json``, ``summary.md``, ``learning_curves.png`` and
+    ``attention_maps.png``."""
+    trained = [train_model(name, spec, settings, out_dir) for name, spec in DEMO_MODELS.items()]
+    results = [r for r, _ in trained]
+    image = load_digits_split(seed=settings.seed)[1][0][0].unsqueeze(0)  # first held-out image
+    grid = (IMG_SIZE // DIGITS_VIT["patch_size"],) * 2
+    plot_attention({r["name"]: attention_maps(m, image) for r, m in trained}, image, grid,
+                   out_dir / "attention_maps.png")
     (out_dir / "summary.json").write_text(json.dumps(dict(settings=dataclasses.asdict(settings), results=results), indent=1))
     table = summary_table(results)
     (out_dir / "summary.md").write_text(table + "\n")

@@ -23,6 +23,7 @@ def test_demo_runs_and_writes_its_outputs(tmp_path):
     assert by_name["karat"]["params"] > by_name["softmax"]["params"]
     assert all(len(r["history"]) == 2 for r in summary["results"])
     assert (out / "learning_curves.png").stat().st_size > 10_000
+    assert (out / "attention_maps.png").stat().st_size > 10_000
     for name in ("karat", "softmax"):
         ckpt = load_checkpoint(out / name / "checkpoint.pth")
         assert ckpt["epoch"] == 1 and "model" in ckpt and "optimizer" in ckpt

@@ -2,7 +2,7 @@
 """`make demo`: KArAt against softmax on the embedded digits images (no download), on the CPU.
 
 Writes everything under a new output folder (never an existing one): per model a checkpoint,
-TensorBoard logs and metrics.jsonl, plus summary.md / summary.json and learning_curves.png.
+TensorBoard logs and metrics.jsonl, plus summary.md / summary.json, learning_curves.png and attention_maps.png.
 """
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print((out / "summary.md").read_text())
     print(f"learning curves: {out / 'learning_curves.png'}")
+    print(f"attention maps:  {out / 'attention_maps.png'}")
     print(f"checkpoints:     {', '.join(str(out / r['name'] / 'checkpoint.pth') for r in results)}")
     print(f"TensorBoard:     tensorboard --logdir {out}")
     return 0
