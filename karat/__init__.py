@@ -9,6 +9,7 @@ from .config import KArAtConfig
 from .kan import KANLayer
 from .operator import KArAtOperator, OperatorProvider
 from .optim import karat_parameter_names, param_groups
+from .resample import TokenLayout, resample_karat_state_dict
 from .simplex import project_to_simplex
 from . import models  # noqa: F401  (registers timm models)
 
@@ -17,5 +18,5 @@ __version__ = "0.1.0"
 __all__ = [
     "KArAtAttention", "KArAtConfig", "KArAtCore", "KArAtOperator", "KANLayer", "OperatorProvider", "ZeroModule",
     "karat_parameter_names", "load_checkpoint", "mask_to_keep", "param_groups", "project_to_simplex",
-    "save_checkpoint",
+    "save_checkpoint", "TokenLayout", "resample_karat_state_dict",
 ]

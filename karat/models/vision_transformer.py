@@ -22,6 +22,7 @@ from timm.layers import to_2tuple
 from ..attention import KArAtAttention
 from ..config import KArAtConfig
 from ..operator import OperatorProvider
+from ..resample import TokenLayout, resample_karat_state_dict
 
 _logger = logging.getLogger(__name__)
 
@@ -43,9 +44,14 @@ def vit_num_tokens(img_size: Any = 224, patch_size: Any = 16, class_token: bool 
 
 
 def karat_vit_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTransformer, **kwargs: Any) -> Dict[str, torch.Tensor]:
-    """timm's ViT checkpoint filter (position embedding resampling, ...) plus a check that everything
-    except KArAt parameters is present, so a wrong checkpoint fails loudly despite non-strict loading."""
+    """timm's ViT checkpoint filter (position embedding resampling, ...), KArAt weights resampled to this
+    model's token count (spec section 6), and a check that everything except KArAt parameters is present,
+    so a wrong checkpoint fails loudly despite non-strict loading."""
     out = checkpoint_filter_fn(state_dict, model, **kwargs)
+    layout = TokenLayout(model.num_prefix_tokens, tuple(model.patch_embed.grid_size))
+    out, report = resample_karat_state_dict(out, model, layout)
+    if report.resampled:
+        _logger.info("%s", report)
     expected = model.state_dict()
     missing = [k for k in expected if k not in out]
     karat_missing = [k for k in missing if is_karat_key(k)]
