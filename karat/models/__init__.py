@@ -1,4 +1,11 @@
 """timm-registered KArAt models; importing this module registers them."""
+from .swin_transformer import (
+    KArAtWindowAttention,
+    karatize_swin,
+    swin_base_patch4_window7_224_karat,
+    swin_small_patch4_window7_224_karat,
+    swin_tiny_patch4_window7_224_karat,
+)
 from .vision_transformer import (
     is_karat_key,
     vit_base_patch16_224_karat,
@@ -7,5 +14,6 @@ from .vision_transformer import (
     vit_tiny_patch16_224_karat,
 )
 
-__all__ = ["is_karat_key", "vit_num_tokens", "vit_tiny_patch16_224_karat", "vit_small_patch16_224_karat",
+__all__ = ["KArAtWindowAttention", "karatize_swin", "swin_tiny_patch4_window7_224_karat",
+           "swin_small_patch4_window7_224_karat", "swin_base_patch4_window7_224_karat", "is_karat_key", "vit_num_tokens", "vit_tiny_patch16_224_karat", "vit_small_patch16_224_karat",
            "vit_base_patch16_224_karat"]
