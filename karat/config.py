@@ -151,26 +151,3 @@ class KArAtConfig:
         if unknown:
             raise ValueError(f"Unknown KArAt option(s) {sorted(unknown)}; known options: {list(cls.option_names())}.")
         return cls(**values)
-
-
-OPTION_HELP = {
-    "base_fn": "base activation b(x): 'ZeroModule' (none) or a torch.nn activation ('nn.SiLU')",
-    "basis_type": "FourierBasis | SplineBasis | WaveletBasis | RationalBasis",
-    "grid": "Fourier frequencies G / number of spline intervals",
-    "order": "B-spline order",
-    "grid_range": "B-spline domain (low, high)",
-    "wavelet_type": "mexican_hat | morlet | dog | meyer | shannon",
-    "rational_order": "rational basis orders (m, n) of P_m / (1 + |Q_n|)",
-    "depth": "number of KAN layers when not modular",
-    "hidden_dim": "rank r of the operator",
-    "mixed_head": "only num_attention heads per block use KArAt",
-    "num_attention": "KArAt heads per block with mixed_head",
-    "universal": "one operator per head index shared by all blocks",
-    "blockwise": "every head of every block owns its operator (default)",
-    "modular_attn": "low-rank modular operator (phi1_w2 / w1_phi2)",
-    "modular_mode": "phi1_w2: W Phi(s) | w1_phi2: Phi(W s)",
-    "project_l1": "project rows of sigma(S) onto the probability simplex",
-    "basis_not_trainable": "freeze basis coefficients and scalers",
-    "base_not_trainable": "freeze the base-term weights",
-    "impl": "evaluation path: auto | reference | efficient | fused",
-}

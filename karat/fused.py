@@ -80,12 +80,12 @@ if triton is not None:
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_d = tl.arange(0, D)
         offs_r = tl.arange(0, RP)
-        q = tl.load(Q + bh * sqb + offs_m[:, None] * sqn + offs_d[None, :], mask=offs_m[:, None] < N, other=0.0)
+        q = tl.load(Q + bh * sqb + offs_m[:, None] * sqn + offs_d[None, :], mask=offs_m[:, None] < N, other=0.0).to(tl.float32)
         acc = tl.zeros((BM, RP), dtype=tl.float32)
         c_head = C + h * N * scj
         for j0 in range(0, N, BN):
             offs_n = j0 + tl.arange(0, BN)
-            kt = tl.load(K + bh * skb + offs_n[None, :] * skn + offs_d[:, None], mask=offs_n[None, :] < N, other=0.0)
+            kt = tl.load(K + bh * skb + offs_n[None, :] * skn + offs_d[:, None], mask=offs_n[None, :] < N, other=0.0).to(tl.float32)
             s = tl.dot(q, kt, input_precision="ieee")
             c1 = tl.cos(s)
             s1 = tl.sin(s)
@@ -129,15 +129,15 @@ if triton is not None:
         offs_d = tl.arange(0, D)
         offs_r = tl.arange(0, RP)
         mrow = offs_m[:, None] < N
-        q = tl.load(Q + bh * sqb + offs_m[:, None] * sqn + offs_d[None, :], mask=mrow, other=0.0)
+        q = tl.load(Q + bh * sqb + offs_m[:, None] * sqn + offs_d[None, :], mask=mrow, other=0.0).to(tl.float32)
         dh = tl.load(DH + bh * shb + offs_m[:, None] * shn + offs_r[None, :], mask=mrow & (offs_r[None, :] < R), other=0.0)
         dq = tl.zeros((BM, D), dtype=tl.float32)
         c_head = C + h * N * scj
         for j0 in range(0, N, BN):
             offs_n = j0 + tl.arange(0, BN)
-            kt = tl.load(K + bh * skb + offs_n[None, :] * skn + offs_d[:, None], mask=offs_n[None, :] < N, other=0.0)
+            kt = tl.load(K + bh * skb + offs_n[None, :] * skn + offs_d[:, None], mask=offs_n[None, :] < N, other=0.0).to(tl.float32)
             ds = _dscore(q, kt, dh, c_head, offs_n, offs_r, N, R, scj, scm, G)
-            dq += tl.dot(ds, tl.trans(kt).to(tl.float32))
+            dq += tl.dot(ds, tl.trans(kt))
         tl.store(DQ + bh * sqb + offs_m[:, None] * sqn + offs_d[None, :], dq, mask=mrow)
 
     @triton.jit
@@ -149,7 +149,7 @@ if triton is not None:
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_d = tl.arange(0, D)
         offs_r = tl.arange(0, RP)
-        kt = tl.load(K + bh * skb + offs_n[None, :] * skn + offs_d[:, None], mask=offs_n[None, :] < N, other=0.0)
+        kt = tl.load(K + bh * skb + offs_n[None, :] * skn + offs_d[:, None], mask=offs_n[None, :] < N, other=0.0).to(tl.float32)
         dk = tl.zeros((BN, D), dtype=tl.float32)
         c_head = C + h * N * scj
         cmask_t = (offs_n[None, :] < N) & (offs_r[:, None] < R)
@@ -158,7 +158,7 @@ if triton is not None:
         for i0 in range(0, N, BM):
             offs_m = i0 + tl.arange(0, BM)
             mrow = offs_m[:, None] < N
-            q = tl.load(Q + bh * sqb + offs_m[:, None] * sqn + offs_d[None, :], mask=mrow, other=0.0)
+            q = tl.load(Q + bh * sqb + offs_m[:, None] * sqn + offs_d[None, :], mask=mrow, other=0.0).to(tl.float32)
             dh = tl.load(DH + bh * shb + offs_m[:, None] * shn + offs_r[None, :], mask=mrow & (offs_r[None, :] < R),
                          other=0.0)
             s = tl.dot(q, kt, input_precision="ieee")
@@ -179,7 +179,7 @@ if triton is not None:
                 tl.store(dc_tile + (G + g) * sdm,
                          tl.load(dc_tile + (G + g) * sdm, mask=dmask, other=0.0) + tl.dot(tl.trans(skm), dh), mask=dmask)
                 ck, sk = ck * c1 - sk * s1, sk * c1 + ck * s1
-            dk += tl.dot(tl.trans(ds), q.to(tl.float32))
+            dk += tl.dot(tl.trans(ds), q)
         tl.store(DK + bh * skb + offs_n[:, None] * skn + offs_d[None, :], dk, mask=offs_n[:, None] < N)
 
 
