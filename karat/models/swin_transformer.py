@@ -19,6 +19,7 @@ from timm.models.swin_transformer import _cfg as _swin_cfg
 from ..attention import KArAtCore, OperatorFactory
 from ..config import KArAtConfig
 from ..operator import OperatorProvider
+from ._swap import swap_modules
 
 
 class KArAtWindowAttention(WindowAttention):
@@ -51,17 +52,14 @@ def karatize_swin(model: nn.Module, cfg: KArAtConfig) -> nn.Module:
     """Swap every ``WindowAttention`` of a timm Swin (or a features wrapper of one) for the KArAt version,
     keeping its weights (``qkv``, ``proj``, relative-position bias table)."""
     provider = OperatorProvider(cfg)
-    for name, module in list(model.named_modules()):
-        if type(module) is not WindowAttention:
-            continue
-        head_dim = module.qkv.out_features // 3 // module.num_heads
-        new = KArAtWindowAttention(module.dim, module.num_heads, head_dim=head_dim, window_size=module.window_size,
-                                   qkv_bias=module.qkv.bias is not None, attn_drop=module.attn_drop.p,
-                                   proj_drop=module.proj_drop.p, karat_cfg=cfg, operator_factory=provider)
-        new.to(device=module.qkv.weight.device, dtype=module.qkv.weight.dtype)
-        new.load_state_dict(module.state_dict(), strict=False)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+    def build(old: WindowAttention) -> KArAtWindowAttention:
+        return KArAtWindowAttention(old.dim, old.num_heads, head_dim=old.qkv.out_features // 3 // old.num_heads,
+                                    window_size=old.window_size, qkv_bias=old.qkv.bias is not None,
+                                    attn_drop=old.attn_drop.p, proj_drop=old.proj_drop.p, karat_cfg=cfg,
+                                    operator_factory=provider)
+
+    swap_modules(model, WindowAttention, build)
     model.karat_cfg = cfg
     return model
 
