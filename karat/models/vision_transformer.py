@@ -53,9 +53,10 @@ def karat_vit_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTransf
     if report.resampled:
         _logger.info("%s", report)
     expected = model.state_dict()
+    head = model.pretrained_cfg.get("classifier", "head") + "."
     missing = [k for k in expected if k not in out]
     karat_missing = [k for k in missing if is_karat_key(k)]
-    other_missing = [k for k in missing if not is_karat_key(k)]
+    other_missing = [k for k in missing if not is_karat_key(k) and not k.startswith(head)]  # a new head is normal
     if other_missing:
         raise ValueError(
             f"Checkpoint does not fit this KArAt ViT: {len(other_missing)} non-KArAt tensors are missing "

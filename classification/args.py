@@ -1,0 +1,118 @@
+"""The classification command line: the paper's (DeiT's) arguments, same names and meanings."""
+from __future__ import annotations
+
+import argparse
+
+from karat.config import BASIS_TYPES, MODULAR_MODES, WAVELET_TYPES
+
+DATASETS = ("CIFAR10", "CIFAR100", "IMNET", "SVHN", "Flowers102", "STL10", "DIGITS")
+
+
+def str2bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "y"):
+        return True
+    if v.lower() in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("KArAt training and evaluation (DeiT recipe)", add_help=True)
+    g = p.add_argument_group("run")
+    g.add_argument("--batch-size", default=64, type=int)
+    g.add_argument("--epochs", default=300, type=int)
+    g.add_argument("--output_dir", default="", help="where to save checkpoints and logs (empty: no saving)")
+    g.add_argument("--device", default="cuda", help="cuda or cpu (falls back to cpu when CUDA is missing)")
+    g.add_argument("--seed", default=0, type=int)
+    g.add_argument("--resume", default="", help="checkpoint to continue from")
+    g.add_argument("--start_epoch", default=0, type=int)
+    g.add_argument("--eval", action="store_true", help="evaluation only")
+    g.add_argument("--finetune", default="", help="checkpoint to fine-tune from (head reset, tokens resampled)")
+    g.add_argument("--num_workers", default=4, type=int)
+    g.add_argument("--pin-mem", action="store_true", default=True)
+    g.add_argument("--no-pin-mem", action="store_false", dest="pin_mem")
+    g.add_argument("--run_name", default=None, help="Weights & Biases run name (W&B is used only when given)")
+    g.add_argument("--run_id", default=None, help="Weights & Biases run id to resume")
+    g.add_argument("--amp", type=str2bool, default=True, help="mixed precision on CUDA")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="vit_tiny_patch16_224_karat", help="timm model name")
+    g.add_argument("--input-size", default=224, type=int)
+    g.add_argument("--drop", type=float, default=0.0)
+    g.add_argument("--drop-path", type=float, default=0.1)
+    g.add_argument("--model-ema", action="store_true")
+    g.add_argument("--no-model-ema", action="store_false", dest="model_ema")
+    g.add_argument("--model-ema-decay", type=float, default=0.99996)
+    g.set_defaults(model_ema=False)
+    g = p.add_argument_group("optimizer and schedule")
+    g.add_argument("--opt", default="adamw")
+    g.add_argument("--opt-eps", default=1e-8, type=float)
+    g.add_argument("--opt-betas", default=None, type=float, nargs="+")
+    g.add_argument("--clip-grad", type=float, default=None)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--sched", default="cosine")
+    g.add_argument("--lr", type=float, default=5e-4)
+    g.add_argument("--warmup-lr", type=float, default=1e-6)
+    g.add_argument("--min-lr", type=float, default=1e-5)
+    g.add_argument("--decay-epochs", type=float, default=30)
+    g.add_argument("--warmup-epochs", type=int, default=5)
+    g.add_argument("--cooldown-epochs", type=int, default=10)
+    g.add_argument("--decay-rate", "--dr", type=float, default=0.1)
+    g = p.add_argument_group("augmentation and regularisation")
+    g.add_argument("--color-jitter", type=float, default=0.3)
+    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="AutoAugment policy ('' for none)")
+    g.add_argument("--smoothing", type=float, default=0.1)
+    g.add_argument("--train-interpolation", default="bicubic")
+    g.add_argument("--repeated-aug", action="store_true")
+    g.add_argument("--no-repeated-aug", action="store_false", dest="repeated_aug")
+    g.set_defaults(repeated_aug=False)
+    g.add_argument("--reprob", type=float, default=0.25)
+    g.add_argument("--remode", default="pixel")
+    g.add_argument("--recount", type=int, default=1)
+    g.add_argument("--mixup", type=float, default=0.8)
+    g.add_argument("--cutmix", type=float, default=1.0)
+    g.add_argument("--cutmix-minmax", type=float, nargs="+", default=None)
+    g.add_argument("--mixup-prob", type=float, default=1.0)
+    g.add_argument("--mixup-switch-prob", type=float, default=0.5)
+    g.add_argument("--mixup-mode", default="batch")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-set", default="IMNET", choices=DATASETS)
+    g.add_argument("--data-path", default="", help="dataset folder (see README for the layout of each dataset)")
+    g.add_argument("--download", action="store_true", help="let torchvision download the dataset when missing")
+    g = p.add_argument_group("KArAt")
+    g.add_argument("--base_fn", default="ZeroModule")
+    g.add_argument("--basis_type", default="FourierBasis", choices=BASIS_TYPES)
+    g.add_argument("--grid", type=int, default=None, help="default: the model's (3, or 1 for ViT-Base)")
+    g.add_argument("--order", type=int, default=3)
+    g.add_argument("--grid_range", type=float, nargs=2, default=[-1.0, 1.0])
+    g.add_argument("--wavelet_type", default="mexican_hat", choices=WAVELET_TYPES)
+    g.add_argument("--rational_order", type=int, nargs=2, default=[5, 4])
+    g.add_argument("--depth", type=int, default=2, help="KAN depth when not modular")
+    g.add_argument("--hidden_dim", type=int, default=12)
+    g.add_argument("--mixed_head", action="store_true")
+    g.add_argument("--num_attention", type=int, default=None)
+    g.add_argument("--universal", action="store_true")
+    g.add_argument("--blockwise", action="store_true")
+    g.add_argument("--modular_attn", type=str2bool, nargs="?", const=True, default=True)
+    g.add_argument("--modular_mode", default="phi1_w2", choices=MODULAR_MODES)
+    g.add_argument("--project_l1", action="store_true")
+    g.add_argument("--basis_not_trainable", action="store_true")
+    g.add_argument("--base_not_trainable", action="store_true")
+    g.add_argument("--attn_lr", type=float, default=None, help="learning rate of the KArAt parameters")
+    g.add_argument("--impl", default="auto", choices=("auto", "reference", "efficient", "fused"))
+    return p
+
+
+def karat_kwargs(args: argparse.Namespace) -> dict:
+    """``create_model`` keywords for a KArAt model from the parsed flags (``--depth`` is ``karat_depth``)."""
+    kw = dict(base_fn=args.base_fn, basis_type=args.basis_type, order=args.order, grid_range=tuple(args.grid_range),
+              wavelet_type=args.wavelet_type, rational_order=tuple(args.rational_order), karat_depth=args.depth,
+              hidden_dim=args.hidden_dim, mixed_head=args.mixed_head, universal=args.universal,
+              blockwise=args.blockwise, modular_attn=args.modular_attn, modular_mode=args.modular_mode,
+              project_l1=args.project_l1, basis_not_trainable=args.basis_not_trainable,
+              base_not_trainable=args.base_not_trainable, impl=args.impl)
+    if args.grid is not None:
+        kw["grid"] = args.grid
+    if args.num_attention is not None:
+        kw["num_attention"] = args.num_attention
+    return kw

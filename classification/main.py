@@ -1,0 +1,238 @@
+"""DeiT-style training and evaluation of KArAt (and softmax) classifiers; the paper's command line.
+
+  python -m classification.main --model vit_tiny_patch16_224_karat --data-set IMNET --data-path /imagenet ...
+  torchrun --nproc_per_node=8 -m classification.main ...
+
+Built on timm's utilities: transforms, Mixup, losses, optimizer and scheduler factories, ``ModelEmaV3``.
+Checkpoints (``<output_dir>/checkpoint.pth``) are written atomically and hold everything ``--resume`` needs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+from timm.data import Mixup
+from timm.data.distributed_sampler import RepeatAugSampler
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+import karat  # noqa: F401  registers the KArAt models
+from karat import load_checkpoint, param_groups, save_checkpoint
+from karat.models.vision_transformer import karat_vit_filter_fn
+
+from .args import get_args_parser, karat_kwargs
+from .datasets import build_dataset
+from .engine import evaluate, train_one_epoch
+
+_logger = logging.getLogger("classification")
+
+
+def init_distributed() -> tuple[bool, int, int]:
+    """torchrun's environment -> (distributed, rank, world size); gloo on CPU, nccl on CUDA."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False, 0, 1
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return True, dist.get_rank(), dist.get_world_size()
+
+
+def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    kwargs: Dict[str, Any] = dict(num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
+                                  img_size=args.input_size)
+    if args.model in set(timm.list_models("*_karat")):  # KArAt flags go to KArAt models only
+        kwargs.update(karat_kwargs(args))
+    return timm.create_model(args.model, **kwargs)
+
+
+def load_finetune(model: torch.nn.Module, path: str) -> None:
+    """Start from a checkpoint of another task or size: the head is reset when its shape differs, position
+    embeddings and KArAt weights are resampled to this model's token count (ViT family)."""
+    ckpt = load_checkpoint(path)
+    state = ckpt.get("model", ckpt)
+    own = model.state_dict()
+    for name in [model.default_cfg.get("classifier", "head") + s for s in (".weight", ".bias")]:
+        if name in state and name in own and state[name].shape != own[name].shape:
+            _logger.info("fine-tune: dropping %s %s (this model: %s)", name, tuple(state[name].shape), tuple(own[name].shape))
+            del state[name]
+    if hasattr(model, "patch_embed") and hasattr(model, "pos_embed"):  # ViT family: resample positions and KArAt
+        state = karat_vit_filter_fn(state, model)
+    result = model.load_state_dict(state, strict=False)
+    _logger.info("fine-tune from %s: missing %s, unexpected %s", path, result.missing_keys, result.unexpected_keys)
+
+
+def _rng_state() -> Dict[str, Any]:
+    """Every generator's state as tensors and plain values (a weights-only checkpoint can hold them)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = dict(torch=torch.get_rng_state(), numpy=[torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+                 python=[version, list(internal), gauss_next])
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def main(args: argparse.Namespace) -> Dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    distributed, rank, world = init_distributed()
+    device = torch.device(args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and distributed:
+        device = torch.device("cuda", torch.cuda.current_device())
+    seed = args.seed + rank
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+    dataset_train, num_classes = build_dataset(True, args)
+    dataset_val, _ = build_dataset(False, args)
+    if distributed:
+        sampler = (RepeatAugSampler(dataset_train, num_replicas=world, rank=rank) if args.repeated_aug
+                   else DistributedSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True))
+    else:
+        sampler = RandomSampler(dataset_train)
+    loader_train = DataLoader(dataset_train, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+                              pin_memory=args.pin_mem and device.type == "cuda", drop_last=True)
+    loader_val = DataLoader(dataset_val, sampler=SequentialSampler(dataset_val), batch_size=int(1.5 * args.batch_size),
+                            num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda")
+
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=num_classes)
+
+    model = build_model(args, num_classes)
+    if args.finetune:
+        load_finetune(model, args.finetune)
+    model.to(device)
+    model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    model_ddp = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+
+    optimizer = create_optimizer_v2(param_groups(model, args.weight_decay, args.attn_lr), opt=args.opt, lr=args.lr,
+                                    weight_decay=args.weight_decay, momentum=args.momentum, eps=args.opt_eps,
+                                    **({"betas": tuple(args.opt_betas)} if args.opt_betas else {}))
+    lr_scheduler, _ = create_scheduler_v2(optimizer, sched=args.sched, num_epochs=args.epochs,
+                                          decay_epochs=args.decay_epochs, decay_rate=args.decay_rate,
+                                          warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
+                                          min_lr=args.min_lr, cooldown_epochs=args.cooldown_epochs,
+                                          step_on_epochs=True)
+    amp = args.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    if mixup_fn is not None:
+        criterion = SoftTargetCrossEntropy()
+    elif args.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+
+    out_dir = Path(args.output_dir) if args.output_dir else None
+    start_epoch = args.start_epoch
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        model.load_state_dict(ckpt["model"])
+        if not args.eval:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            if model_ema is not None and "model_ema" in ckpt:
+                model_ema.load_state_dict(ckpt["model_ema"])
+            _set_rng_state(ckpt["rng"])
+            start_epoch = ckpt["epoch"] + 1
+        _logger.info("resumed from %s (epoch %d)", args.resume, ckpt["epoch"])
+
+    if args.eval:
+        stats = evaluate(model, loader_val, device, amp)
+        print(f"Accuracy of the network on the {len(dataset_val)} test images: top-1 {stats.top1:.2f}% "
+              f"top-5 {stats.top5:.2f}% (loss {stats.loss:.4f})")
+        return dict(top1=stats.top1, top5=stats.top5, loss=stats.loss)
+
+    writer = wandb_run = None
+    if out_dir is not None and rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "args.json").write_text(json.dumps(vars(args), indent=1, default=str))
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tensorboard"))
+        if args.run_name:
+            try:
+                import wandb
+
+                wandb_run = wandb.init(name=args.run_name, id=args.run_id, resume="allow" if args.run_id else None,
+                                       config=vars(args), dir=str(out_dir))
+            except ImportError:
+                _logger.warning("--run_name given but wandb is not installed; logging to TensorBoard only")
+    best = 0.0
+    last: Dict[str, Any] = {}
+    for epoch in range(start_epoch, args.epochs):
+        if distributed:
+            sampler.set_epoch(epoch)
+        tr = train_one_epoch(model_ddp, loader_train, criterion, optimizer, epoch, lr_scheduler,
+                             clip_grad=args.clip_grad, device=device, mixup_fn=mixup_fn, scaler=scaler, amp=amp,
+                             model_ema=model_ema, show_progress=rank == 0, desc=args.model)
+        lr_scheduler.step(epoch + 1)
+        va = evaluate(model, loader_val, device, amp)
+        best = max(best, va.top1)
+        last = dict(epoch=epoch, train_loss=tr.loss, test_loss=va.loss, test_acc1=va.top1, test_acc5=va.top5,
+                    max_accuracy=best, lr=optimizer.param_groups[0]["lr"], epoch_seconds=tr.seconds,
+                    n_parameters=sum(p.numel() for p in model.parameters()))
+        _logger.info("epoch %d: train loss %.4f, test top-1 %.2f%% top-5 %.2f%% (best %.2f%%)", epoch, tr.loss,
+                     va.top1, va.top5, best)
+        if out_dir is not None and rank == 0:
+            state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                         lr_scheduler=lr_scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
+                         args=vars(args) | {"grid_range": list(args.grid_range)}, rng=_rng_state())
+            if model_ema is not None:
+                state["model_ema"] = model_ema.state_dict()
+            save_checkpoint(_plain(state), out_dir / "checkpoint.pth")
+            with open(out_dir / "log.txt", "a") as f:
+                f.write(json.dumps(last) + "\n")
+            for key, value in last.items():
+                writer.add_scalar(key, value, epoch)
+            if wandb_run is not None:
+                wandb_run.log(last, step=epoch)
+    if writer is not None:
+        writer.close()
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return last
+
+
+def _plain(obj: Any) -> Any:
+    """Make a checkpoint loadable with ``weights_only=True``: tuples/paths/None-safe plain containers."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
+    sys.exit(0)
