@@ -65,7 +65,7 @@ class KArAtCore(nn.Module):
             raise ValueError(
                 f"KArAt attention was built for {self.num_tokens} tokens but got {k.shape[-2]}. KArAt weights "
                 f"are tied to the token count: create the model with the input size you use (img_size=...) "
-                f"or resample the checkpoint to the new token count (karat spec section 6).")
+                f"or resample the checkpoint with karat.resample_karat_state_dict.")
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         h = self.num_karat_heads
         out_karat = self._karat(q[:, :h], k[:, :h], v[:, :h], _heads(bias, 0, h), _heads(key_mask, 0, h), scale)

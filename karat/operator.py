@@ -47,7 +47,7 @@ class KArAtOperator(nn.Module):
             raise ValueError(
                 f"KArAt operator was built for {self.num_tokens} key tokens but got {logits.shape[-1]}: its "
                 f"weights are indexed by key position. Build the model for this input size (img_size=...), "
-                f"or resample a checkpoint to the new token count (spec section 6).")
+                f"or resample a checkpoint with karat.resample_karat_state_dict (spec section 6).")
         if self.mode == "phi1_w2":
             hidden = self.phi(logits, key_mask)
             sigma = torch.einsum("bhir,hjr->bhij", hidden, self.weight)
