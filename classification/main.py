@@ -51,12 +51,35 @@ def init_distributed() -> tuple[bool, int, int]:
     return True, dist.get_rank(), dist.get_world_size()
 
 
+def resolve_model_name(args: argparse.Namespace) -> str:
+    """The paper's commands name the softmax model and add KArAt flags: then the ``_karat`` twin is meant.
+    KArAt flags on a model without a KArAt twin are an error, never silently ignored."""
+    karat_models = set(timm.list_models("*_karat"))
+    if args.model in karat_models:
+        return args.model
+    given = explicit_karat_flags(args)
+    if not given:
+        return args.model
+    twin = f"{args.model}_karat"
+    if twin in karat_models:
+        _logger.info("KArAt flags %s given with --model %s: training %s", given, args.model, twin)
+        return twin
+    raise ValueError(f"KArAt flags {given} were given but --model {args.model} has no KArAt version; "
+                     f"choose one of {sorted(karat_models)}.")
+
+
+def explicit_karat_flags(args: argparse.Namespace) -> list:
+    defaults = get_args_parser().parse_args([])
+    return [k for k in karat_kwargs(defaults) if karat_kwargs(args).get(k) != karat_kwargs(defaults).get(k)]
+
+
 def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    name = resolve_model_name(args)
     kwargs: Dict[str, Any] = dict(num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
                                   img_size=args.input_size)
-    if args.model in set(timm.list_models("*_karat")):  # KArAt flags go to KArAt models only
+    if name != args.model or name in set(timm.list_models("*_karat")):  # KArAt flags go to KArAt models only
         kwargs.update(karat_kwargs(args))
-    return timm.create_model(args.model, **kwargs)
+    return timm.create_model(name, **kwargs)
 
 
 def load_finetune(model: torch.nn.Module, path: str) -> None:

@@ -108,3 +108,16 @@ def test_finetune_at_another_image_size_and_task(tmp_path):
     ckpt = load_checkpoint(tmp_path / "ft" / "checkpoint.pth")
     assert ckpt["model"]["head.weight"].shape[0] == 2
     assert ckpt["model"]["blocks.0.attn.karat.operator.weight"].shape[1] == 17
+
+
+def test_karat_flags_select_the_karat_twin_or_fail_clearly():
+    from classification.main import build_model
+
+    args = get_args_parser().parse_args([*FAST[2:], "--model", "vit_tiny_patch16_224", "--grid", "2"])
+    model = build_model(args, 10)
+    assert model.karat_cfg.grid == 2  # the paper's style: softmax name + KArAt flags -> the KArAt twin
+    plain = build_model(get_args_parser().parse_args(["--model", "vit_tiny_patch16_224", "--input-size", "32"]), 10)
+    assert not hasattr(plain, "karat_cfg")
+    args = get_args_parser().parse_args(["--model", "resnet18", "--universal", "--input-size", "32"])
+    with pytest.raises(ValueError, match="has no KArAt version"):
+        build_model(args, 10)
