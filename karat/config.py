@@ -6,7 +6,7 @@ the value and what is allowed, instead of a shape error deep inside torch.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional, Tuple
 
 import torch.nn as nn

@@ -1,7 +1,6 @@
 import pytest
 import timm
 
-import karat
 from karat import KArAtConfig
 
 

@@ -50,7 +50,6 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
     import timm
     from timm.layers import Attention
 
-    import karat
     from karat import KArAtAttention, KArAtConfig
 
     torch.manual_seed(0)

@@ -23,13 +23,17 @@ from ..operator import OperatorProvider
 from ._swap import swap_modules
 
 
-class KArAtGPSA(GPSA):
-    """timm's GPSA (same parameter names) with ``sigma(S)`` as the content attention."""
+class _WithKArAtCore(nn.Module):
+    """Mixin for a host attention class: builds it, then adds the KArAt core for its heads."""
 
     def __init__(self, *args: Any, karat_cfg: KArAtConfig, num_tokens: int,
                  operator_factory: OperatorFactory | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.karat = KArAtCore(self.num_heads, num_tokens, karat_cfg, operator_factory, self.attn_drop.p)
+
+
+class KArAtGPSA(_WithKArAtCore, GPSA):
+    """timm's GPSA (same parameter names) with ``sigma(S)`` as the content attention."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
@@ -45,13 +49,8 @@ class KArAtGPSA(GPSA):
         return self.proj_drop(self.proj(x))
 
 
-class KArAtMHSA(MHSA):
+class KArAtMHSA(_WithKArAtCore, MHSA):
     """ConViT's plain multi-head attention (same parameter names) with KArAt in place of the softmax."""
-
-    def __init__(self, *args: Any, karat_cfg: KArAtConfig, num_tokens: int,
-                 operator_factory: OperatorFactory | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.karat = KArAtCore(self.num_heads, num_tokens, karat_cfg, operator_factory, self.attn_drop.p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
