@@ -100,8 +100,6 @@ class FourierBasis(SharedFeatureBasis):
         self.num_functions = 2 * cfg.grid
         k = torch.arange(1, cfg.grid + 1, dtype=torch.float64)
         self.register_buffer("frequencies", torch.cat([k, k]), persistent=False)
-        self.register_buffer("phases", torch.cat([torch.zeros_like(k), torch.full_like(k, math.pi / 2)]),
-                             persistent=False)
         self._init_coefficients(init_scale)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,8 +107,18 @@ class FourierBasis(SharedFeatureBasis):
         return torch.cat([torch.cos(kx), torch.sin(kx)], dim=-1)
 
     def fast_features(self, x: torch.Tensor) -> torch.Tensor:
-        # cos(kx - phase) with phase 0 or pi/2: one call writes all 2G features, no concatenation.
-        return torch.cos(torch.addcmul(-self.phases.to(x.dtype), x.unsqueeze(-1), self.frequencies.to(x.dtype)))
+        # Angle-addition recurrence, in place in the output buffer (no temporaries, no concatenation):
+        # one cos and one sin, then cos((k+1)x) = cos kx cos x - sin kx sin x, sin((k+1)x) = sin kx cos x + cos kx sin x.
+        g = self.grid
+        out = x.new_empty(*x.shape, 2 * g)
+        cos1, sin1 = out[..., 0], out[..., g]
+        torch.cos(x, out=cos1)
+        torch.sin(x, out=sin1)
+        for k in range(1, g):
+            cos_k, sin_k, cos_prev, sin_prev = out[..., k], out[..., g + k], out[..., k - 1], out[..., g + k - 1]
+            torch.mul(cos_prev, cos1, out=cos_k).addcmul_(sin_prev, sin1, value=-1)
+            torch.mul(sin_prev, cos1, out=sin_k).addcmul_(cos_prev, sin1)
+        return out
 
     def derivative_map(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(perm, scale)`` with ``dB_m/dx = scale_m * B_perm(m)``: d cos kx = -k sin kx, d sin kx = k cos kx."""
