@@ -72,6 +72,16 @@ def _interpreting() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _rows(P, bh, sb, sn, offs, offs_d, N):
+        """A (rows, D) tile of a (B*H, N, D) tensor in fp32; rows past N read as zeros."""
+        return tl.load(P + bh * sb + offs[:, None] * sn + offs_d[None, :], mask=offs[:, None] < N, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _cols(P, bh, sb, sn, offs, offs_d, N):
+        """The same tile transposed, (D, cols), as the right operand of ``q k^T``."""
+        return tl.load(P + bh * sb + offs[None, :] * sn + offs_d[:, None], mask=offs[None, :] < N, other=0.0).to(tl.float32)
+
+    @triton.jit
     def _phi_fwd_kernel(Q, K, C, Hout, N, R, sqb, sqn, skb, skn, scj, scm, shb, shn, heads,
                         D: tl.constexpr, G: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
         pid_m = tl.program_id(0)
@@ -80,12 +90,12 @@ if triton is not None:
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_d = tl.arange(0, D)
         offs_r = tl.arange(0, RP)
-        q = tl.load(Q + bh * sqb + offs_m[:, None] * sqn + offs_d[None, :], mask=offs_m[:, None] < N, other=0.0).to(tl.float32)
+        q = _rows(Q, bh, sqb, sqn, offs_m, offs_d, N)
         acc = tl.zeros((BM, RP), dtype=tl.float32)
         c_head = C + h * N * scj
         for j0 in range(0, N, BN):
             offs_n = j0 + tl.arange(0, BN)
-            kt = tl.load(K + bh * skb + offs_n[None, :] * skn + offs_d[:, None], mask=offs_n[None, :] < N, other=0.0).to(tl.float32)
+            kt = _cols(K, bh, skb, skn, offs_n, offs_d, N)
             s = tl.dot(q, kt, input_precision="ieee")
             c1 = tl.cos(s)
             s1 = tl.sin(s)
@@ -129,13 +139,13 @@ if triton is not None:
         offs_d = tl.arange(0, D)
         offs_r = tl.arange(0, RP)
         mrow = offs_m[:, None] < N
-        q = tl.load(Q + bh * sqb + offs_m[:, None] * sqn + offs_d[None, :], mask=mrow, other=0.0).to(tl.float32)
+        q = _rows(Q, bh, sqb, sqn, offs_m, offs_d, N)
         dh = tl.load(DH + bh * shb + offs_m[:, None] * shn + offs_r[None, :], mask=mrow & (offs_r[None, :] < R), other=0.0)
         dq = tl.zeros((BM, D), dtype=tl.float32)
         c_head = C + h * N * scj
         for j0 in range(0, N, BN):
             offs_n = j0 + tl.arange(0, BN)
-            kt = tl.load(K + bh * skb + offs_n[None, :] * skn + offs_d[:, None], mask=offs_n[None, :] < N, other=0.0).to(tl.float32)
+            kt = _cols(K, bh, skb, skn, offs_n, offs_d, N)
             ds = _dscore(q, kt, dh, c_head, offs_n, offs_r, N, R, scj, scm, G)
             dq += tl.dot(ds, tl.trans(kt))
         tl.store(DQ + bh * sqb + offs_m[:, None] * sqn + offs_d[None, :], dq, mask=mrow)
@@ -149,7 +159,7 @@ if triton is not None:
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_d = tl.arange(0, D)
         offs_r = tl.arange(0, RP)
-        kt = tl.load(K + bh * skb + offs_n[None, :] * skn + offs_d[:, None], mask=offs_n[None, :] < N, other=0.0).to(tl.float32)
+        kt = _cols(K, bh, skb, skn, offs_n, offs_d, N)
         dk = tl.zeros((BN, D), dtype=tl.float32)
         c_head = C + h * N * scj
         cmask_t = (offs_n[None, :] < N) & (offs_r[:, None] < R)
@@ -158,7 +168,7 @@ if triton is not None:
         for i0 in range(0, N, BM):
             offs_m = i0 + tl.arange(0, BM)
             mrow = offs_m[:, None] < N
-            q = tl.load(Q + bh * sqb + offs_m[:, None] * sqn + offs_d[None, :], mask=mrow, other=0.0).to(tl.float32)
+            q = _rows(Q, bh, sqb, sqn, offs_m, offs_d, N)
             dh = tl.load(DH + bh * shb + offs_m[:, None] * shn + offs_r[None, :], mask=mrow & (offs_r[None, :] < R),
                          other=0.0)
             s = tl.dot(q, kt, input_precision="ieee")
