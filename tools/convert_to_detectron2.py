@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config-file", required=True, help="the detectron2 lazy config the checkpoint is for")
     p.add_argument("--output", required=True, help="where to write the ViTDet backbone checkpoint (.pth)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, key=value")
-    a = p.parse_args(argv)
+    p.add_argument("opts", nargs="*", help="config overrides, key=value")
+    a = p.parse_intermixed_args(argv)
     from detectron2_plugin.convert import convert_file
 
     try:
