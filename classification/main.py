@@ -73,12 +73,19 @@ def explicit_karat_flags(args: argparse.Namespace) -> list:
     return [k for k in karat_kwargs(defaults) if karat_kwargs(args).get(k) != karat_kwargs(defaults).get(k)]
 
 
-def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+def model_spec(args: argparse.Namespace, num_classes: int) -> tuple[str, Dict[str, Any]]:
+    """The timm model name and ``create_model`` keywords the flags describe (recorded in checkpoints, so a
+    converter can rebuild the architecture)."""
     name = resolve_model_name(args)
     kwargs: Dict[str, Any] = dict(num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
                                   img_size=args.input_size)
-    if name != args.model or name in set(timm.list_models("*_karat")):  # KArAt flags go to KArAt models only
+    if name in set(timm.list_models("*_karat")):  # KArAt flags go to KArAt models only
         kwargs.update(karat_kwargs(args))
+    return name, kwargs
+
+
+def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    name, kwargs = model_spec(args, num_classes)
     return timm.create_model(name, **kwargs)
 
 
@@ -148,7 +155,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                          label_smoothing=args.smoothing, num_classes=num_classes)
 
-    model = build_model(args, num_classes)
+    model_name, model_kwargs = model_spec(args, num_classes)
+    model = timm.create_model(model_name, **model_kwargs)
     if args.finetune:
         load_finetune(model, args.finetune)
     model.to(device)
@@ -227,6 +235,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         if out_dir is not None and rank == 0:
             state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                          lr_scheduler=lr_scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
+                         model_name=model_name, model_kwargs=model_kwargs,
                          args=vars(args) | {"grid_range": list(args.grid_range)}, rng=_rng_state())
             if model_ema is not None:
                 state["model_ema"] = model_ema.state_dict()

@@ -12,6 +12,7 @@ from PIL import Image
 from classification.args import get_args_parser
 from classification.datasets import DatasetLayoutError, build_dataset
 from karat import load_checkpoint
+from karat.transfer import load_vit_source
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--model", "vit_tiny_patch16_224_karat", "--input-size", "32", "--batch-size", "16", "--num_workers", "0",
@@ -51,6 +52,8 @@ def test_train_resume_and_eval_on_cifar10_files(tmp_path):
     assert [r["epoch"] for r in log] == [0, 1]
     ckpt = load_checkpoint(out / "checkpoint.pth")
     assert ckpt["epoch"] == 1 and {"model", "optimizer", "lr_scheduler", "scaler", "rng"} <= set(ckpt)
+    source = load_vit_source(str(out / "checkpoint.pth"))  # the record a backbone converter rebuilds it from
+    assert source.is_karat and source.karat_config() is not None and source.embed_dim == 192
     run(*common, "--epochs", "3", "--resume", str(out / "checkpoint.pth"))  # continues the same run
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1, 2]
