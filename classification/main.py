@@ -78,10 +78,20 @@ def model_spec(args: argparse.Namespace, num_classes: int) -> tuple[str, Dict[st
     converter can rebuild the architecture)."""
     name = resolve_model_name(args)
     kwargs: Dict[str, Any] = dict(num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
-                                  img_size=args.input_size)
+                                  img_size=args.input_size, **args.model_kwargs)
     if name in set(timm.list_models("*_karat")):  # KArAt flags go to KArAt models only
         kwargs.update(karat_kwargs(args))
     return name, kwargs
+
+
+def check_input_channels(model: torch.nn.Module, dataset: Any, args: argparse.Namespace) -> None:
+    """A dataset whose images have another channel count than the model's first layer fails here, clearly."""
+    first = model.pretrained_cfg.get("first_conv")
+    layer = model.get_submodule(first) if first else None
+    wanted, got = getattr(layer, "in_channels", None), dataset[0][0].shape[0]
+    if wanted is not None and wanted != got:
+        raise ValueError(f"--data-set {args.data_set} images have {got} channel(s) but {args.model} takes {wanted}: "
+                         f"add --model-kwargs in_chans={got}.")
 
 
 def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
@@ -139,6 +149,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
 
     dataset_train, num_classes = build_dataset(True, args)
     dataset_val, _ = build_dataset(False, args)
+    if args.train_subset:
+        dataset_train = torch.utils.data.Subset(dataset_train, range(min(args.train_subset, len(dataset_train))))
     if distributed:
         sampler = (RepeatAugSampler(dataset_train, num_replicas=world, rank=rank) if args.repeated_aug
                    else DistributedSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True))
@@ -157,6 +169,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
 
     model_name, model_kwargs = model_spec(args, num_classes)
     model = timm.create_model(model_name, **model_kwargs)
+    check_input_channels(model, dataset_val, args)
     if args.finetune:
         load_finetune(model, args.finetune)
     model.to(device)
