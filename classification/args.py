@@ -55,6 +55,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--sched", default="cosine")
+    g.add_argument("--sched-on-updates", action="store_true",
+                   help="step the schedule every update instead of every epoch (timm's train.py flag)")
     g.add_argument("--lr", type=float, default=5e-4)
     g.add_argument("--warmup-lr", type=float, default=1e-6)
     g.add_argument("--min-lr", type=float, default=1e-5)

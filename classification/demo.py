@@ -53,7 +53,7 @@ class DemoSettings:
                 "--batch-size", str(self.batch_size), "--lr", str(self.lr), "--warmup-lr", str(self.lr / 100),
                 "--min-lr", str(self.lr / 100), "--warmup-epochs", str(self.warmup_epochs), "--cooldown-epochs", "0",
                 "--weight-decay", str(self.weight_decay), "--smoothing", str(self.smoothing), "--mixup", "0",
-                "--cutmix", "0", "--drop-path", "0", "--seed", str(self.seed)]
+                "--cutmix", "0", "--drop-path", "0", "--sched-on-updates", "--seed", str(self.seed)]
         if self.clip_grad:
             args += ["--clip-grad", str(self.clip_grad)]
         if self.attn_lr:

@@ -183,7 +183,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
                                           decay_epochs=args.decay_epochs, decay_rate=args.decay_rate,
                                           warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
                                           min_lr=args.min_lr, cooldown_epochs=args.cooldown_epochs,
-                                          step_on_epochs=True)
+                                          step_on_epochs=not args.sched_on_updates,
+                                          updates_per_epoch=len(loader_train))
     amp = args.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     if mixup_fn is not None:
