@@ -46,6 +46,9 @@ def karat_config_from(options: Optional[Mapping[str, Any]]) -> KArAtConfig:
     if "depth" in kwargs:
         raise ValueError("In a ViT config, 'depth' is the number of blocks; the KAN depth of KArAt is 'karat_depth'.")
     cfg = KArAtConfig.pop_from(kwargs)
+    if kwargs:
+        raise ValueError(f"Unknown KArAt option(s) {sorted(kwargs)} in the backbone's karat=...; known options: "
+                         f"{[n if n != 'depth' else 'karat_depth' for n in KArAtConfig.option_names()]}.")
     return cfg
 
 

@@ -7,6 +7,7 @@ trainer, evaluate with detectron2's COCOEvaluator, and report box AP and mask AP
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -29,11 +30,11 @@ def _settings(quick: bool) -> Dict[str, Any]:
 
     if quick:
         return dict(spec=ShapesSpec(num_train=16, num_val=4), iters=2, batch=2)
-    return dict(spec=ShapesSpec(num_train=160, num_val=40), iters=60, batch=4)
+    return dict(spec=ShapesSpec(num_train=160, num_val=40), iters=80, batch=4)
 
 
-def _ap(results: Mapping[str, Any], task: str) -> float:
-    value = results.get(task, {}).get("AP", float("nan")) if results else float("nan")
+def _ap(results: Mapping[str, Any], task: str, metric: str = "AP") -> float:
+    value = results.get(task, {}).get(metric, float("nan")) if results else float("nan")
     return float(value)
 
 
@@ -58,9 +59,11 @@ def finetune(name: str, checkpoint: Path, run_dir: Path, iters: int, batch: int)
     LazyConfig.save(cfg, str(run_dir / "config.yaml"))
     seed_all_rng(0)
     torch.manual_seed(0)
-    results = do_train(_Args(), cfg) or {}
+    with open(run_dir / "stdout.txt", "w") as log, contextlib.redirect_stdout(log):  # pycocotools' tables
+        results = do_train(_Args(), cfg) or {}
     (run_dir / "final_metrics.json").write_text(json.dumps(results, indent=2, default=float))
     return dict(name=name, box_ap=_ap(results, "bbox"), mask_ap=_ap(results, "segm"),
+                box_ap50=_ap(results, "bbox", "AP50"), mask_ap50=_ap(results, "segm", "AP50"),
                 seconds=round(time.time() - start, 1), iterations=iters, batch_size=batch,
                 loaded=len(conversion.report.loaded), resampled=len(conversion.report.resampled),
                 new=len(conversion.report.new), output_dir=str(run_dir))
@@ -77,9 +80,10 @@ def summary_table(rows: List[Dict[str, Any]]) -> str:
     def fmt(v: float) -> str:
         return "n/a" if math.isnan(v) else f"{v:.1f}"
 
-    lines = ["| backbone | box AP | mask AP | iterations | seconds |", "|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | {fmt(r['box_ap'])} | {fmt(r['mask_ap'])} | {r['iterations']} | {r['seconds']} |"
-              for r in rows]
+    lines = ["| backbone | box AP | mask AP | box AP50 | mask AP50 | iterations | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {fmt(r['box_ap'])} | {fmt(r['mask_ap'])} | {fmt(r['box_ap50'])} | "
+              f"{fmt(r['mask_ap50'])} | {r['iterations']} | {r['seconds']} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -96,9 +100,12 @@ def run_stage(out_dir: Path, checkpoints: Dict[str, Path], quick: bool = False) 
     stage_dir = Path(out_dir) / "detection"
     root = ensure_shapes(stage_dir / "shapes", settings["spec"])
     register_shapes(root)
-    d2_logger = logging.getLogger("detectron2")
-    level, threads = d2_logger.level, torch.get_num_threads()
-    d2_logger.setLevel(logging.WARNING)  # detectron2's per-iteration logs: the run folders keep its metrics
+    # detectron2's per-iteration logs and fvcore's list of head tensors missing from the backbone checkpoint (all
+    # of them, by design) would drown the demo's output: the run folders keep the metrics and transfer reports.
+    loggers = {name: logging.getLogger(name) for name in ("detectron2", "fvcore")}
+    levels, threads = {name: lg.level for name, lg in loggers.items()}, torch.get_num_threads()
+    loggers["detectron2"].setLevel(logging.WARNING)
+    loggers["fvcore"].setLevel(logging.ERROR)
     # One intra-op thread: these small matrices gain little from two, and on a shared 2-core machine OpenMP's
     # spinning threads made a training step ~10x slower (measured: 19 s vs 1.7 s per step under load).
     torch.set_num_threads(1)
@@ -109,7 +116,8 @@ def run_stage(out_dir: Path, checkpoints: Dict[str, Path], quick: bool = False) 
                 rows.append(finetune(name, Path(checkpoints[name]), stage_dir / name, settings["iters"],
                                      settings["batch"]))
     finally:
-        d2_logger.setLevel(level)
+        for name, lg in loggers.items():
+            lg.setLevel(levels[name])
         torch.set_num_threads(threads)
     (stage_dir / "summary.md").write_text(summary_table(rows) + "\n")
     (stage_dir / "summary.json").write_text(json.dumps(rows, indent=2))

@@ -110,6 +110,8 @@ def test_wrong_input_size_is_a_clear_error():
 def test_bad_karat_options_are_clear_errors():
     with pytest.raises(ValueError, match="karat_depth"):
         KArAtViT(**{**SMALL, "karat": dict(depth=3)})
+    with pytest.raises(ValueError, match="Unknown KArAt option.*gird"):
+        KArAtViT(**{**SMALL, "karat": dict(gird=3)})
     with pytest.raises(ValueError, match="basis_type"):
         KArAtViT(**{**SMALL, "karat": dict(basis_type="Nope")})
 

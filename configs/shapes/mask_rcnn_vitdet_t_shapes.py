@@ -9,9 +9,12 @@ decay, cosine schedule (scale-free, so ``train.max_iter=...`` on the command lin
 Data: ``karat_shapes_{train,val}`` from ``$KARAT_SHAPES_ROOT`` (default ``datasets/karat_shapes``); make it with
 ``python -m detectron2_plugin.data --output datasets/karat_shapes``.
 """
+from functools import partial
+
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
+from detectron2.modeling.backbone.vit import get_vit_lr_decay_rate
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import CosineParamScheduler
 
@@ -91,5 +94,6 @@ lr_multiplier = L(WarmupParamScheduler)(
     warmup_length=0.1,
     warmup_factor=0.01,
 )
-optimizer.lr = 1e-3
+optimizer.lr = 2e-3  # a short schedule: heads learn from scratch in a few hundred images
 optimizer.weight_decay = 0.05
+optimizer.params.lr_factor_func = partial(get_vit_lr_decay_rate, num_layers=12, lr_decay_rate=0.85)

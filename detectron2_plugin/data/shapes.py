@@ -51,7 +51,7 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def _polygon(rng: np.random.Generator, category: str, size: int) -> List[Tuple[float, float]]:
     """A shape's outline (x, y) in pixels, fully inside the image."""
-    r = rng.uniform(0.14, 0.26) * size
+    r = rng.uniform(0.2, 0.32) * size
     cx, cy = rng.uniform(r + 1, size - r - 1, size=2)
     if category == "circle":
         n, phase = 16, 0.0
