@@ -30,7 +30,7 @@ def _settings(quick: bool) -> Dict[str, Any]:
 
     if quick:
         return dict(spec=ShapesSpec(num_train=16, num_val=4), iters=2, batch=2)
-    return dict(spec=ShapesSpec(num_train=160, num_val=40), iters=80, batch=4)
+    return dict(spec=ShapesSpec(num_train=160, num_val=40), iters=70, batch=4)
 
 
 def _ap(results: Mapping[str, Any], task: str, metric: str = "AP") -> float:

@@ -83,6 +83,7 @@ def test_karat_checkpoint_loads_with_no_surprises_and_keeps_its_function(tmp_pat
         after = dst(fine)
     pooled = torch.nn.functional.avg_pool2d(after.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
     rel = float((pooled - before).norm() / before.norm())
+    print(f"resampled global block: relative L2 change {rel:.4f}")
     assert rel < 0.05, f"relative change of the resampled global block's output: {rel:.3f}"
 
 
@@ -148,3 +149,22 @@ def test_command_line(tmp_path, capsys):
     assert tool.main([str(tmp_path / "cls.pth"), "--config-file", KARAT_CFG, "--output", str(tmp_path / "o.pth"),
                       *KARAT_NET]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_vit_base_classifier_to_the_coco_config(tmp_path):
+    """The headline transfer: a KArAt ViT-B/16 classifier (197 tokens) -> ViTDet-B at 1024 px: windows 196, global
+    blocks 64 x 64 = 4096."""
+    kwargs = dict(grid=1, hidden_dim=12, blockwise=True)
+    model = timm.create_model("vit_base_patch16_224_karat", **kwargs)
+    save_checkpoint(dict(model=model.state_dict(), model_name="vit_base_patch16_224_karat", model_kwargs=kwargs),
+                    tmp_path / "cls.pth")
+    del model
+    conv = convert_file(str(tmp_path / "cls.pth"), str(ROOT / "configs/COCO/mask_rcnn_vitdet_karat_b_blockwise_100ep.py"),
+                        tmp_path / "out.pth")
+    text = conv.describe()
+    assert "Resampled 32 KArAt tensors from 197 tokens (1 prefix + 14x14) to 196 tokens (0 prefix + 14x14)" in text
+    assert "Resampled 16 KArAt tensors from 197 tokens (1 prefix + 14x14) to 4096 tokens (0 prefix + 64x64)" in text
+    assert conv.state_dict["backbone.net.blocks.2.attn.karat.operator.weight"].shape == (12, 4096, 12)
+    assert conv.state_dict["backbone.net.pos_embed"].shape == (1, 197, 768)  # pretrain_img_size 224, class token
+    assert all(".rel_pos_" in k for k in conv.report.new) and len(conv.report.new) == 24
