@@ -35,6 +35,7 @@ from karat import KArAtConfig, KArAtCore, OperatorProvider
 from karat.attention import OperatorFactory
 
 from . import convert
+from . import data  # noqa: F401  (registers CheckedADE20KDataset in mmseg's DATASETS)
 
 try:  # mmdet is optional for segmentation users; when it is installed the backbones are registered there too
     from mmdet.registry import MODELS as DET_MODELS
