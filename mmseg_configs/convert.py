@@ -135,6 +135,11 @@ def fit_vit_state(state: Mapping[str, torch.Tensor], model: nn.Module) -> Tuple[
     for name in [k for k in state if k.startswith("ln1.") and "ln1.weight" not in expected]:
         del state[name]  # a final norm the model was built without (final_norm=False)
         report.dropped.append(name)
+    if "patch_embed.projection.bias" in state and "patch_embed.projection.bias" not in expected:
+        del state["patch_embed.projection.bias"]
+        report.dropped.append("patch_embed.projection.bias")
+        report.notes.append("the model is built with patch_bias=False (mmseg's default), so the checkpoint's patch "
+                            "embedding bias is not used; set patch_bias=True to keep it")
     grid = _grid(model)
     _fit_pos_embed(state, model, grid, report)
     _fit_patch_embed(state, expected, report)
@@ -173,12 +178,17 @@ def _fit_patch_embed(state: Dict[str, torch.Tensor], expected: Mapping[str, torc
     w = state.get(key)
     if w is None or key not in expected or w.shape[1] == expected[key].shape[1] or w.shape[0] != expected[key].shape[0]:
         return
-    from timm.models._manipulate import adapt_input_conv
+    want = expected[key].shape[1]
+    if w.shape[1] == 1:  # grey -> want channels: replicate, scaled so a grey image repeated on them responds alike
+        state[key] = w.repeat(1, want, 1, 1) / want
+        how = "replicated and scaled by 1/%d" % want
+    else:
+        from timm.models._manipulate import adapt_input_conv
 
-    state[key] = adapt_input_conv(expected[key].shape[1], w)
+        state[key] = adapt_input_conv(want, w).to(w.dtype)
+        how = "timm's adapt_input_conv"
     report.resampled.append(key)
-    report.notes.append(f"{key}: {w.shape[1]} input channel(s) adapted to {expected[key].shape[1]} "
-                        f"(timm's adapt_input_conv)")
+    report.notes.append(f"{key}: {w.shape[1]} input channel(s) adapted to {want} ({how})")
 
 
 def karat_source_layout(num_tokens: int) -> TokenLayout:
@@ -197,7 +207,7 @@ def _fit_karat(state: Dict[str, torch.Tensor], model: nn.Module, grid: Tuple[int
     from karat import KArAtOperator
 
     dst = TokenLayout(int(getattr(model, "with_cls_token", True)), grid)
-    for name, op in model.named_modules():
+    for name, op in model.named_modules(remove_duplicate=False):  # a universal operator under every layer
         if not isinstance(op, KArAtOperator):
             continue
         axes = op.key_axes()
@@ -253,3 +263,62 @@ def check_state(state: Mapping[str, torch.Tensor], model: nn.Module, report: Opt
                          f"another architecture (or not a backbone checkpoint). Only KArAt operator tensors may be "
                          f"missing (a softmax checkpoint starts a KArAt model).")
     return report
+
+
+# ------------------------------------------------------------------------------------------------------
+def backbone_kwargs(source: Any, img_size: Tuple[int, int], with_cls_token: bool, in_channels: int) -> Dict[str, Any]:
+    """mmseg ``VisionTransformer`` options matching a ``karat.transfer.ViTSource`` (the config's backbone)."""
+    fc1 = source.state_dict["blocks.0.mlp.fc1.weight"]
+    kwargs: Dict[str, Any] = dict(
+        img_size=tuple(img_size), patch_size=source.patch_size, in_channels=in_channels, embed_dims=source.embed_dim,
+        num_layers=source.depth, num_heads=source.num_heads, mlp_ratio=fc1.shape[0] // source.embed_dim,
+        qkv_bias="blocks.0.attn.qkv.bias" in source.state_dict,
+        patch_bias="patch_embed.proj.bias" in source.state_dict, with_cls_token=with_cls_token,
+        final_norm="norm.weight" in source.state_dict, norm_cfg=dict(type="LN", eps=1e-6),
+        out_indices=(source.depth - 1,))
+    return kwargs
+
+
+def convert_classifier(source: str, output: Any, img_size: Sequence[int] = (512, 512),
+                       with_cls_token: Optional[bool] = None, in_channels: int = 3, overwrite: bool = False,
+                       num_heads: Optional[int] = None) -> LoadReport:
+    """Write an mmseg backbone checkpoint from a ViT classifier (ours or a softmax timm ViT).
+
+    The output holds ``state_dict`` with ``backbone.``-prefixed mmseg names (so it works both as
+    ``model.backbone.init_cfg=dict(type='Pretrained', checkpoint=...)`` and as ``load_from``), and ``meta`` with
+    the backbone options the weights fit (KArAt options included) and the report."""
+    from pathlib import Path
+
+    from karat.checkpoint import save_checkpoint
+    from karat.transfer import load_vit_source
+
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite (overwrite=True) to replace it.")
+    src = load_vit_source(source, num_heads=num_heads)
+    img_size = tuple(int(v) for v in (img_size if len(img_size) == 2 else (img_size[0], img_size[0])))
+    cls = src.layout.prefix > 0 if with_cls_token is None else with_cls_token
+    kwargs = backbone_kwargs(src, img_size, cls, in_channels)
+    karat_cfg = src.karat_config()
+    target = _build_target(kwargs, karat_cfg)
+    state, report = fit_vit_state(src.state_dict, target)
+    report.dropped = sorted(set(report.dropped) | set(src.dropped))
+    for k in ("cls_token",):  # a class token the source never had: stored as the model's init, reported new
+        if k not in state:
+            state[k] = target.state_dict()[k]
+            report.new = [n for n in report.new if n != k] + [k]
+    meta = dict(backbone=dict(kwargs, type=type(target).__name__,
+                              **({"karat_cfg": __import__("dataclasses").asdict(karat_cfg)} if karat_cfg else {})),
+                source=str(source), report=str(report))
+    save_checkpoint(dict(state_dict={f"backbone.{k}": v for k, v in state.items()}, meta=meta), output)
+    return report
+
+
+def _build_target(kwargs: Dict[str, Any], karat_cfg: Any) -> nn.Module:
+    if karat_cfg is None:
+        from mmseg.models.backbones import VisionTransformer
+
+        return VisionTransformer(**kwargs)
+    from .backbones import KArAtVisionTransformer
+
+    return KArAtVisionTransformer(**kwargs, karat_cfg=karat_cfg)
