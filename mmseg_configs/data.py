@@ -44,7 +44,7 @@ def _scene(rng: np.random.Generator, size: Tuple[int, int]) -> Tuple[np.ndarray,
 
 
 def make_embedded_ade20k(root: Union[str, Path], num_train: int = 32, num_val: int = 8,
-                         size: Tuple[int, int] = (32, 32), seed: int = 0) -> Path:
+                         size: Tuple[int, int] = (16, 16), seed: int = 0) -> Path:
     """Write the dataset under ``root`` (once: an existing complete copy is reused, never overwritten) and
     return its ``data_root`` (``root/ADEChallengeData2016``)."""
     from PIL import Image
