@@ -34,6 +34,7 @@ from mmseg.registry import MODELS as SEG_MODELS
 from karat import KArAtConfig, KArAtCore, OperatorProvider
 from karat.attention import OperatorFactory
 
+from . import compat  # noqa: F401  (mmengine resume checkpoints under torch >= 2.6)
 from . import convert
 from . import data  # noqa: F401  (registers CheckedADE20KDataset in mmseg's DATASETS)
 

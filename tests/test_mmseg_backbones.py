@@ -40,16 +40,18 @@ def test_every_config_builds(adapter, path):
     from mmseg.registry import MODELS
 
     cfg = Config.fromfile(str(path))
-    with torch.device("meta"):  # full-size models, no memory or init time spent on weights
-        model = MODELS.build(cfg.model)
+    if "80k" in path.name:  # the 80k configs change the schedule only: same model as their 160k config
+        assert cfg.model == Config.fromfile(str(path).replace("80k", "160k")).model
+        assert cfg.train_cfg.max_iters == 80000 and cfg.param_scheduler[-1].end == 80000
+        return
+    model = MODELS.build(cfg.model)
     karat = "karat" in path.name
     assert ("KArAt" in type(model.backbone).__name__) == karat
     assert any(".karat.operator." in k for k in model.state_dict()) == karat
     if karat and "vit" in path.name and "embedded" not in path.name:
         assert model.backbone.num_tokens == 32 * 32 + 1  # 512 px, patch 16, class token
     assert cfg.train_dataloader.dataset.type == "CheckedADE20KDataset"
-    expected_iters = 80000 if "80k" in path.name else 160000 if "160k" in path.name else 60
-    assert cfg.train_cfg.max_iters == expected_iters
+    assert cfg.train_cfg.max_iters == (160000 if "160k" in path.name else 60)
 
 
 def test_registered_in_mmseg_and_mmdet(adapter):
