@@ -22,6 +22,8 @@ NAMES = ("karat", "softmax")
 
 def _out_indices(depth: int) -> List[int]:
     """Four evenly spaced layers ending with the last (2, 5, 8, 11 for 12 layers), as mmseg's ViT configs."""
+    if depth < 4:
+        raise ValueError(f"The UperNet of the segmentation stage takes 4 backbone layers; this ViT has {depth}.")
     return [max(0, round(depth * (i + 1) / 4) - 1) for i in range(4)]
 
 
@@ -47,10 +49,10 @@ def build_config(backbone_ckpt: Path, work_dir: Path, data_root: Path, quick: bo
     cfg.log_level = "WARNING"
     cfg.visualizer.name = f"visualizer_{work_dir.name}_{time.time_ns()}"  # one per runner in this process
     if quick:
-        cfg.train_cfg.max_iters = 4
-        cfg.train_cfg.val_interval = 4
-        cfg.default_hooks.checkpoint.interval = 4
-        cfg.param_scheduler = [dict(type="ConstantLR", factor=1.0, by_epoch=False, begin=0, end=4)]
+        cfg.train_cfg.max_iters = 2
+        cfg.train_cfg.val_interval = 2
+        cfg.default_hooks.checkpoint.interval = 2
+        cfg.param_scheduler = [dict(type="ConstantLR", factor=1.0, by_epoch=False, begin=0, end=2)]
     return cfg
 
 
