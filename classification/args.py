@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from timm.utils import ParseKwargs
+
 from karat.config import BASIS_TYPES, MODULAR_MODES, WAVELET_TYPES
 
 DATASETS = ("CIFAR10", "CIFAR100", "IMNET", "SVHN", "Flowers102", "STL10", "DIGITS")
@@ -37,6 +39,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vit_tiny_patch16_224_karat", help="timm model name")
     g.add_argument("--input-size", default=224, type=int)
+    g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs,
+                   help="extra timm.create_model keywords, e.g. --model-kwargs patch_size=2 in_chans=1 (timm's idiom)")
     g.add_argument("--drop", type=float, default=0.0)
     g.add_argument("--drop-path", type=float, default=0.1)
     g.add_argument("--model-ema", action="store_true")
@@ -51,6 +55,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--sched", default="cosine")
+    g.add_argument("--sched-on-updates", action="store_true",
+                   help="step the schedule every update instead of every epoch (timm's train.py flag)")
     g.add_argument("--lr", type=float, default=5e-4)
     g.add_argument("--warmup-lr", type=float, default=1e-6)
     g.add_argument("--min-lr", type=float, default=1e-5)
@@ -79,6 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-set", default="IMNET", choices=DATASETS)
     g.add_argument("--data-path", default="", help="dataset folder (see README for the layout of each dataset)")
     g.add_argument("--download", action="store_true", help="let torchvision download the dataset when missing")
+    g.add_argument("--train-subset", type=int, default=None, help="train on the first n images only (quick runs)")
     g = p.add_argument_group("KArAt")
     g.add_argument("--base_fn", default="ZeroModule")
     g.add_argument("--basis_type", default="FourierBasis", choices=BASIS_TYPES)

@@ -9,11 +9,11 @@ import argparse
 from pathlib import Path
 from typing import Tuple
 
-import numpy as np
-from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
+
+from .digits import NUM_CLASSES, load_digits_split
 
 LAYOUTS = {
     "CIFAR10": "<data-path>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta} (CIFAR-10, python version)",
@@ -57,29 +57,6 @@ class _LocalCIFAR100(_LocalCIFAR, datasets.CIFAR100):
     pass
 
 
-class DigitsImages(Dataset):
-    """scikit-learn's 8x8 digits as RGB PIL images (a stratified 80/20 split), for the full transform pipeline."""
-
-    def __init__(self, train: bool, transform=None, seed: int = 0) -> None:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
-        data = load_digits()
-        idx_tr, idx_va = train_test_split(np.arange(len(data.target)), test_size=0.2, stratify=data.target,
-                                          random_state=seed)
-        idx = idx_tr if train else idx_va
-        self.images = (data.images[idx] * (255.0 / 16.0)).astype(np.uint8)
-        self.targets = data.target[idx].tolist()
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int):
-        img = Image.fromarray(self.images[i]).convert("RGB")
-        return (self.transform(img) if self.transform else img), self.targets[i]
-
-
 def build_transform(is_train: bool, args: argparse.Namespace):
     """DeiT's transforms from timm's factory; small inputs (<= 32 px) get a padded random crop instead."""
     size = args.input_size
@@ -97,9 +74,10 @@ def build_transform(is_train: bool, args: argparse.Namespace):
 def build_dataset(is_train: bool, args: argparse.Namespace) -> Tuple[Dataset, int]:
     """``(dataset, num_classes)`` for ``--data-set``; a clear error names the expected layout."""
     name, path = args.data_set, args.data_path
+    if name == "DIGITS":  # 8 x 8 grayscale: a one-pixel random shift, not ImageNet's augmentations
+        train, val = load_digits_split(seed=args.seed)
+        return (train if is_train else val), NUM_CLASSES
     transform = build_transform(is_train, args)
-    if name == "DIGITS":
-        return DigitsImages(is_train, transform, seed=args.seed), 10
     if not path:
         raise _layout_error(name, path, "no --data-path given")
     if not Path(path).is_dir() and not args.download:

@@ -1,6 +1,6 @@
 """Demo stage 1: a Fourier-KArAt ViT-Tiny and the softmax ViT-Tiny it modifies, trained side by side on the
-embedded digits images, with checkpoints, TensorBoard logs, JSON-lines metrics, a learning-curve PNG and
-a picture of both models' attention maps."""
+embedded digits images by the classification entry point itself (``classification.main``, the paper's command
+line), then compared: a summary table, a learning-curve PNG and a picture of both models' attention maps."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,31 +10,26 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import timm
-import torch
 import torch.nn as nn
-from timm.loss import LabelSmoothingCrossEntropy
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
-from torch.utils.data import DataLoader
 
 import karat  # noqa: F401  registers the KArAt models
-from karat import param_groups, save_checkpoint
+from karat import load_checkpoint
 
+from .args import get_args_parser
 from .attention_maps import attention_maps, plot_attention
-from .digits import IMG_SIZE, NUM_CLASSES, load_digits_split
-from .engine import evaluate, train_one_epoch
+from .digits import IMG_SIZE, load_digits_split
+from .main import main as train_classifier
 
 _logger = logging.getLogger(__name__)
 
-# What the demo trains: declarative, the same ViT-Tiny body with and without KArAt. 16 patch tokens of
-# 2 x 2 pixels, average-pooled (no class token), which trains faster than a class token on 1.4k images.
-DIGITS_VIT = dict(img_size=IMG_SIZE, patch_size=2, in_chans=1, num_classes=NUM_CLASSES, class_token=False,
-                  global_pool="avg")
-DEMO_MODELS: Dict[str, Dict[str, Any]] = {
-    "softmax": dict(model="vit_tiny_patch16_224", kwargs=DIGITS_VIT),
-    "karat": dict(model="vit_tiny_patch16_224_karat",
-                  kwargs=dict(DIGITS_VIT, basis_type="FourierBasis", grid=3, hidden_dim=12, modular_attn=True,
-                              modular_mode="phi1_w2", blockwise=True)),
+# What the demo trains, as the paper's command line: the same ViT-Tiny body with and without KArAt (KArAt flags
+# on a softmax model name select its KArAt twin). 16 patch tokens of 2 x 2 pixels of the 1-channel 8 x 8 digits,
+# average-pooled (no class token), which trains faster than a class token on 1.4k images.
+DIGITS_VIT = ["--model-kwargs", "patch_size=2", "in_chans=1", "class_token=False", "global_pool=avg"]
+DEMO_MODELS: Dict[str, List[str]] = {
+    "softmax": ["--model", "vit_tiny_patch16_224"],
+    "karat": ["--model", "vit_tiny_patch16_224", "--basis_type", "FourierBasis", "--grid", "3", "--hidden_dim", "12",
+              "--modular_mode", "phi1_w2", "--blockwise"],
 }
 
 
@@ -51,52 +46,37 @@ class DemoSettings:
     seed: int = 0
     train_limit: int | None = None  # use only the first n training images (tests)
 
+    def command_line(self, out_dir: Path) -> List[str]:
+        """The classification.main flags of this recipe (the model's own flags come from DEMO_MODELS)."""
+        args = ["--data-set", "DIGITS", "--input-size", str(IMG_SIZE), *DIGITS_VIT, "--device", "cpu",
+                "--num_workers", "0", "--output_dir", str(out_dir), "--epochs", str(self.epochs),
+                "--batch-size", str(self.batch_size), "--lr", str(self.lr), "--warmup-lr", str(self.lr / 100),
+                "--min-lr", str(self.lr / 100), "--warmup-epochs", str(self.warmup_epochs), "--cooldown-epochs", "0",
+                "--weight-decay", str(self.weight_decay), "--smoothing", str(self.smoothing), "--mixup", "0",
+                "--cutmix", "0", "--drop-path", "0", "--sched-on-updates", "--seed", str(self.seed)]
+        if self.clip_grad:
+            args += ["--clip-grad", str(self.clip_grad)]
+        if self.attn_lr:
+            args += ["--attn_lr", str(self.attn_lr)]
+        if self.train_limit:
+            args += ["--train-subset", str(self.train_limit)]
+        return args
 
-def train_model(name: str, spec: Dict[str, Any], settings: DemoSettings, out_dir: Path) -> Tuple[Dict[str, Any], nn.Module]:
-    """Train one model; returns its results (params, per-epoch history, accuracy, time) and the model."""
-    torch.manual_seed(settings.seed)
-    train_set, val_set = load_digits_split(seed=settings.seed)
-    if settings.train_limit:
-        train_set = torch.utils.data.Subset(train_set, range(settings.train_limit))
-    g = torch.Generator().manual_seed(settings.seed)
-    train_loader = DataLoader(train_set, batch_size=settings.batch_size, shuffle=True, drop_last=True, generator=g)
-    val_loader = DataLoader(val_set, batch_size=256)
 
-    model = timm.create_model(spec["model"], **spec["kwargs"])
-    optimizer = create_optimizer_v2(param_groups(model, settings.weight_decay, settings.attn_lr), opt="adamw",
-                                    lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=settings.epochs,
-                                       warmup_epochs=settings.warmup_epochs, warmup_lr=settings.lr / 100,
-                                       min_lr=settings.lr / 100, step_on_epochs=False,
-                                       updates_per_epoch=len(train_loader))
-    criterion = LabelSmoothingCrossEntropy(settings.smoothing)
+def train_model(name: str, model_flags: List[str], settings: DemoSettings, out_dir: Path) -> Tuple[Dict[str, Any], nn.Module]:
+    """Train one model with classification.main; returns its results (params, per-epoch history, accuracy,
+    time) read back from what the entry point wrote, and the trained model rebuilt from its checkpoint."""
     run_dir = out_dir / name
-    run_dir.mkdir(parents=True)
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(run_dir / "tensorboard"))
-    history: List[Dict[str, float]] = []
-    params = sum(p.numel() for p in model.parameters())
-    with open(run_dir / "metrics.jsonl", "w") as log:
-        for epoch in range(settings.epochs):
-            tr = train_one_epoch(model, train_loader, criterion, optimizer, epoch, scheduler,
-                                 clip_grad=settings.clip_grad, desc=name)
-            va = evaluate(model, val_loader)
-            row = dict(epoch=epoch, train_loss=tr.loss, train_top1=tr.top1, val_loss=va.loss, val_top1=va.top1,
-                       epoch_seconds=tr.seconds, lr=optimizer.param_groups[0]["lr"])
-            history.append(row)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            for key in ("train_loss", "train_top1", "val_loss", "val_top1", "epoch_seconds", "lr"):
-                writer.add_scalar(key, row[key], epoch)
-            save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,
-                                 model_name=spec["model"], model_kwargs=spec["kwargs"], metrics=row),
-                            run_dir / "checkpoint.pth")
-            _logger.info("%-7s epoch %2d  loss %.3f  val top-1 %5.1f%%  (%.1fs)", name, epoch, tr.loss, va.top1,
-                         tr.seconds)
-    writer.close()
-    result = dict(name=name, model=spec["model"], params=params, history=history,
-                  top1=history[-1]["val_top1"], best_top1=max(r["val_top1"] for r in history),
+    argv = settings.command_line(run_dir) + model_flags
+    _logger.info("%s: python -m classification.main %s", name, " ".join(argv))
+    train_classifier(get_args_parser().parse_args(argv))
+    ckpt = load_checkpoint(run_dir / "checkpoint.pth")
+    model = timm.create_model(ckpt["model_name"], **ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["model"])
+    history = [json.loads(line) for line in (run_dir / "log.txt").read_text().splitlines()]
+    result = dict(name=name, model=ckpt["model_name"], params=sum(p.numel() for p in model.parameters()),
+                  command="python -m classification.main " + " ".join(argv), history=history,
+                  top1=history[-1]["test_acc1"], best_top1=max(r["test_acc1"] for r in history),
                   seconds_per_epoch=sum(r["epoch_seconds"] for r in history) / len(history))
     return result, model
 
@@ -110,7 +90,7 @@ def plot_curves(results: List[Dict[str, Any]], path: Path) -> None:
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
     for r in results:
         epochs = [h["epoch"] + 1 for h in r["history"]]
-        ax_acc.plot(epochs, [h["val_top1"] for h in r["history"]], marker="o", label=r["name"])
+        ax_acc.plot(epochs, [h["test_acc1"] for h in r["history"]], marker="o", label=r["name"])
         ax_loss.plot(epochs, [h["train_loss"] for h in r["history"]], marker="o", label=r["name"])
     ax_acc.set(xlabel="epoch", ylabel="held-out top-1 (%)", title="digits: held-out accuracy")
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="digits: training loss")
@@ -133,10 +113,10 @@ def summary_table(results: List[Dict[str, Any]]) -> str:
 def run(out_dir: Path, settings: DemoSettings) -> List[Dict[str, Any]]:
     """Train both models, then write ``summary.json``, ``summary.md``, ``learning_curves.png`` and
     ``attention_maps.png``."""
-    trained = [train_model(name, spec, settings, out_dir) for name, spec in DEMO_MODELS.items()]
+    trained = [train_model(name, flags, settings, out_dir) for name, flags in DEMO_MODELS.items()]
     results = [r for r, _ in trained]
     image = load_digits_split(seed=settings.seed)[1][0][0].unsqueeze(0)  # first held-out image
-    grid = (IMG_SIZE // DIGITS_VIT["patch_size"],) * 2
+    grid = tuple(trained[0][1].patch_embed.grid_size)
     plot_attention({r["name"]: attention_maps(m, image) for r, m in trained}, image, grid,
                    out_dir / "attention_maps.png")
     (out_dir / "summary.json").write_text(json.dumps(dict(settings=dataclasses.asdict(settings), results=results), indent=1))

@@ -73,12 +73,29 @@ def explicit_karat_flags(args: argparse.Namespace) -> list:
     return [k for k in karat_kwargs(defaults) if karat_kwargs(args).get(k) != karat_kwargs(defaults).get(k)]
 
 
-def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+def model_spec(args: argparse.Namespace, num_classes: int) -> tuple[str, Dict[str, Any]]:
+    """The timm model name and ``create_model`` keywords the flags describe (recorded in checkpoints, so a
+    converter can rebuild the architecture)."""
     name = resolve_model_name(args)
     kwargs: Dict[str, Any] = dict(num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
-                                  img_size=args.input_size)
-    if name != args.model or name in set(timm.list_models("*_karat")):  # KArAt flags go to KArAt models only
+                                  img_size=args.input_size, **args.model_kwargs)
+    if name in set(timm.list_models("*_karat")):  # KArAt flags go to KArAt models only
         kwargs.update(karat_kwargs(args))
+    return name, kwargs
+
+
+def check_input_channels(model: torch.nn.Module, dataset: Any, args: argparse.Namespace) -> None:
+    """A dataset whose images have another channel count than the model's first layer fails here, clearly."""
+    first = model.pretrained_cfg.get("first_conv")
+    layer = model.get_submodule(first) if first else None
+    wanted, got = getattr(layer, "in_channels", None), dataset[0][0].shape[0]
+    if wanted is not None and wanted != got:
+        raise ValueError(f"--data-set {args.data_set} images have {got} channel(s) but {args.model} takes {wanted}: "
+                         f"add --model-kwargs in_chans={got}.")
+
+
+def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    name, kwargs = model_spec(args, num_classes)
     return timm.create_model(name, **kwargs)
 
 
@@ -132,6 +149,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
 
     dataset_train, num_classes = build_dataset(True, args)
     dataset_val, _ = build_dataset(False, args)
+    if args.train_subset:
+        dataset_train = torch.utils.data.Subset(dataset_train, range(min(args.train_subset, len(dataset_train))))
     if distributed:
         sampler = (RepeatAugSampler(dataset_train, num_replicas=world, rank=rank) if args.repeated_aug
                    else DistributedSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True))
@@ -148,7 +167,9 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                          label_smoothing=args.smoothing, num_classes=num_classes)
 
-    model = build_model(args, num_classes)
+    model_name, model_kwargs = model_spec(args, num_classes)
+    model = timm.create_model(model_name, **model_kwargs)
+    check_input_channels(model, dataset_val, args)
     if args.finetune:
         load_finetune(model, args.finetune)
     model.to(device)
@@ -162,7 +183,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
                                           decay_epochs=args.decay_epochs, decay_rate=args.decay_rate,
                                           warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
                                           min_lr=args.min_lr, cooldown_epochs=args.cooldown_epochs,
-                                          step_on_epochs=True)
+                                          step_on_epochs=not args.sched_on_updates,
+                                          updates_per_epoch=len(loader_train))
     amp = args.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     if mixup_fn is not None:
@@ -227,6 +249,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         if out_dir is not None and rank == 0:
             state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                          lr_scheduler=lr_scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
+                         model_name=model_name, model_kwargs=model_kwargs,
                          args=vars(args) | {"grid_range": list(args.grid_range)}, rng=_rng_state())
             if model_ema is not None:
                 state["model_ema"] = model_ema.state_dict()

@@ -12,8 +12,8 @@ to another layout (another image size, a ViTDet window of 14 x 14 without class 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -80,32 +80,43 @@ def resample_operator_state(state: Dict[str, torch.Tensor], axes: Dict[str, Tupl
     return out
 
 
+LayoutFn = Callable[[str, KArAtOperator], TokenLayout]
+
+
 @dataclass
 class ResampleReport:
-    """What :func:`resample_karat_state_dict` did, for the user to read."""
+    """What :func:`resample_karat_state_dict` did, for the user to read: tensor names per (source, target) layout."""
 
-    resampled: List[str]
-    src: Optional[TokenLayout]
-    dst: TokenLayout
+    moves: Dict[Tuple[TokenLayout, TokenLayout], List[str]] = field(default_factory=dict)
+
+    @property
+    def resampled(self) -> List[str]:
+        return [name for names in self.moves.values() for name in names]
 
     def __str__(self) -> str:
-        if not self.resampled:
+        if not self.moves:
             return "KArAt weights already match the model's token count; nothing resampled."
-        return (f"Resampled {len(self.resampled)} KArAt tensors from {self.src.num_tokens} tokens "
-                f"({self.src.prefix} prefix + {self.src.grid[0]}x{self.src.grid[1]}) to {self.dst.num_tokens} "
-                f"({self.dst.prefix} prefix + {self.dst.grid[0]}x{self.dst.grid[1]}).")
+        return "\n".join(f"Resampled {len(names)} KArAt tensors from {_describe(src)} to {_describe(dst)}."
+                         for (src, dst), names in self.moves.items())
 
 
-def resample_karat_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, dst: TokenLayout,
-                              src: Optional[TokenLayout] = None, src_prefix: Optional[int] = None
-                              ) -> Tuple[Dict[str, torch.Tensor], ResampleReport]:
-    """Resample every KArAt operator tensor of ``state_dict`` to the token layout ``dst`` of ``model``.
+def _describe(layout: TokenLayout) -> str:
+    return f"{layout.num_tokens} tokens ({layout.prefix} prefix + {layout.grid[0]}x{layout.grid[1]})"
 
-    ``src`` defaults to a square grid after ``src_prefix`` prefix tokens (default: ``dst.prefix``), inferred
-    from the checkpoint's token count. Tensors of other modules are returned unchanged.
+
+def resample_karat_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module,
+                              dst: Union[TokenLayout, LayoutFn], src: Optional[TokenLayout] = None,
+                              src_prefix: Optional[int] = None) -> Tuple[Dict[str, torch.Tensor], ResampleReport]:
+    """Resample every KArAt operator tensor of ``state_dict`` to the token layout of ``model``'s operators.
+
+    ``dst`` is one layout for the whole model, or a function ``(operator name, operator) -> layout`` for hosts
+    whose blocks see different token counts (ViTDet's windowed and global blocks). ``src`` defaults to a square
+    grid after ``src_prefix`` prefix tokens (default: the target's), inferred from the checkpoint's token count.
+    Tensors of other modules are returned unchanged.
     """
+    layout_of: LayoutFn = dst if callable(dst) else (lambda _name, _op: dst)
     out = dict(state_dict)
-    resampled: List[str] = []
+    report = ResampleReport()
     for prefix, module in model.named_modules(remove_duplicate=False):
         if not isinstance(module, KArAtOperator):
             continue
@@ -114,14 +125,20 @@ def resample_karat_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Mod
         present = [full for full in names if full in state_dict]
         if not present:
             continue
+        target = layout_of(prefix, module)
+        if target.num_tokens != module.num_tokens:
+            raise ValueError(f"Target layout {_describe(target)} of {prefix} does not match its operator, which "
+                             f"was built for {module.num_tokens} tokens.")
         n_src = state_dict[present[0]].shape[axes[names[present[0]]][0]]
-        if n_src == dst.num_tokens and (src is None or src == dst):
+        source = src or TokenLayout.infer(n_src, target.prefix if src_prefix is None else src_prefix)
+        if source.num_tokens != n_src:
+            raise ValueError(f"{present[0]} has {n_src} keys but the source layout {_describe(source)} has "
+                             f"{source.num_tokens}; the checkpoint was made for another token count.")
+        if source == target:
             continue
-        layout = src or TokenLayout.infer(n_src, dst.prefix if src_prefix is None else src_prefix)
         local = {names[full]: state_dict[full] for full in present}
-        new = resample_operator_state(local, {names[f]: axes[names[f]] for f in present}, layout, dst)
+        new = resample_operator_state(local, {names[f]: axes[names[f]] for f in present}, source, target)
         for full in present:
             out[full] = new[names[full]]
-        resampled.extend(present)
-        src = layout
-    return out, ResampleReport(resampled, src, dst)
+        report.moves.setdefault((source, target), []).extend(present)
+    return out, report

@@ -12,6 +12,7 @@ from PIL import Image
 from classification.args import get_args_parser
 from classification.datasets import DatasetLayoutError, build_dataset
 from karat import load_checkpoint
+from karat.transfer import load_vit_source
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--model", "vit_tiny_patch16_224_karat", "--input-size", "32", "--batch-size", "16", "--num_workers", "0",
@@ -51,6 +52,8 @@ def test_train_resume_and_eval_on_cifar10_files(tmp_path):
     assert [r["epoch"] for r in log] == [0, 1]
     ckpt = load_checkpoint(out / "checkpoint.pth")
     assert ckpt["epoch"] == 1 and {"model", "optimizer", "lr_scheduler", "scaler", "rng"} <= set(ckpt)
+    source = load_vit_source(str(out / "checkpoint.pth"))  # the record a backbone converter rebuilds it from
+    assert source.is_karat and source.karat_config() is not None and source.embed_dim == 192
     run(*common, "--epochs", "3", "--resume", str(out / "checkpoint.pth"))  # continues the same run
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1, 2]
@@ -121,3 +124,54 @@ def test_karat_flags_select_the_karat_twin_or_fail_clearly():
     args = get_args_parser().parse_args(["--model", "resnet18", "--universal", "--input-size", "32"])
     with pytest.raises(ValueError, match="has no KArAt version"):
         build_model(args, 10)
+
+
+# The paper's two ImageNet commands (ViT-Tiny, Fourier, G = 3, blockwise "G3B" and universal "G3U"), DeiT style.
+PAPER_IMAGENET = {
+    "G3B": "--model vit_tiny_patch16_224 --batch-size 256 --data-set IMNET --basis_type FourierBasis --grid 3 "
+           "--hidden_dim 12 --modular_attn True --modular_mode phi1_w2 --blockwise --num_attention 1",
+    "G3U": "--model vit_tiny_patch16_224 --batch-size 256 --data-set IMNET --basis_type FourierBasis --grid 3 "
+           "--hidden_dim 12 --modular_attn True --modular_mode phi1_w2 --universal --num_attention 1",
+}
+# What makes them fit this CPU: appended, so argparse's last value wins; the commands themselves are unchanged.
+TINY_RUN = ["--input-size", "32", "--epochs", "1", "--batch-size", "4", "--num_workers", "0", "--device", "cpu",
+            "--warmup-epochs", "0", "--train-subset", "8"]
+
+
+def _imagenet_tree(root: Path) -> Path:
+    for split in ("train", "val"):
+        for c, color in (("n01440764", 40), ("n01443537", 200)):
+            (root / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (40, 40), (color, i * 30, 0)).save(root / split / c / f"{i}.JPEG")
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", sorted(PAPER_IMAGENET))
+def test_paper_imagenet_commands_run_as_written_with_python_main_py(tmp_path, variant):
+    data = _imagenet_tree(tmp_path / "imagenet")
+    cmd = [sys.executable, "main.py", *PAPER_IMAGENET[variant].split(), "--data-path", str(data),
+           "--output_dir", str(tmp_path / "out"), *TINY_RUN]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = load_checkpoint(tmp_path / "out" / "checkpoint.pth")
+    assert ckpt["model_name"] == "vit_tiny_patch16_224_karat"
+    assert ckpt["model_kwargs"]["universal"] is (variant == "G3U") and ckpt["model_kwargs"]["grid"] == 3
+
+
+def test_model_kwargs_and_a_clear_channel_mismatch_error():
+    from classification.main import check_input_channels, model_spec
+
+    args = get_args_parser().parse_args(["--model", "vit_tiny_patch16_224", "--data-set", "DIGITS", "--input-size", "8",
+                                         "--model-kwargs", "patch_size=2", "in_chans=1", "class_token=False",
+                                         "global_pool=avg"])
+    name, kwargs = model_spec(args, 10)
+    assert name == "vit_tiny_patch16_224" and kwargs["patch_size"] == 2 and kwargs["class_token"] is False
+    digits, _ = build_dataset(False, args)
+    import timm
+
+    check_input_channels(timm.create_model(name, **kwargs), digits, args)  # 1 channel on both sides
+    kwargs["in_chans"] = 3
+    with pytest.raises(ValueError, match="add --model-kwargs in_chans=1"):
+        check_input_channels(timm.create_model(name, **kwargs), digits, args)

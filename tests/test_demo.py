@@ -27,7 +27,7 @@ def test_demo_runs_and_writes_its_outputs(tmp_path):
     for name in ("karat", "softmax"):
         ckpt = load_checkpoint(out / name / "checkpoint.pth")
         assert ckpt["epoch"] == 1 and "model" in ckpt and "optimizer" in ckpt
-        assert len((out / name / "metrics.jsonl").read_text().splitlines()) == 2
+        assert len((out / name / "log.txt").read_text().splitlines()) == 2
         assert any((out / name / "tensorboard").iterdir())
 
 

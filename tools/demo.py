@@ -2,7 +2,7 @@
 """`make demo`: KArAt against softmax on the embedded digits images (no download), on the CPU.
 
 Writes everything under a new output folder (never an existing one): per model a checkpoint,
-TensorBoard logs and metrics.jsonl, plus summary.md / summary.json, learning_curves.png and attention_maps.png.
+TensorBoard logs and log.txt (JSON lines), plus summary.md / summary.json, learning_curves.png and attention_maps.png.
 """
 from __future__ import annotations
 

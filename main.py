@@ -1,0 +1,16 @@
+#!/usr/bin/env python
+"""The paper's entry point, at the repository root so its commands run as written:
+
+    python main.py --model vit_tiny_patch16_224 --data-set IMNET --data-path /imagenet ...
+    torchrun --nproc_per_node=8 main.py ...
+
+It is ``classification.main`` (also ``python -m classification.main`` and ``tools/train.py``).
+"""
+import sys
+
+from classification.args import get_args_parser
+from classification.main import main
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
+    sys.exit(0)
