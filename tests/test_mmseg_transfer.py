@@ -40,7 +40,7 @@ def adapter():
     return backbones
 
 
-def test_convert_cli_report_and_overwrite(adapter, tmp_path):
+def test_convert_cli_report_and_overwrite(adapter, tmp_path, capsys):
     src = classifier(tmp_path, karat=True)
     out = tmp_path / "backbone.pth"
     cmd = [sys.executable, "-W", "ignore", str(REPO / "tools" / "convert_to_mmseg.py"), str(src), str(out),
@@ -50,14 +50,16 @@ def test_convert_cli_report_and_overwrite(adapter, tmp_path):
     assert "resampled" in r.stdout and "16 tokens (0 prefix + 4x4) to 64 (0 prefix + 8x8)" in r.stdout
     assert "1 input channel(s) adapted to 3" in r.stdout
     before = out.read_bytes()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 2 and "--overwrite" in r.stderr and out.read_bytes() == before
-    r = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 0
+    sys.path.insert(0, str(REPO / "tools"))
+    from convert_to_mmseg import main
+
+    assert main([str(src), str(out), "--img-size", "16"]) == 2  # exists: refused, untouched
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == before
+    assert main([str(src), str(out), "--img-size", "16", "--overwrite"]) == 0
     not_vit = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7)}, not_vit)
-    r = subprocess.run(cmd[:4] + [str(not_vit), str(tmp_path / "x.pth")], capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 2 and "not a ViT" in r.stderr and not (tmp_path / "x.pth").exists()
+    assert main([str(not_vit), str(tmp_path / "x.pth")]) == 2
+    assert "not a ViT" in capsys.readouterr().err and not (tmp_path / "x.pth").exists()
 
 
 def test_converted_checkpoint_loads_with_init_cfg_and_load_from(adapter, tmp_path):
