@@ -1,0 +1,262 @@
+"""KArAt backbones in mmseg / mmdet: every config builds, Swin mask semantics, weight loading and its reports,
+and clear errors for bad input."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import require
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "mmseg_configs" / "upernet").glob("*.py"))
+KARAT_OPTS = dict(basis_type="FourierBasis", grid=2, hidden_dim=4)
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    require("mmseg")
+    require("mmdet")
+    from mmseg.utils import register_all_modules
+
+    register_all_modules(init_default_scope=False)
+    import mmseg_configs.backbones as backbones
+
+    return backbones
+
+
+def small_vit(adapter, **kw):
+    args = dict(img_size=(32, 32), patch_size=8, embed_dims=48, num_layers=2, num_heads=3, out_indices=(0, 1),
+                patch_bias=True, final_norm=True, **KARAT_OPTS)
+    args.update(kw)
+    return adapter.KArAtVisionTransformer(**args)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_builds(adapter, path):
+    from mmengine.config import Config
+    from mmseg.registry import MODELS
+
+    cfg = Config.fromfile(str(path))
+    if "80k" in path.name:  # the 80k configs change the schedule only: same model as their 160k config
+        assert cfg.model == Config.fromfile(str(path).replace("80k", "160k")).model
+        assert cfg.train_cfg.max_iters == 80000 and cfg.param_scheduler[-1].end == 80000
+        return
+    model = MODELS.build(cfg.model)
+    karat = "karat" in path.name
+    assert ("KArAt" in type(model.backbone).__name__) == karat
+    assert any(".karat.operator." in k for k in model.state_dict()) == karat
+    if karat and "vit" in path.name and "embedded" not in path.name:
+        assert model.backbone.num_tokens == 32 * 32 + 1  # 512 px, patch 16, class token
+    assert cfg.train_dataloader.dataset.type == "CheckedADE20KDataset"
+    assert cfg.train_cfg.max_iters == (160000 if "160k" in path.name else 60)
+
+
+def test_registered_in_mmseg_and_mmdet(adapter):
+    from mmdet.registry import MODELS as DET
+    from mmseg.registry import MODELS as SEG
+
+    for name in ("KArAtVisionTransformer", "KArAtSwinTransformer"):
+        assert SEG.get(name) is DET.get(name) is getattr(adapter, name)
+    assert DET.get("SimpleFeaturePyramid") is not None
+
+
+def test_vit_keeps_mmseg_names_and_pads_small_inputs(adapter):
+    from mmseg.models.backbones import VisionTransformer
+
+    model = small_vit(adapter)
+    softmax = VisionTransformer(img_size=(32, 32), patch_size=8, embed_dims=48, num_layers=2, num_heads=3,
+                                patch_bias=True, final_norm=True)
+    names = set(model.state_dict())
+    assert set(softmax.state_dict()) == {k for k in names if ".karat." not in k}
+    assert "layers.0.attn.karat.operator.weight" in names and model.num_tokens == 17
+    out = model(torch.randn(2, 3, 32, 32))
+    assert [o.shape for o in out] == [torch.Size([2, 48, 4, 4])] * 2
+    small = model(torch.randn(2, 3, 20, 27))  # padded to 32 x 32, padded keys masked, outputs cropped
+    assert [o.shape for o in small] == [torch.Size([2, 48, 3, 4])] * 2
+    with pytest.raises(ValueError, match="slide inference"):
+        model(torch.randn(1, 3, 40, 32))
+
+
+def test_vit_padding_masks_padded_keys(adapter):
+    """Valid tokens do not see the padding: what the padded area holds changes nothing."""
+    model = small_vit(adapter, with_cls_token=False)
+    model.eval()  # mmseg's train() returns None
+    x = torch.randn(1, 3, 24, 24)
+    base = model(x)[-1]
+    mask = model._padding_key_mask((3, 3), x.device)
+    assert mask.sum() == 9 and mask.shape[-1] == 16
+    # the same image embedded in a full-size input with garbage around it, but the garbage keys masked
+    big = torch.randn(1, 3, 32, 32)
+    big[..., :24, :24] = x
+    tokens = model.patch_embed(big)[0]
+    tokens = tokens + model.pos_embed[:, 1:]
+    for layer in model.layers:
+        tokens = model._run_layer(layer, tokens, mask)
+    tokens = model.norm1(tokens)
+    valid = tokens.reshape(1, 4, 4, 48)[:, :3, :3].permute(0, 3, 1, 2)
+    torch.testing.assert_close(valid, base, atol=1e-5, rtol=1e-5)
+
+
+def test_vit_matches_timm_karat_vit_after_conversion(adapter):
+    """The converted mmseg KArAt ViT computes what the timm KArAt ViT computes (names, q/k/v split, norms)."""
+    import timm
+
+    import karat  # noqa: F401
+    from mmseg_configs.convert import fit_vit_state
+
+    tm = timm.create_model("vit_tiny_patch16_224_karat", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
+                           num_classes=0, **KARAT_OPTS).eval()
+    model = small_vit(adapter, out_indices=(1,), norm_cfg=dict(type="LN", eps=1e-6))  # timm's eps
+    model.eval()
+    state, report = fit_vit_state(tm.state_dict(), model)
+    assert report.new == [] and report.resampled == []
+    model.load_state_dict(state)
+    x = torch.randn(2, 3, 32, 32)
+    ref = tm.forward_features(x)[:, 1:].reshape(2, 4, 4, 48).permute(0, 3, 1, 2)
+    torch.testing.assert_close(model(x)[0], ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+def small_swin(adapter, **kw):
+    args = dict(pretrain_img_size=32, embed_dims=24, depths=[2, 2], num_heads=[3, 3], window_size=3, strides=(4, 2),
+                out_indices=(0, 1), **KARAT_OPTS)
+    args.update(kw)
+    return adapter.KArAtSwinTransformer(**args)
+
+
+def test_swin_masked_keys_change_nothing(adapter):
+    """Spec section 5: in a shifted window with padding, a query's output does not depend on the keys masked for it
+    (other shifted-window regions, padding); changing an unmasked key does change it."""
+    swin = small_swin(adapter)
+    swin.eval()
+    attn = swin.stages[0].blocks[1].attn  # shifted block
+    assert attn.shift_size > 0
+    H, W = 7, 8  # not multiples of the window (3): padded, and shifted
+    keep = attn.window_keep_mask((H, W), batch=1, device=torch.device("cpu"))
+    assert keep is not None and (~keep).any()
+    n = attn.window_size ** 2
+    windows = torch.randn(keep.shape[0], n, 24)
+    out = attn.w_msa(windows, key_mask=keep)
+    checked = 0
+    for w in range(keep.shape[0]):
+        for i in range(n):
+            masked = ~keep[w, 0, i]
+            if not masked.any() or masked[i] or keep[w, 0, i].sum() < 2:
+                continue
+            changed = windows.clone()
+            changed[w, masked] = torch.randn(int(masked.sum()), 24) * 10
+            torch.testing.assert_close(attn.w_msa(changed, key_mask=keep)[w, i], out[w, i], atol=1e-5, rtol=1e-5)
+            visible = keep[w, 0, i].nonzero().flatten()
+            other = visible[visible != i][0]
+            changed[w, other] += 5.0
+            assert not torch.allclose(attn.w_msa(changed, key_mask=keep)[w, i], out[w, i], atol=1e-4)
+            checked += 1
+    assert checked > 10
+
+
+def test_swin_padding_content_changes_nothing(adapter):
+    """The whole shifted-window attention: the valid area's output is the same whatever the padding holds."""
+    swin = small_swin(adapter)
+    swin.eval()
+    attn = swin.stages[0].blocks[1].attn
+    H, W, ws = 7, 8, attn.window_size
+    x = torch.randn(2, H * W, 24)
+    ref = attn(x, (H, W))
+    Hp, Wp = 9, 9
+    padded = torch.randn(2, Hp, Wp, 24) * 10
+    padded[:, :H, :W] = x.view(2, H, W, 24)
+    shifted = torch.roll(padded, (-attn.shift_size, -attn.shift_size), (1, 2))
+    windows = attn.window_partition(shifted).view(-1, ws * ws, 24)
+    out = attn.w_msa(windows, key_mask=attn.window_keep_mask((H, W), 2, x.device)).view(-1, ws, ws, 24)
+    out = torch.roll(attn.window_reverse(out, Hp, Wp), (attn.shift_size, attn.shift_size), (1, 2))
+    torch.testing.assert_close(out[:, :H, :W].reshape(2, H * W, 24), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_swin_forward_backward_and_softmax_checkpoint(adapter, tmp_path):
+    from mmseg.models.backbones import SwinTransformer
+
+    swin = small_swin(adapter)
+    outs = swin(torch.randn(2, 3, 40, 44))
+    assert [o.shape for o in outs] == [torch.Size([2, 24, 10, 11]), torch.Size([2, 48, 5, 6])]
+    sum(o.sum() for o in outs).backward()
+    assert swin.stages[0].blocks[1].attn.w_msa.karat.operator.weight.grad is not None
+    softmax = SwinTransformer(pretrain_img_size=32, embed_dims=24, depths=[2, 2], num_heads=[3, 3], window_size=3,
+                              strides=(4, 2), out_indices=(0, 1))
+    path = tmp_path / "swin_softmax.pth"
+    torch.save(dict(state_dict={f"backbone.{k}": v for k, v in softmax.state_dict().items()}), path)
+    loaded = small_swin(adapter, init_cfg=dict(type="Pretrained", checkpoint=str(path)))
+    loaded.init_weights()
+    assert loaded.load_report.new and all(".karat." in k for k in loaded.load_report.new)
+    torch.testing.assert_close(loaded.stages[0].blocks[0].attn.w_msa.qkv.weight,
+                               softmax.stages[0].blocks[0].attn.w_msa.qkv.weight)
+
+
+# ---------------------------------------------------------------------------------------------------------
+def test_load_reports(adapter, tmp_path):
+    """A softmax timm / mmseg ViT leaves only KArAt tensors new; a KArAt checkpoint leaves none."""
+    import timm
+
+    from mmseg.models.backbones import VisionTransformer
+
+    timm_vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
+                                 num_classes=10)
+    torch.save(timm_vit.state_dict(), tmp_path / "timm.pth")
+    mmseg_vit = VisionTransformer(img_size=(32, 32), patch_size=8, embed_dims=48, num_layers=2, num_heads=3,
+                                  patch_bias=True, final_norm=True)
+    torch.save(dict(state_dict=mmseg_vit.state_dict()), tmp_path / "mmseg.pth")
+    for name in ("timm.pth", "mmseg.pth"):
+        model = small_vit(adapter, init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / name)))
+        model.init_weights()
+        report = model.load_report
+        assert report.new and all(".karat.operator." in k for k in report.new), (name, report.new)
+        assert report.missing_non_karat == []
+    karat_vit = small_vit(adapter)
+    torch.save(dict(state_dict={f"backbone.{k}": v for k, v in karat_vit.state_dict().items()}), tmp_path / "k.pth")
+    model = small_vit(adapter, init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / "k.pth")))
+    model.init_weights()
+    assert model.load_report.new == []
+    torch.testing.assert_close(model.layers[1].attn.karat.operator.weight, karat_vit.layers[1].attn.karat.operator.weight)
+
+
+def test_karat_weights_resampled_to_larger_grid(adapter, tmp_path):
+    karat_vit = small_vit(adapter)
+    torch.save(dict(state_dict=karat_vit.state_dict()), tmp_path / "k.pth")
+    big = small_vit(adapter, img_size=(64, 64), init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / "k.pth")))
+    big.init_weights()
+    assert big.num_tokens == 65
+    assert "layers.0.attn.karat.operator.weight" in big.load_report.resampled and big.load_report.new == []
+    assert big.layers[0].attn.karat.operator.weight.shape[1] == 65
+
+
+def test_bad_checkpoints_fail_clearly(adapter, tmp_path):
+    from mmseg_configs.convert import fit_vit_state
+
+    model = small_vit(adapter)
+    other = small_vit(adapter, embed_dims=96)  # another width
+    with pytest.raises(ValueError, match="do not fit"):
+        fit_vit_state(other.state_dict(), model)
+    deeper = small_vit(adapter, num_layers=3, out_indices=(2,))
+    with pytest.raises(ValueError, match="another architecture"):
+        fit_vit_state(deeper.state_dict(), model)
+    swin = small_swin(adapter)
+    with pytest.raises(ValueError, match="another architecture"):
+        fit_vit_state(swin.state_dict(), model)
+    state = model.state_dict()
+    state = {k: (v[:, :11] if ".karat.operator." in k else v) for k, v in state.items()}  # 11 keys: no grid
+    with pytest.raises(ValueError, match="cannot be resampled"):
+        fit_vit_state(state, small_vit(adapter))
+    no_cls = small_vit(adapter, with_cls_token=False)
+    with pytest.raises(ValueError, match="class token"):
+        fit_vit_state(no_cls.state_dict(), small_vit(adapter, img_size=(64, 64)))
+
+
+def test_bad_options_fail_clearly(adapter):
+    with pytest.raises(ValueError, match="basis_type"):
+        small_vit(adapter, basis_type="Nope")
+    with pytest.raises(ValueError, match="karat_depth"):
+        small_vit(adapter, depth=2)
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        small_vit(adapter, img_size=(30, 30))
