@@ -89,7 +89,7 @@ def summary_table(rows: List[Dict[str, Any]]) -> str:
 
 def run_stage(out_dir: Path, checkpoints: Dict[str, Path], quick: bool = False) -> List[Dict[str, Any]]:
     """Fine-tune each classifier checkpoint (names ``karat`` / ``softmax``) as a ViTDet Mask R-CNN backbone on the
-    shapes set; writes ``detection/`` under ``out_dir`` and returns one row per backbone (name, box AP, mask AP,
+    shapes set; writes everything under ``out_dir`` and returns one row per backbone (name, box AP, mask AP,
     seconds, ...)."""
     from .data import ensure_shapes, register_shapes
 
@@ -97,7 +97,7 @@ def run_stage(out_dir: Path, checkpoints: Dict[str, Path], quick: bool = False) 
     if unknown:
         raise ValueError(f"No detection config for {unknown}; the demo's backbones are {sorted(CONFIGS)}.")
     settings = _settings(quick)
-    stage_dir = Path(out_dir) / "detection"
+    stage_dir = Path(out_dir)
     root = ensure_shapes(stage_dir / "shapes", settings["spec"])
     register_shapes(root)
     # detectron2's per-iteration logs and fvcore's list of head tensors missing from the backbone checkpoint (all

@@ -37,7 +37,7 @@ def test_run_stage_quick(tmp_path):
         assert row["seconds"] > 0 and row["iterations"] == 2
     karat_row = rows[0]
     assert karat_row["resampled"] == 1 + 4 * 4  # patch embedding (gray -> RGB) + 4 global blocks' operators
-    report = (tmp_path / "demo" / "detection" / "karat" / "transfer_report.txt").read_text()
+    report = (tmp_path / "demo" / "karat" / "transfer_report.txt").read_text()
     assert "from 16 tokens (0 prefix + 4x4) to 256 tokens (0 prefix + 16x16)" in report
     assert "| karat |" in summary_table(rows)
     with pytest.raises(ValueError, match="No detection config"):
