@@ -1,0 +1,216 @@
+"""A ViT classifier checkpoint (ours, KArAt or softmax, or a softmax timm ViT) as a ViTDet backbone checkpoint.
+
+The output holds ``backbone.net.*`` tensors, the names detectron2's ViTDet models use, so it loads with
+``train.init_checkpoint=<file>`` (DetectionCheckpointer, no matching heuristics needed). What happens to each
+tensor:
+
+* ``patch_embed``, ``blocks.*`` (``qkv``, ``proj``, norms, MLP): loaded as they are; a patch embedding for another
+  number of input channels is adapted with timm's ``adapt_input_conv`` (e.g. grayscale -> RGB);
+* ``pos_embed``: kept at the config's ``pretrain_img_size`` grid (resampled bicubically if the source grid differs;
+  detectron2 interpolates it to the input at run time), the class-token position kept or dropped as the config's
+  ``pretrain_use_cls_token`` says;
+* KArAt operators: resampled along the key axis (spec section 6) to each block's token count: the window
+  (``window_size ** 2``, 196 for ViTDet) or the whole feature map for global blocks ((img_size / patch) ** 2);
+  the class-token key is dropped (ViTDet has no class token);
+* new: ``rel_pos_h/w`` (zero, as detectron2 initialises them), and KArAt operators when the source is softmax;
+* dropped: class token, registers, final norm, classifier head.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from karat import TokenLayout, resample_karat_state_dict, save_checkpoint
+from karat.transfer import TransferReport, ViTSource, check_transfer, load_vit_source
+
+from .backbone import KArAtViT
+
+PREFIX = "backbone.net."
+# timm ViT tensors a ViTDet backbone has no place for (it has no class token and no final norm).
+DROPPED = re.compile(r"^(cls_token|reg_token|dist_token|norm\.|fc_norm\.|head|attn_pool\.)")
+# timm ViT options detectron2's ViT does not have: refusing is clearer than silently dropping them.
+UNSUPPORTED = re.compile(r"^blocks\.\d+\.(attn\.q_norm|attn\.k_norm|attn\.norm|ls1|ls2|norm1_post|norm2_post)\.")
+NEW_OK = re.compile(r"(\.attn\.rel_pos_[hw]$|\.attn\.karat\.|\.residual\.)")
+
+
+@dataclass
+class Conversion:
+    """A converted checkpoint (``backbone.net.*`` names) and what the conversion did."""
+
+    state_dict: Dict[str, torch.Tensor]
+    report: TransferReport
+    notes: List[str]
+    source: ViTSource
+
+    def describe(self) -> str:
+        lines = [f"source: {self.source}", str(self.report)]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _net_shape(net: nn.Module) -> Dict[str, Any]:
+    proj = net.patch_embed.proj
+    return dict(embed_dim=proj.out_channels, depth=len(net.blocks), num_heads=net.blocks[0].attn.num_heads,
+                patch_size=proj.kernel_size[0], in_chans=proj.in_channels)
+
+
+def _comparable(cfg: Any) -> Dict[str, Any]:
+    """KArAt options that change the weights or their meaning (num_attention only counts with mixed heads)."""
+    out = dataclasses.asdict(cfg)
+    if not cfg.mixed_head:
+        out["num_attention"] = None
+    return out
+
+
+def check_architecture(src: ViTSource, net: nn.Module) -> None:
+    """The source must be the same ViT (width, depth, heads, patch) and the same attention kind as the config."""
+    want = _net_shape(net)
+    have = dict(embed_dim=src.embed_dim, depth=src.depth, num_heads=src.num_heads, patch_size=src.patch_size)
+    diff = {k: (have[k], want[k]) for k in have if have[k] != want[k]}
+    if diff:
+        detail = ", ".join(f"{k} {a} (checkpoint) vs {b} (config)" for k, (a, b) in diff.items())
+        raise ValueError(f"The checkpoint is another ViT than the config's backbone: {detail}. Use a config of the "
+                         f"same size (or set model.backbone.net.{next(iter(diff))}=... to match).")
+    is_karat = isinstance(net, KArAtViT)
+    if src.is_karat and not is_karat:
+        raise ValueError("The checkpoint has KArAt attention but the config's backbone is detectron2's softmax ViT; "
+                         "use a KArAt config (configs/*/mask_rcnn_vitdet_karat_*.py).")
+    if src.is_karat:
+        theirs, ours = (_comparable(c) for c in (src.karat_config(), net.karat_cfg))
+        diff = {k: (theirs[k], ours[k]) for k in ours if k != "impl" and theirs[k] != ours[k]}
+        if diff:
+            detail = ", ".join(f"{k}={a!r} (checkpoint) vs {b!r} (config)" for k, (a, b) in diff.items())
+            raise ValueError(f"The checkpoint's KArAt options differ from the config's: {detail}. Set "
+                             f"model.backbone.net.karat.<option> to the checkpoint's values.")
+
+
+def map_timm_names(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """timm ViT names -> detectron2 ViT names (they coincide for what ViTDet has); returns (mapped, dropped)."""
+    unsupported = [k for k in state if UNSUPPORTED.match(k)]
+    if unsupported:
+        raise ValueError(f"The checkpoint's ViT has parts detectron2's ViT does not have ({unsupported[:3]}: "
+                         f"qk-norm / layer scale / post-norm); it cannot be converted to a ViTDet backbone.")
+    mapped, dropped = {}, []
+    for k, v in state.items():
+        if DROPPED.match(k):
+            dropped.append(k)
+        else:
+            mapped[k] = v
+    return mapped, dropped
+
+
+def convert_pos_embed(pos: torch.Tensor, src: ViTSource, net: nn.Module) -> Tuple[torch.Tensor, Optional[str]]:
+    """The source's absolute position embedding in the layout of ``net.pos_embed`` (pretrain grid, class token)."""
+    from timm.layers import resample_abs_pos_embed
+
+    target = net.pos_embed
+    use_cls = net.pretrain_use_cls_token
+    hw = src.layout.grid[0] * src.layout.grid[1]
+    n = pos.shape[1]
+    if n not in (hw, hw + src.layout.prefix):
+        raise ValueError(f"pos_embed of the checkpoint has {n} positions, not {hw} patches (+{src.layout.prefix}).")
+    has_prefix = n > hw
+    if use_cls and not has_prefix:
+        raise ValueError("The config's backbone expects a class-token position (pretrain_use_cls_token=True) but the "
+                         "checkpoint has none: set model.backbone.net.pretrain_use_cls_token=False.")
+    grid = pos[:, n - hw:]
+    side = int(round((target.shape[1] - int(use_cls)) ** 0.5))
+    note = None
+    if (side, side) != tuple(src.layout.grid):
+        grid = resample_abs_pos_embed(grid, new_size=[side, side], old_size=list(src.layout.grid), num_prefix_tokens=0)
+        note = (f"pos_embed resampled from {src.layout.grid[0]}x{src.layout.grid[1]} to {side}x{side} "
+                f"(the config's pretrain_img_size); set pretrain_img_size={src.layout.grid[0] * src.patch_size} "
+                f"to keep it as trained.")
+    out = torch.cat([pos[:, :1], grid], dim=1) if use_cls else grid
+    return out, note
+
+
+def adapt_patch_embed(weight: torch.Tensor, in_chans: int) -> Tuple[torch.Tensor, str]:
+    """A patch embedding for ``in_chans`` channels: a grayscale one is repeated over the channels and divided by
+    their number (an image with equal channels then embeds exactly as the grayscale image did); 3 -> n channels
+    uses timm's ``adapt_input_conv``."""
+    from timm.models import adapt_input_conv
+
+    if weight.shape[1] == 1:
+        return weight.repeat(1, in_chans, 1, 1) / in_chans, "grayscale weights repeated over channels / channels"
+    if weight.shape[1] == 3:
+        return adapt_input_conv(in_chans, weight), "timm adapt_input_conv"
+    raise ValueError(f"Cannot adapt a patch embedding for {weight.shape[1]} input channels to {in_chans}; set "
+                     f"model.pixel_mean/pixel_std to {weight.shape[1]} channels so the backbone takes them as is.")
+
+
+def convert(source: ViTSource, net: nn.Module) -> Conversion:
+    """Convert ``source`` for the ViTDet backbone ``net`` (an instantiated ``ViT`` or ``KArAtViT``)."""
+    check_architecture(source, net)
+    state, dropped = map_timm_names(source.state_dict)
+    dropped = list(source.dropped) + dropped
+    notes: List[str] = []
+    resampled: List[str] = []
+    in_chans = net.patch_embed.proj.in_channels
+    if source.in_chans != in_chans:
+        state["patch_embed.proj.weight"], how = adapt_patch_embed(state["patch_embed.proj.weight"], in_chans)
+        resampled.append("patch_embed.proj.weight")
+        notes.append(f"patch_embed adapted from {source.in_chans} to {in_chans} input channel(s) ({how}).")
+    if net.pos_embed is None:
+        if state.pop("pos_embed", None) is not None:
+            dropped.append("pos_embed")
+    elif "pos_embed" in state:
+        state["pos_embed"], note = convert_pos_embed(state["pos_embed"], source, net)
+        if note:
+            notes.append(note)
+            resampled.append("pos_embed")
+    if isinstance(net, KArAtViT) and source.is_karat:
+        src_layout = TokenLayout(source.layout.prefix, tuple(source.layout.grid))
+
+        def layout_of(name: str, _op: nn.Module) -> TokenLayout:
+            block = int(name.split(".")[1])
+            return TokenLayout(0, tuple(net.blocks[block].attn.input_size))
+
+        state, rs = resample_karat_state_dict(state, net, layout_of, src=src_layout)
+        resampled += rs.resampled
+        if rs.resampled:
+            notes.append(str(rs))
+    report = check_transfer(state, net, resampled=resampled, dropped=dropped)
+    unexpected_new = [k for k in report.new if not NEW_OK.search(k)]
+    if unexpected_new:
+        raise ValueError(f"The checkpoint does not provide {len(unexpected_new)} tensors of the backbone besides "
+                         f"the relative-position and KArAt ones (e.g. {unexpected_new[:3]}); it is another "
+                         f"architecture.")
+    prefixed = {PREFIX + k: v.contiguous() for k, v in state.items()}
+    report = TransferReport([PREFIX + k for k in report.loaded], [PREFIX + k for k in report.resampled],
+                            [PREFIX + k for k in report.new], report.dropped)
+    return Conversion(prefixed, report, notes, source)
+
+
+def build_backbone_net(config_file: str, overrides: Sequence[str] = ()) -> nn.Module:
+    """The config's ``model.backbone.net`` (the ViT alone), instantiated on the CPU."""
+    from detectron2.config import LazyConfig, instantiate
+
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(overrides))
+    try:
+        net_cfg = cfg.model.backbone.net
+    except Exception as e:
+        raise ValueError(f"{config_file} has no model.backbone.net: converters target ViTDet configs.") from e
+    return instantiate(net_cfg)
+
+
+def convert_file(source: str, config_file: str, output: Path, overrides: Sequence[str] = (),
+                 overwrite: bool = False) -> Conversion:
+    """Read ``source`` (file or ``timm:<name>``), convert it for ``config_file``'s backbone, write ``output``."""
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} already exists; pass --overwrite to replace it.")
+    net = build_backbone_net(config_file, overrides)
+    src = load_vit_source(source, num_heads=net.blocks[0].attn.num_heads)
+    conversion = convert(src, net)
+    save_checkpoint(dict(model=conversion.state_dict, __author__="karat detectron2_plugin.convert",
+                         source=str(source), config=str(config_file),
+                         transfer=dict(loaded=conversion.report.loaded, resampled=conversion.report.resampled,
+                                       new=conversion.report.new, dropped=conversion.report.dropped)), output)
+    return conversion

@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""Train or evaluate a detectron2 lazy config (the project's ViTDet-KArAt configs, or any other) with detectron2's
+trainer, hooks, checkpointer, evaluator and launcher, for users who installed detectron2 without its source tree.
+
+It takes detectron2's standard arguments::
+
+    python tools/lazyconfig_train.py --config-file configs/COCO/mask_rcnn_vitdet_karat_b_blockwise_100ep.py \
+        --num-gpus 8 train.init_checkpoint=ckpt/vitdet_karat_b.pth
+    python tools/lazyconfig_train.py --config-file ... --num-machines 2 --machine-rank 0 --dist-url tcp://host:port
+    python tools/lazyconfig_train.py --config-file ... --eval-only train.init_checkpoint=output/model_final.pth
+    python tools/lazyconfig_train.py --config-file ... --resume
+
+The loop itself is detectron2_plugin.train_net (detectron2's trainer, hooks, checkpointer and evaluator); besides
+what detectron2's ``tools/lazyconfig_train_net.py`` does, it checks the config first, refuses ``--eval-only``
+without a checkpoint, and writes the final metrics to ``<output_dir>/final_metrics.json`` (``eval_metrics.json``).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # the configs import detectron2_plugin from this checkout
+
+from detectron2.engine import default_argument_parser, launch  # noqa: E402
+
+from detectron2_plugin.train_net import main  # noqa: E402
+
+
+def invoke_main(argv: Optional[list] = None) -> None:
+    args = default_argument_parser().parse_args(argv)
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
+
+
+if __name__ == "__main__":
+    invoke_main()
