@@ -59,11 +59,21 @@ def build_config(backbone_ckpt: Path, work_dir: Path, data_root: Path, quick: bo
 def run_stage(out_dir: Path, checkpoints: Dict[str, Path], quick: bool = False) -> List[Dict[str, Any]]:
     """Convert, fine-tune and evaluate each given backbone (``karat``, ``softmax``); one row per backbone with
     name, mIoU, aAcc (percent, mmseg's IoUMetric on the validation split) and seconds."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models, many small ops: thread synchronisation costs more than it gains
+    try:
+        return _run_stage(Path(out_dir), checkpoints, quick)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_stage(out_dir: Path, checkpoints: Dict[str, Path], quick: bool) -> List[Dict[str, Any]]:
     from mmengine.runner import Runner
 
     from .convert import convert_classifier
 
-    out_dir = Path(out_dir)
     unknown = sorted(set(checkpoints) - set(NAMES))
     if unknown:
         raise ValueError(f"Unknown backbone name(s) {unknown}; the segmentation stage takes {list(NAMES)}.")

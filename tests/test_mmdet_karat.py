@@ -40,7 +40,7 @@ def make_coco(root: Path, n: int = 4, size: int = 64) -> Path:
 
 
 @pytest.mark.slow
-def test_mask_rcnn_karat_vit_trains_with_mmdet_runner(tmp_path):
+def test_mask_rcnn_karat_vit_trains_with_mmdet_runner(tmp_path, request):
     require("mmdet")
     require("pycocotools")
     import torch
@@ -76,6 +76,9 @@ def test_mask_rcnn_karat_vit_trains_with_mmdet_runner(tmp_path):
     cfg.work_dir = str(tmp_path / "work")
     cfg.visualizer.name = "mmdet_karat_test_visualizer"
     runner = Runner.from_cfg(cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model, many small ops
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     before = runner.model.backbone.layers[0].attn.karat.operator.weight.detach().clone()
     runner.train()
     assert runner.iter == 4  # 4 images, batch 2, 2 epochs
