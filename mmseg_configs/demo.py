@@ -97,11 +97,11 @@ def _run_stage(out_dir: Path, checkpoints: Dict[str, Path], quick: bool) -> List
     return rows
 
 
-def format_rows(rows: List[Dict[str, Any]]) -> str:
-    lines = [f"{'backbone':<10} {'mIoU':>6} {'aAcc':>6} {'iters':>6} {'seconds':>8}  transfer"]
-    for r in rows:
-        lines.append(f"{r['name']:<10} {r['mIoU']:6.2f} {r['aAcc']:6.2f} {r['iterations']:6d} {r['seconds']:8.1f}  "
-                     f"{r['transfer']}")
+def summary_table(rows: List[Dict[str, Any]]) -> str:
+    """The stage's rows as a markdown table (``make demo`` prints it next to the other stages')."""
+    lines = ["| backbone | mIoU | aAcc | iterations | seconds | transfer |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['mIoU']:.2f} | {r['aAcc']:.2f} | {r['iterations']} | {r['seconds']:.1f} | "
+              f"{r['transfer']} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -112,4 +112,4 @@ if __name__ == "__main__":  # python -m mmseg_configs.demo OUT_DIR karat=CKPT so
     if not args:
         sys.exit("usage: python -m mmseg_configs.demo OUT_DIR karat=CKPT softmax=CKPT [--quick]")
     ckpts = dict(a.split("=", 1) for a in args[1:])
-    print(format_rows(run_stage(Path(args[0]), {k: Path(v) for k, v in ckpts.items()}, quick="--quick" in sys.argv)))
+    print(summary_table(run_stage(Path(args[0]), {k: Path(v) for k, v in ckpts.items()}, quick="--quick" in sys.argv)))

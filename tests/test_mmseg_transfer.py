@@ -109,13 +109,13 @@ def test_convert_with_class_token_to_512px(adapter, tmp_path):
 
 @pytest.mark.slow
 def test_demo_stage_quick(adapter, tmp_path):
-    from mmseg_configs.demo import format_rows, run_stage
+    from mmseg_configs.demo import run_stage, summary_table
 
     ckpts = {"karat": classifier(tmp_path, karat=True, depth=4), "softmax": classifier(tmp_path, karat=False, depth=4)}
     rows = run_stage(tmp_path / "seg", ckpts, quick=True)
     assert [r["name"] for r in rows] == ["karat", "softmax"]
     for r in rows:
         assert 0.0 <= r["mIoU"] <= 100.0 and 0.0 < r["aAcc"] <= 100.0 and r["iterations"] == 2
-    assert "mIoU" in format_rows(rows)
+    assert "| karat |" in summary_table(rows)
     with pytest.raises(ValueError, match="Unknown backbone"):
         run_stage(tmp_path / "seg2", {"other": ckpts["karat"]}, quick=True)
