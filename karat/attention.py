@@ -20,6 +20,10 @@ from .operator import KArAtOperator, OperatorProvider
 
 OperatorFactory = Callable[[int, int], KArAtOperator]
 
+# Up to this many keys ``auto`` materialises sigma(S): an N x N matrix this small costs less than the efficient
+# path's blocking and recomputation (spec section 5: small windows such as Swin's 49 tokens).
+REFERENCE_MAX_TOKENS = 64
+
 
 def mask_to_keep(attn_mask: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Split an SDPA-style mask into (bool keep-mask, additive bias).
@@ -78,8 +82,8 @@ class KArAtCore(nn.Module):
                      key_mask: Optional[torch.Tensor] = None) -> str:
         """``reference`` (materialise sigma(S)), ``efficient`` or ``fused`` (spec section 5), from ``cfg.impl``.
 
-        ``auto`` takes the fused kernels on CUDA where they apply, else the efficient path, unless something
-        needs the N x N matrix: ``project_l1``, a non-modular depth other than 2, attention-map export, or
+        ``auto`` takes the fused kernels on CUDA where they apply, else the efficient path, unless the matrix is
+        small (at most ``REFERENCE_MAX_TOKENS`` keys) or something needs it: ``project_l1``, a non-modular depth other than 2, attention-map export, or
         attention dropout while training. An explicit impl that cannot serve the call raises."""
         reason = efficient.supports(self.operator)
         if reason is None and self.export_attention:
@@ -91,6 +95,8 @@ class KArAtCore(nn.Module):
             raise ValueError(f"impl='{impl}' cannot serve this configuration: {reason}. "
                              f"Use impl='auto' (falls back to the reference path) or impl='reference'.")
         if impl == "reference" or reason is not None:
+            return "reference"
+        if impl == "auto" and self.num_tokens <= REFERENCE_MAX_TOKENS:
             return "reference"
         if impl == "fused" or (impl == "auto" and q is not None and q.is_cuda):
             why_not = fused.supports(self.operator, q, bias, key_mask) if q is not None else "no input given"

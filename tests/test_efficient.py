@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from karat import KArAtConfig, KArAtCore
+from karat.attention import REFERENCE_MAX_TOKENS
 from karat import efficient
 
 BASES = [
@@ -54,15 +55,18 @@ def test_efficient_equals_reference(basis, mode, bias, mask, monkeypatch):
             torch.testing.assert_close(ge, gr)
 
 
-def test_auto_picks_efficient_unless_the_matrix_is_needed():
-    core = KArAtCore(2, 9, KArAtConfig())
+def test_auto_picks_efficient_unless_the_matrix_is_needed_or_small():
+    n = REFERENCE_MAX_TOKENS + 1
+    core = KArAtCore(2, n, KArAtConfig())
     assert core.resolve_impl() == "efficient"
     core.export_attention = True
     assert core.resolve_impl() == "reference"
-    assert KArAtCore(2, 9, KArAtConfig(project_l1=True)).resolve_impl() == "reference"
-    assert KArAtCore(2, 9, KArAtConfig(modular_attn=False, depth=3)).resolve_impl() == "reference"
-    dropout = KArAtCore(2, 9, KArAtConfig(), attn_drop=0.1)
+    assert KArAtCore(2, n, KArAtConfig(project_l1=True)).resolve_impl() == "reference"
+    assert KArAtCore(2, n, KArAtConfig(modular_attn=False, depth=3)).resolve_impl() == "reference"
+    dropout = KArAtCore(2, n, KArAtConfig(), attn_drop=0.1)
     assert dropout.resolve_impl() == "reference" and dropout.eval().resolve_impl() == "efficient"
+    assert KArAtCore(2, 49, KArAtConfig()).resolve_impl() == "reference"  # a Swin window: the matrix is cheapest
+    assert KArAtCore(2, 49, KArAtConfig(impl="efficient")).resolve_impl() == "efficient"  # unless asked
 
 
 def test_efficient_refuses_what_it_cannot_serve():
