@@ -78,9 +78,11 @@ def test_wrong_dataset_layout_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="have no label .png"):
         check_ade20k_layout(root)
     (root / "annotations" / "training").rename(root / "labels")
+    from mmengine.registry import DefaultScope
     from mmseg.registry import DATASETS
 
-    with pytest.raises(ValueError, match="annotations/training"):
+    # mmseg's scope explicitly: a runner built earlier in this process (mmdet's) may have left its own as default
+    with DefaultScope.overwrite_default_scope("mmseg"), pytest.raises(ValueError, match="annotations/training"):
         DATASETS.build(dict(type="CheckedADE20KDataset", data_root=str(root),
                             data_prefix=dict(img_path="images/training", seg_map_path="annotations/training"),
                             pipeline=[]))
