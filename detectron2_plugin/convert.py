@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from karat import TokenLayout, resample_karat_state_dict, save_checkpoint
-from karat.transfer import TransferReport, ViTSource, check_transfer, load_vit_source
+from karat.transfer import TransferReport, ViTSource, adapt_patch_embed, check_transfer, load_vit_source
 
 from .backbone import KArAtViT
 
@@ -129,20 +129,6 @@ def convert_pos_embed(pos: torch.Tensor, src: ViTSource, net: nn.Module) -> Tupl
                 f"to keep it as trained.")
     out = torch.cat([pos[:, :1], grid], dim=1) if use_cls else grid
     return out, note
-
-
-def adapt_patch_embed(weight: torch.Tensor, in_chans: int) -> Tuple[torch.Tensor, str]:
-    """A patch embedding for ``in_chans`` channels: a grayscale one is repeated over the channels and divided by
-    their number (an image with equal channels then embeds exactly as the grayscale image did); 3 -> n channels
-    uses timm's ``adapt_input_conv``."""
-    from timm.models import adapt_input_conv
-
-    if weight.shape[1] == 1:
-        return weight.repeat(1, in_chans, 1, 1) / in_chans, "grayscale weights repeated over channels / channels"
-    if weight.shape[1] == 3:
-        return adapt_input_conv(in_chans, weight), "timm adapt_input_conv"
-    raise ValueError(f"Cannot adapt a patch embedding for {weight.shape[1]} input channels to {in_chans}; set "
-                     f"model.pixel_mean/pixel_std to {weight.shape[1]} channels so the backbone takes them as is.")
 
 
 def convert(source: ViTSource, net: nn.Module) -> Conversion:

@@ -157,6 +157,22 @@ def _layout_from_tensors(state: Mapping[str, torch.Tensor], source: str) -> Toke
     raise ValueError(f"{source}: pos_embed has {n} tokens, not a square patch grid after {prefix} prefix tokens.")
 
 
+def adapt_patch_embed(weight: torch.Tensor, in_chans: int) -> tuple[torch.Tensor, str]:
+    """A patch embedding for ``in_chans`` input channels, and how it was made: a grayscale one is repeated over the
+    channels and divided by their number (an image with equal channels then embeds exactly as the grayscale image
+    did); other channel counts go through timm's ``adapt_input_conv``."""
+    from timm.models import adapt_input_conv
+
+    if weight.shape[1] == in_chans:
+        return weight, "unchanged"
+    if weight.shape[1] == 1:
+        return weight.repeat(1, in_chans, 1, 1) / in_chans, f"grayscale weights repeated over {in_chans} channels / {in_chans}"
+    if weight.shape[1] == 3:
+        return adapt_input_conv(in_chans, weight).to(weight.dtype), "timm's adapt_input_conv"
+    raise ValueError(f"Cannot adapt a patch embedding for {weight.shape[1]} input channels to {in_chans}: give the "
+                     f"target model {weight.shape[1]} input channels so it takes the weights as they are.")
+
+
 @dataclass
 class TransferReport:
     """What a conversion did, for the user to read (and tests to check)."""

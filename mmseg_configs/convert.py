@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from karat import TokenLayout, resample_karat_state_dict
+from karat.transfer import adapt_patch_embed
 
 KARAT_KEY = ".karat."
 # timm tensors that a segmentation backbone never takes (classifier head and its norms).
@@ -179,14 +180,7 @@ def _fit_patch_embed(state: Dict[str, torch.Tensor], expected: Mapping[str, torc
     if w is None or key not in expected or w.shape[1] == expected[key].shape[1] or w.shape[0] != expected[key].shape[0]:
         return
     want = expected[key].shape[1]
-    if w.shape[1] == 1:  # grey -> want channels: replicate, scaled so a grey image repeated on them responds alike
-        state[key] = w.repeat(1, want, 1, 1) / want
-        how = "replicated and scaled by 1/%d" % want
-    else:
-        from timm.models._manipulate import adapt_input_conv
-
-        state[key] = adapt_input_conv(want, w).to(w.dtype)
-        how = "timm's adapt_input_conv"
+    state[key], how = adapt_patch_embed(w, want)
     report.resampled.append(key)
     report.notes.append(f"{key}: {w.shape[1]} input channel(s) adapted to {want} ({how})")
 

@@ -95,3 +95,17 @@ def test_check_transfer_reports_and_refuses_mismatches():
         check_transfer({"2.weight": torch.zeros(1)}, target)
     with pytest.raises(ValueError, match="wrong shape"):
         check_transfer({"0.weight": torch.zeros(3, 4)}, target)
+
+
+def test_adapt_patch_embed_grey_to_rgb_and_clear_refusal():
+    from karat.transfer import adapt_patch_embed
+
+    grey = torch.randn(8, 1, 2, 2)
+    rgb, how = adapt_patch_embed(grey, 3)
+    img = torch.randn(1, 1, 4, 4)
+    # a grey image repeated on three channels embeds exactly as the grey image did
+    torch.testing.assert_close(torch.nn.functional.conv2d(img.repeat(1, 3, 1, 1), rgb, stride=2),
+                               torch.nn.functional.conv2d(img, grey, stride=2))
+    assert "grayscale" in how and adapt_patch_embed(rgb, 3)[0] is rgb
+    with pytest.raises(ValueError, match="Cannot adapt a patch embedding for 2 input channels to 3"):
+        adapt_patch_embed(torch.randn(8, 2, 2, 2), 3)
