@@ -2,7 +2,7 @@
 
 Importing ``karat`` registers the KArAt models in timm's registry.
 """
-from .attention import KArAtAttention, KArAtCore, mask_to_keep
+from .attention import KArAtAttention, KArAtCore, is_karat_key, mask_to_keep
 from .bases import ZeroModule
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import KArAtConfig
@@ -16,7 +16,7 @@ from . import models  # noqa: F401  (registers timm models)
 __version__ = "0.1.0"
 
 __all__ = [
-    "KArAtAttention", "KArAtConfig", "KArAtCore", "KArAtOperator", "KANLayer", "OperatorProvider", "ZeroModule",
+    "KArAtAttention", "KArAtConfig", "KArAtCore", "KArAtOperator", "KANLayer", "OperatorProvider", "ZeroModule", "is_karat_key",
     "karat_parameter_names", "load_checkpoint", "mask_to_keep", "param_groups", "project_to_simplex",
     "save_checkpoint", "TokenLayout", "resample_karat_state_dict",
 ]

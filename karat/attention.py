@@ -20,6 +20,14 @@ from .operator import KArAtOperator, OperatorProvider
 
 OperatorFactory = Callable[[int, int], KArAtOperator]
 
+# Every host names its KArAtCore ``karat``, so KArAt tensors are recognisable by name in any host's checkpoint.
+KARAT_KEY = ".karat."
+
+
+def is_karat_key(name: str) -> bool:
+    """Whether a parameter / state-dict name belongs to a KArAt core (``...attn.karat.operator.*``)."""
+    return KARAT_KEY in f".{name}"
+
 # Up to this many keys ``auto`` materialises sigma(S): an N x N matrix this small costs less than the efficient
 # path's blocking and recomputation (spec section 5: small windows such as Swin's 49 tokens).
 REFERENCE_MAX_TOKENS = 64

@@ -17,6 +17,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 import torch
 import torch.nn as nn
 
+from .attention import is_karat_key
 from .checkpoint import load_checkpoint
 from .config import KArAtConfig
 from .resample import TokenLayout
@@ -88,7 +89,7 @@ def load_vit_source(source: str, num_heads: Optional[int] = None) -> ViTSource:
             f"{source} is not a ViT classifier checkpoint: it has no {missing[0]} (its tensors look like "
             f"{sorted(state)[:3]}). The converters take ViTs trained by classification.main (or the demo) and "
             f"softmax timm ViTs (vit_tiny/small/base_patch16_224, or timm:<name>).")
-    has_karat = any(".karat." in f".{k}" for k in state)
+    has_karat = any(is_karat_key(k) for k in state)
     dropped = [k for k in state if k.startswith(HEAD_PREFIXES)]
     body = {k: v for k, v in state.items() if k not in dropped}
 

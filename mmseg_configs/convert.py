@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 
 from karat import TokenLayout, resample_karat_state_dict
+from karat.attention import is_karat_key
 from karat.transfer import adapt_patch_embed
 
-KARAT_KEY = ".karat."
 # timm tensors that a segmentation backbone never takes (classifier head and its norms).
 TIMM_HEAD = ("head.", "head_dist.", "fc_norm.", "pre_logits.")
 _BLOCK_MAP = (
@@ -28,10 +28,6 @@ _BLOCK_MAP = (
     (r"attn\.proj\.", "attn.attn.out_proj."), (r"attn\.karat\.", "attn.karat."),
     (r"mlp\.fc1\.", "ffn.layers.0.0."), (r"mlp\.fc2\.", "ffn.layers.1."),
 )
-
-
-def is_karat_key(name: str) -> bool:
-    return KARAT_KEY in f".{name}"
 
 
 @dataclass

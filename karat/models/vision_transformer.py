@@ -19,19 +19,12 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from timm.layers import to_2tuple
 
-from ..attention import KArAtAttention
+from ..attention import KArAtAttention, is_karat_key
 from ..config import KArAtConfig
 from ..operator import OperatorProvider
 from ..resample import TokenLayout, resample_karat_state_dict
 
 _logger = logging.getLogger(__name__)
-
-KARAT_KEY = ".karat."  # every KArAt parameter lives under an attention's ``karat`` submodule
-
-
-def is_karat_key(name: str) -> bool:
-    return KARAT_KEY in f".{name}"
-
 
 def vit_num_tokens(img_size: Any = 224, patch_size: Any = 16, class_token: bool = True, reg_tokens: int = 0,
                    no_embed_class: bool = False, **_: Any) -> int:
