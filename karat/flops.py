@@ -114,6 +114,8 @@ def trace_core_call(core: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.
     if not torch.jit.is_tracing() or not _scope_hooks(core):
         return None
     cost = CallCost(core_call_macs(core, q.shape, k.shape, v.shape))
+    # counting is forward only: detached inputs keep autograd (and with it the tracer) off the untraced body
+    q, k, v, bias = (None if t is None else t.detach() for t in (q, k, v, bias))
     return _mark_submodules_called(core, KArAtCall.apply(q, k, v, bias, key_mask, scale, core, cost))
 
 
