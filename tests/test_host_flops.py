@@ -159,3 +159,23 @@ def test_mmseg_get_flops_counts_a_karat_upernet_backbone_like_karat_flops():
         assert host.by_operator()["karat_operator"] == 12 * 3 * 64 * 64 * 12 * 10
         counts[impl] = info["flops"]
     assert counts["reference"] == counts["efficient"]
+
+
+@pytest.mark.slow
+def test_tools_flops_counts_host_backbones_from_their_configs():
+    require("detectron2")
+    require("mmseg")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "flops.py"),
+         "--detectron2-config", str(ROOT / "configs" / "shapes" / "mask_rcnn_vitdet_karat_t_shapes.py"),
+         "--mmseg-config", str(ROOT / "mmseg_configs" / "upernet" / "upernet_vit-t2-karat_1xb8-60iter_embedded-16x16.py")],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:6]]
+            for line in proc.stdout.splitlines() if "(backbone)" in line}
+    vitdet = rows["mask_rcnn_vitdet_karat_t_shapes (backbone)"]
+    upernet = rows["upernet_vit-t2-karat_1xb8-60iter_embedded-16x16 (backbone)"]
+    assert vitdet[3] == pytest.approx(3 * 12 * 10 * (8 * 16 * 16 ** 2 + 4 * 256 ** 2) / 1e9, abs=6e-4)
+    assert upernet[3] == pytest.approx(12 * 3 * 64 * 64 * 12 * 10 / 1e9, abs=6e-4)
+    assert vitdet[2] > vitdet[3] and upernet[2] > upernet[3]
