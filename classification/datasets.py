@@ -28,8 +28,7 @@ LAYOUTS = {
 }
 
 
-# Where the validation images of an ImageNet-layout tree may live: DeiT's `val/`, or `validation/` as the official
-# KArAt README draws it.
+# Where the validation images of an ImageNet-layout tree may live: DeiT's `val/`, or `validation/`.
 IMNET_VAL_DIRS = ("val", "validation")
 
 
