@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from . import efficient, fused
 from .config import KArAtConfig
+from .flops import trace_core_call
 from .operator import KArAtOperator, OperatorProvider
 
 OperatorFactory = Callable[[int, int], KArAtOperator]
@@ -79,8 +80,6 @@ class KArAtCore(nn.Module):
                 f"are tied to the token count: create the model with the input size you use (img_size=...) "
                 f"or resample the checkpoint with karat.resample_karat_state_dict.")
         if not torch.jit.is_scripting() and torch.jit.is_tracing():  # a FLOP counter sees one op per call
-            from .flops import trace_core_call
-
             traced = trace_core_call(self, q, k, v, bias, key_mask, scale)
             if traced is not None:
                 return traced
