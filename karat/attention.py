@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from . import efficient, fused
 from .config import KArAtConfig
+from .flops import trace_core_call
 from .operator import KArAtOperator, OperatorProvider
 
 OperatorFactory = Callable[[int, int], KArAtOperator]
@@ -78,6 +79,10 @@ class KArAtCore(nn.Module):
                 f"KArAt attention was built for {self.num_tokens} tokens but got {k.shape[-2]}. KArAt weights "
                 f"are tied to the token count: create the model with the input size you use (img_size=...) "
                 f"or resample the checkpoint with karat.resample_karat_state_dict.")
+        if not torch.jit.is_scripting() and torch.jit.is_tracing():  # a FLOP counter sees one op per call
+            traced = trace_core_call(self, q, k, v, bias, key_mask, scale)
+            if traced is not None:
+                return traced
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         h = self.num_karat_heads
         out_karat = self._karat(q[:, :h], k[:, :h], v[:, :h], _heads(bias, 0, h), _heads(key_mask, 0, h), scale)

@@ -73,6 +73,7 @@ def test_imagenet_folder_and_layout_errors(tmp_path):
         for c in ("cat", "dog"):
             (tmp_path / "imnet" / split / c).mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (40, 40), (10, 20, 30)).save(tmp_path / "imnet" / split / c / "a.JPEG")
+    args.batch_size = 2  # two images: one full batch
     ds, classes = build_dataset(True, args)
     assert classes == 2 and len(ds) == 2 and ds[0][0].shape == (3, 32, 32)
     args.data_set, args.data_path = "CIFAR10", str(tmp_path / "imnet")
