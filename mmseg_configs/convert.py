@@ -1,8 +1,8 @@
 """Weights for the mmseg / mmdet KArAt ViT: timm names to mmseg names, and fitting a state dict to a model.
 
 Used by ``KArAtVisionTransformer.init_weights`` (``init_cfg=dict(type='Pretrained', checkpoint=...)``) and by
-``mmseg_configs.export`` (``tools/convert_to_mmseg.py``); this module is load-time code and builds no model. Fitting a checkpoint to a model means: timm names mapped to mmseg's (the
-mapping of mmseg's own ``vit2mmseg``), the position embedding resized to the model's patch grid, a 1-channel
+``mmseg_configs.export`` (``tools/convert_to_mmseg.py``); this module is load-time code and builds no model.
+Fitting a checkpoint to a model means: timm names mapped to mmseg's (the mapping of mmseg's own ``vit2mmseg``), the position embedding resized to the model's patch grid, a 1-channel
 patch embedding adapted to 3 channels (timm's ``adapt_input_conv``), KArAt operator tensors resampled to the
 model's token count (spec section 6, ``karat.resample``), and a check that everything but KArAt tensors is
 there, so a checkpoint of another architecture fails loudly although the load itself is non-strict.

@@ -5,7 +5,7 @@
 ``reduce_zero_label=True``), so mmseg's own ``ADE20KDataset`` reads it. The scenes are coloured shapes of a few
 classes on textured background; a thin ignored frame exercises the ignore label. Same seed, same bytes.
 
-``CheckedADE20KDataset`` (``mmseg_configs.datasets``, in mmseg's ``DATASETS``) is ``ADE20KDataset`` that checks the folder
+``CheckedADE20KDataset`` (``mmseg_configs.datasets``) is ``ADE20KDataset`` that checks the folder
 first, so a wrong ``data_root`` fails with what is missing and how to fix it instead of an empty dataset.
 """
 from __future__ import annotations
