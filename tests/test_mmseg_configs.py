@@ -68,3 +68,25 @@ def test_no_config_names_the_old_entry() -> None:
     assert len(configs) > len(UPERNET)
     old = [p for p in configs if "mmseg_configs.backbones" in p.read_text()]
     assert not old
+
+
+@pytest.mark.slow
+def test_old_entry_still_registers_everything() -> None:
+    """A user config with ``imports=['mmseg_configs.backbones']`` gets what ``['mmseg_configs']`` gives."""
+    require("mmseg")
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from mmengine.utils import import_modules_from_strings\n"
+            "import_modules_from_strings(['mmseg_configs.backbones'])\n"
+            "from mmseg.registry import DATASETS, MODELS\n"
+            "assert DATASETS.get('CheckedADE20KDataset') is not None\n"
+            "assert MODELS.get('KArAtVisionTransformer') is not None and MODELS.get('KArAtSwinTransformer') is not None\n"
+            "assert 'mmseg_configs.flops' in sys.modules and 'mmseg_configs.compat' in sys.modules\n"
+            "assert 'mmseg_configs.export' not in sys.modules  # the converter is not load-time code\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
