@@ -34,7 +34,7 @@ def check_config(cfg: Any, path: str, eval_only: bool) -> None:
     if not eval_only and cfg.train.get("amp", {}).get("enabled") and "cuda" not in str(cfg.train.get("device", "")):
         raise ValueError(f"train.amp.enabled=True needs CUDA but train.device={cfg.train.get('device')!r}: "
                          "detectron2's AMPTrainer autocasts with torch.cuda.amp and asserts CUDA. On a CPU, add "
-                         "train.amp.enabled=False (and train.device=cpu).")
+                         "train.amp.enabled=False.")
 
 
 def do_test(cfg: Any, model: Any) -> Optional[Dict[str, Any]]:

@@ -288,7 +288,9 @@ class RationalBasis(PerEdgeBasis):
         if self.denominator.shape[-1] == 0:
             return self._horner(xe, num)
         den = self.denominator[:, i, o].unsqueeze(1).to(xe.dtype)
-        t = xe.abs().clamp_min(1.0)
+        # The value does not depend on t (any t > 0 gives the same function), so t carries no gradient: backward
+        # differentiates through u = x / t alone, at the cost of plain Horner.
+        t = xe.detach().abs().clamp_min(1.0)
         u, w = xe / t, 1.0 / t  # |u| <= 1, w <= 1; exactly x and 1 where |x| <= 1
         m, n = num.shape[-1] - 1, den.shape[-1]
         p = self._horner(u, num, w)  # P(x) / t^m

@@ -110,6 +110,16 @@ def test_bf16_parameters_without_autocast(basis, mode, impl):
         assert g.dtype == torch.bfloat16 and torch.isfinite(g).all() and _rel(g, w) < 2 * TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("impl", ["reference", "efficient"])
+def test_mixed_heads_under_autocast(impl):
+    """KArAt heads and softmax (SDPA) heads side by side come back in one dtype."""
+    core = KArAtCore(3, 72, KArAtConfig(hidden_dim=3, impl=impl, mixed_head=True, num_attention=2))
+    q, k, v, bias, keep = _host_inputs("bias+windows", torch.bfloat16, 1, 3, 72, 8)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = core(q, k, v, bias=bias, key_mask=keep)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
 VIT_MODES = [dict(modular_mode="phi1_w2"), dict(modular_mode="w1_phi2"), dict(modular_attn=False, karat_depth=2)]
 
 

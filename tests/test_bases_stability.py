@@ -117,3 +117,11 @@ def test_spline_knots_stay_fp32_under_half():
 def test_non_finite_grid_range_is_a_clear_error(bad):
     with pytest.raises(ValueError, match=r"grid_range=.*must be finite"):
         KArAtConfig(grid_range=bad)
+
+
+def test_rational_gradients_are_exact_beyond_abs_x_1():
+    """The normalisation t = max(1, |x|) carries no gradient (the function does not depend on it): gradcheck."""
+    layer = KANLayer(1, 2, 2, KArAtConfig(basis_type="RationalBasis", rational_order=(4, 3))).double()
+    x = torch.tensor([[-30.0, -2.5], [-0.5, 0.7], [1.5, 40.0]], dtype=torch.float64)[None, None].requires_grad_()
+    params = [layer.basis.numerator, layer.basis.denominator]
+    assert torch.autograd.gradcheck(lambda x, *p: layer.basis.edge_values(x), (x, *params))
