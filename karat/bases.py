@@ -269,8 +269,8 @@ class RationalBasis(PerEdgeBasis):
 
     @staticmethod
     def _horner(x: torch.Tensor, coef: torch.Tensor, w: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``sum_i coef_i x^i`` with x ``(B, H, R, in, 1)`` and coef ``(H, 1, in, out, K)``; with ``w`` (shaped as x)
-        the homogeneous form ``sum_i coef_i x^i w^(K-1-i)``."""
+        """``sum_i coef_i x^i`` with x ``(B, H, R, in, 1)`` and coef ``(H, 1, in, out, K)``; with ``w`` (shaped
+        as x) the homogeneous form ``sum_i coef_i x^i w^(K-1-i)``."""
         acc = coef[..., -1].expand(x.shape[:-1] + coef.shape[-2:-1])
         w_pow = w
         for i in range(coef.shape[-1] - 2, -1, -1):

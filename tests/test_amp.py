@@ -227,7 +227,8 @@ FUSED_CHECK = textwrap.dedent("""
     half = copy.deepcopy(fus).bfloat16()  # model.bfloat16(): bf16 coefficients go into the kernels as fp32
     out = half(*(t.bfloat16() for t in (q, k, v)))
     out.float().sum().backward()
-    assert out.dtype == torch.bfloat16 and all(p.grad.dtype == torch.bfloat16 for p in half.parameters() if p.requires_grad)
+    assert out.dtype == torch.bfloat16
+    assert all(p.grad.dtype == torch.bfloat16 for p in half.parameters() if p.requires_grad)
     print("fused kernels under autocast match fp32")
 """)
 
@@ -269,7 +270,8 @@ def test_classification_main_amp_true_on_cpu_trains_under_bf16_autocast(tmp_path
     from classification.main import main
     from test_classification import FAST, make_cifar10
 
-    assert resolve_amp(None, "cpu") is False and resolve_amp(None, "cuda") is True and resolve_amp(False, "cuda") is False
+    assert resolve_amp(None, "cpu") is False and resolve_amp(None, "cuda") is True
+    assert resolve_amp(False, "cuda") is False
     data = make_cifar10(tmp_path / "data", n_train=8, n_test=4)
     args = get_args_parser().parse_args([
         *FAST, "--data-set", "CIFAR10", "--data-path", str(data), "--epochs", "1", "--batch-size", "4",
@@ -353,7 +355,7 @@ def test_mmseg_amp_optim_wrapper_trains_on_cpu_in_bf16(tmp_path, monkeypatch, re
     monkeypatch.setattr(amp_optimizer_wrapper, "is_cuda_available", lambda: True)
 
     data_root = make_embedded_ade20k(tmp_path / "data", num_train=4, num_val=2)
-    cfg = Config.fromfile(str(ROOT / "mmseg_configs" / "upernet" / "upernet_vit-t2-karat_1xb8-60iter_embedded-16x16.py"))
+    cfg = Config.fromfile(str(ROOT / "mmseg_configs/upernet/upernet_vit-t2-karat_1xb8-60iter_embedded-16x16.py"))
     cfg.merge_from_dict({
         "train_dataloader.dataset.data_root": str(data_root), "train_dataloader.batch_size": 2,
         "model.backbone.num_layers": 4, "model.backbone.embed_dims": 48, "model.backbone.num_heads": 3,
