@@ -35,7 +35,7 @@ from karat.models.vision_transformer import karat_vit_filter_fn
 
 from .args import get_args_parser, karat_kwargs
 from .datasets import build_dataset
-from .engine import evaluate, train_one_epoch
+from .engine import evaluate, resolve_amp, train_one_epoch
 
 _logger = logging.getLogger("classification")
 
@@ -185,8 +185,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
                                           min_lr=args.min_lr, cooldown_epochs=args.cooldown_epochs,
                                           step_on_epochs=not args.sched_on_updates,
                                           updates_per_epoch=len(loader_train))
-    amp = args.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    amp = resolve_amp(args.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")  # bf16 has fp32's range
     if mixup_fn is not None:
         criterion = SoftTargetCrossEntropy()
     elif args.smoothing > 0:

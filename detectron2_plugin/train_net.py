@@ -31,6 +31,10 @@ def check_config(cfg: Any, path: str, eval_only: bool) -> None:
                          f"(see configs/COCO/mask_rcnn_vitdet_b_100ep.py).")
     if eval_only and not cfg.train.get("init_checkpoint"):
         raise ValueError("--eval-only needs the weights to evaluate: add train.init_checkpoint=<path to a .pth>.")
+    if not eval_only and cfg.train.get("amp", {}).get("enabled") and "cuda" not in str(cfg.train.get("device", "")):
+        raise ValueError(f"train.amp.enabled=True needs CUDA but train.device={cfg.train.get('device')!r}: "
+                         "detectron2's AMPTrainer autocasts with torch.cuda.amp and asserts CUDA. On a CPU, add "
+                         "train.amp.enabled=False.")
 
 
 def do_test(cfg: Any, model: Any) -> Optional[Dict[str, Any]]:
