@@ -65,6 +65,14 @@ def _zip_damage(path: Path) -> Optional[str]:
     return f"{bad} fails its CRC check" if bad else None
 
 
+def check_intact(path: PathLike) -> None:
+    """Raise :class:`CorruptCheckpointError` when a ``torch.save`` file is empty or its zip structure is damaged
+    (for loaders other than :func:`load_checkpoint`, e.g. mmengine's)."""
+    damage = _zip_damage(Path(path))
+    if damage:
+        raise _corrupt(Path(path), damage)
+
+
 def _corrupt(path: Path, detail: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(f"Checkpoint {path} is corrupt or truncated ({detail}): the save or copy that "
                                   f"wrote it did not finish. Copy or save it again.")
@@ -90,9 +98,7 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Any:
         raise FileNotFoundError(f"Checkpoint {path} does not exist (or is not a file).")
     if path.suffix == ".safetensors":
         return load_safetensors(path)
-    damage = _zip_damage(path)
-    if damage:
-        raise _corrupt(path, damage)
+    check_intact(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
