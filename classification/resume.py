@@ -254,7 +254,8 @@ def read_resume_checkpoint(path: str) -> Tuple[Dict[str, Any], bool]:
 def resume(ckpt: Mapping[str, Any], full: bool, path: str, model: torch.nn.Module, model_name: str,
            model_kwargs: Mapping[str, Any], weights_only: bool = False, **parts: Any) -> Tuple[Optional[int], float]:
     """Load ``ckpt`` into the model and (unless ``weights_only``, e.g. ``--eval``) into ``parts``: optimizer,
-    lr_scheduler, scaler, model_ema (the RNG streams are restored by :func:`start_rng_streams`). Returns (the checkpoint's epoch or None for weights only, the best accuracy so far)."""
+    lr_scheduler, scaler, model_ema (the RNG streams are restored by :func:`start_rng_streams`).
+    Returns (the checkpoint's epoch or None for weights only, the best accuracy so far)."""
     check_architecture(ckpt, model_name, model_kwargs, path)
     load_model_weights(model, ckpt["model"], path)
     if not full:

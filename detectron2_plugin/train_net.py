@@ -1,7 +1,8 @@
 """detectron2's lazy-config training loop as library functions (what ``tools/lazyconfig_train.py`` runs and the
 demo calls): detectron2's trainer (AMPTrainer/SimpleTrainer), hooks, DetectionCheckpointer (weights only; pickled
 ``.pkl`` files only with ``--allow-pickle``), COCO evaluation via ``inference_on_dataset``. Besides detectron2's
-own ``tools/lazyconfig_train_net.py`` it checks the config first, refuses ``--eval-only`` without weights, and writes the final metrics as JSON in the output folder.
+own ``tools/lazyconfig_train_net.py`` it checks the config first, refuses ``--eval-only`` without weights, and
+writes the final metrics as JSON in the output folder.
 """
 from __future__ import annotations
 
