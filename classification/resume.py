@@ -138,11 +138,13 @@ def set_rng_state(state: Mapping[str, Any], generator: Optional[torch.Generator]
 
 def start_rng_streams(seed: int, generator: torch.Generator, states: Any = None, rank: int = 0, world: int = 1) -> None:
     """Right before the first epoch: the training streams start from ``seed`` (whatever setup and lazy imports drew
-    before), or continue from a checkpoint's ``states``, so both runs draw the same numbers from here on."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-    generator.manual_seed(seed)
+    before), or continue from a checkpoint's ``states``, so both runs draw the same numbers from here on. The
+    training seed is offset from the one that initialised the weights, so masks never replay the init's numbers."""
+    train_seed = (seed + (1 << 31)) % (1 << 32)
+    torch.manual_seed(train_seed)
+    np.random.seed(train_seed)
+    random.seed(train_seed)
+    generator.manual_seed(train_seed)
     if states is not None:
         restore_rng_states(states, rank, world, generator)
 
