@@ -26,7 +26,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default="", help="where to save checkpoints and logs (empty: no saving)")
     g.add_argument("--device", default="cuda", help="cuda or cpu (falls back to cpu when CUDA is missing)")
     g.add_argument("--seed", default=0, type=int)
-    g.add_argument("--resume", default="", help="checkpoint to continue from")
+    g.add_argument("--resume", default="", help="checkpoint to continue from, or 'auto': <output_dir>/checkpoint.pth "
+                   "when it exists (an --output_dir that holds a run is reused only this way)")
     g.add_argument("--start_epoch", default=0, type=int)
     g.add_argument("--eval", action="store_true", help="evaluation only")
     g.add_argument("--finetune", default="", help="checkpoint to fine-tune from (head reset, tokens resampled)")

@@ -9,6 +9,10 @@ It takes detectron2's standard arguments::
     python tools/lazyconfig_train.py --config-file ... --num-machines 2 --machine-rank 0 --dist-url tcp://host:port
     python tools/lazyconfig_train.py --config-file ... --eval-only train.init_checkpoint=output/model_final.pth
     python tools/lazyconfig_train.py --config-file ... --resume
+    python tools/lazyconfig_train.py --config-file ... --allow-pickle train.init_checkpoint=model_zoo_R50.pkl
+
+Checkpoints load weights only (tensors and plain values); detectron2's pickled ``.pkl``/``.pyth`` files run code
+when read, so they load only with ``--allow-pickle``, for files from a source you trust.
 
 The loop itself is detectron2_plugin.train_net (detectron2's trainer, hooks, checkpointer and evaluator); besides
 what detectron2's ``tools/lazyconfig_train_net.py`` does, it checks the config first, refuses ``--eval-only``
@@ -29,8 +33,16 @@ from detectron2.engine import default_argument_parser, launch  # noqa: E402
 from detectron2_plugin.train_net import main  # noqa: E402
 
 
+def argument_parser():
+    """detectron2's standard arguments plus ``--allow-pickle``."""
+    parser = default_argument_parser()
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="let pickled .pkl/.pyth checkpoints load (they can run code: trusted files only)")
+    return parser
+
+
 def invoke_main(argv: Optional[list] = None) -> None:
-    args = default_argument_parser().parse_args(argv)
+    args = argument_parser().parse_args(argv)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))
 
