@@ -170,7 +170,8 @@ def check_architecture(state: Mapping[str, torch.Tensor], expected: Mapping[str,
     have, want = _arch(state), _arch(expected)
     diff = [f"{k} {have[k]} vs the model's {want[k]}" for k in want if k in have and have[k] != want[k]]
     if diff:
-        raise ValueError(f"The checkpoint is for another ViT: {'; '.join(diff)}. Build the backbone with the "
+        raise ValueError(f"The checkpoint's tensors do not fit this ViT, it is for another architecture: "
+                         f"{'; '.join(diff)}. Build the backbone with the "
                          f"checkpoint's architecture (embed_dims, patch_size, num_layers, mlp_ratio), or convert a "
                          f"classifier of this architecture (tools/convert_to_mmseg.py writes meta.backbone, the "
                          f"options its output fits).")
