@@ -32,6 +32,25 @@ from detectron2.engine import default_argument_parser, launch  # noqa: E402
 
 from detectron2_plugin.train_net import main  # noqa: E402
 
+from config_paths import check_config_path  # noqa: E402  (tools/, next to this script)
+
+
+def check_launch(num_gpus: int, num_machines: int) -> None:
+    """Refuse a multi-process launch that cannot work here, before detectron2's launcher spawns anything:
+    detectron2 runs one process per CUDA GPU (NCCL), so --num-gpus N needs N visible GPUs."""
+    import torch
+
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if num_gpus < 0 or num_machines < 1:
+        raise ValueError(f"--num-gpus {num_gpus} / --num-machines {num_machines}: need --num-gpus >= 0 and "
+                         f"--num-machines >= 1.")
+    if (num_gpus > 1 or num_machines > 1) and available < max(num_gpus, 1):
+        fix = ("On a CPU-only machine run one process: --num-gpus 1 (the default) with train.device=cpu."
+               if available == 0 else f"Use --num-gpus {available} (and scale the batch size and lr with it).")
+        raise ValueError(f"--num-gpus {num_gpus}{f' --num-machines {num_machines}' if num_machines > 1 else ''} "
+                         f"starts {num_gpus} processes per machine, one per CUDA GPU, but this machine has "
+                         f"{available} CUDA GPU(s). {fix}")
+
 
 def argument_parser():
     """detectron2's standard arguments plus ``--allow-pickle``."""
@@ -42,7 +61,13 @@ def argument_parser():
 
 
 def invoke_main(argv: Optional[list] = None) -> None:
-    args = argument_parser().parse_args(argv)
+    parser = argument_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_config_path(args.config_file, [ROOT / "configs"])
+        check_launch(args.num_gpus, args.num_machines)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))
 
