@@ -26,7 +26,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default="", help="where to save checkpoints and logs (empty: no saving)")
     g.add_argument("--device", default="cuda", help="cuda or cpu (falls back to cpu when CUDA is missing)")
     g.add_argument("--seed", default=0, type=int)
-    g.add_argument("--resume", default="", help="checkpoint to continue from")
+    g.add_argument("--resume", default="", help="checkpoint to continue from, or 'auto': <output_dir>/checkpoint.pth "
+                   "when it exists (an --output_dir that holds a run is reused only this way)")
     g.add_argument("--start_epoch", default=0, type=int)
     g.add_argument("--eval", action="store_true", help="evaluation only")
     g.add_argument("--finetune", default="", help="checkpoint to fine-tune from (head reset, tokens resampled)")
@@ -35,7 +36,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-pin-mem", action="store_false", dest="pin_mem")
     g.add_argument("--run_name", default=None, help="Weights & Biases run name (W&B is used only when given)")
     g.add_argument("--run_id", default=None, help="Weights & Biases run id to resume")
-    g.add_argument("--amp", type=str2bool, default=True, help="mixed precision on CUDA")
+    g.add_argument("--amp", type=str2bool, default=None,
+                   help="mixed precision: fp16 autocast + GradScaler on CUDA (the default there), bf16 autocast on "
+                        "CPU (only when given: --amp True)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vit_tiny_patch16_224_karat", help="timm model name")
     g.add_argument("--input-size", default=224, type=int)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+_logger = logging.getLogger("classification")
+
 
 @dataclass
 class EpochStats:
@@ -21,10 +24,23 @@ class EpochStats:
     top5: float = math.nan
 
 
+def amp_dtype(device: torch.device | str) -> torch.dtype:
+    """fp16 on CUDA (with a GradScaler, as DeiT trains); bf16 elsewhere, the dtype CPU autocast supports best."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
+
+
+def resolve_amp(requested: Optional[bool], device: torch.device | str) -> bool:
+    """``--amp``: unset means on for CUDA and off elsewhere (bf16 on a CPU is often slower than fp32, so it
+    is used there only when asked for with ``--amp True``)."""
+    on = torch.device(device).type == "cuda" if requested is None else requested
+    if on:
+        _logger.info("mixed precision: %s autocast on %s", amp_dtype(device), torch.device(device).type)
+    return on
+
+
 def _autocast(device: torch.device | str, amp: bool):
     device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16) \
-        if amp else contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype(device)) if amp else contextlib.nullcontext()
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: Callable, optimizer: torch.optim.Optimizer,

@@ -35,7 +35,9 @@ from karat.models.vision_transformer import karat_vit_filter_fn
 
 from .args import get_args_parser, karat_kwargs
 from .datasets import build_dataset
-from .engine import evaluate, train_one_epoch
+from .engine import evaluate, resolve_amp, train_one_epoch
+from .resume import (all_rank_rng_states, check_output_dir, read_resume_checkpoint, resolve_resume, resume,
+                     start_rng_streams, trim_log, write_args)
 
 _logger = logging.getLogger("classification")
 
@@ -115,27 +117,6 @@ def load_finetune(model: torch.nn.Module, path: str) -> None:
     _logger.info("fine-tune from %s: missing %s, unexpected %s", path, result.missing_keys, result.unexpected_keys)
 
 
-def _rng_state() -> Dict[str, Any]:
-    """Every generator's state as tensors and plain values (a weights-only checkpoint can hold them)."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    state = dict(torch=torch.get_rng_state(), numpy=[torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-                 python=[version, list(internal), gauss_next])
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def main(args: argparse.Namespace) -> Dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     distributed, rank, world = init_distributed()
@@ -146,6 +127,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
+    prepare_output_dir(args, distributed)
 
     dataset_train, num_classes = build_dataset(True, args)
     dataset_val, _ = build_dataset(False, args)
@@ -154,10 +136,12 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     if distributed:
         sampler = (RepeatAugSampler(dataset_train, num_replicas=world, rank=rank) if args.repeated_aug
                    else DistributedSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True))
-    else:
-        sampler = RandomSampler(dataset_train)
+    generator = torch.Generator()  # the order of the training images (and worker seeds): checkpointed per rank
+    generator.manual_seed(seed)
+    if not distributed:
+        sampler = RandomSampler(dataset_train, generator=generator)
     loader_train = DataLoader(dataset_train, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-                              pin_memory=args.pin_mem and device.type == "cuda", drop_last=True)
+                              pin_memory=args.pin_mem and device.type == "cuda", drop_last=True, generator=generator)
     loader_val = DataLoader(dataset_val, sampler=SequentialSampler(dataset_val), batch_size=int(1.5 * args.batch_size),
                             num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda")
 
@@ -185,8 +169,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
                                           min_lr=args.min_lr, cooldown_epochs=args.cooldown_epochs,
                                           step_on_epochs=not args.sched_on_updates,
                                           updates_per_epoch=len(loader_train))
-    amp = args.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    amp = resolve_amp(args.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")  # bf16 has fp32's range
     if mixup_fn is not None:
         criterion = SoftTargetCrossEntropy()
     elif args.smoothing > 0:
@@ -195,19 +179,16 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         criterion = torch.nn.CrossEntropyLoss()
 
     out_dir = Path(args.output_dir) if args.output_dir else None
-    start_epoch = args.start_epoch
+    start_epoch, resumed_epoch, best, rng_states = args.start_epoch, None, 0.0, None
     if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        model.load_state_dict(ckpt["model"])
-        if not args.eval:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            if model_ema is not None and "model_ema" in ckpt:
-                model_ema.load_state_dict(ckpt["model_ema"])
-            _set_rng_state(ckpt["rng"])
-            start_epoch = ckpt["epoch"] + 1
-        _logger.info("resumed from %s (epoch %d)", args.resume, ckpt["epoch"])
+        ckpt, full = read_resume_checkpoint(args.resume)
+        rng_states = ckpt.get("rng")
+        resumed_epoch, best = resume(ckpt, full, args.resume, model, model_name, model_kwargs, weights_only=args.eval,
+                                     optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler,
+                                     model_ema=model_ema)
+        if resumed_epoch is not None and not args.eval:
+            start_epoch = resumed_epoch + 1
+            _logger.info("resumed from %s (epoch %d, best top-1 %.2f%%)", args.resume, resumed_epoch, best)
 
     if args.eval:
         stats = evaluate(model, loader_val, device, amp)
@@ -218,7 +199,9 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     writer = wandb_run = None
     if out_dir is not None and rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "args.json").write_text(json.dumps(vars(args), indent=1, default=str))
+        write_args(out_dir, args, resumed_epoch)
+        if resumed_epoch is not None:
+            trim_log(out_dir, resumed_epoch)
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out_dir / "tensorboard"))
@@ -230,8 +213,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
                                        config=vars(args), dir=str(out_dir))
             except ImportError:
                 _logger.warning("--run_name given but wandb is not installed; logging to TensorBoard only")
-    best = 0.0
     last: Dict[str, Any] = {}
+    start_rng_streams(seed, generator, rng_states, rank, world)
     for epoch in range(start_epoch, args.epochs):
         if distributed:
             sampler.set_epoch(epoch)
@@ -246,16 +229,17 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
                     n_parameters=sum(p.numel() for p in model.parameters()))
         _logger.info("epoch %d: train loss %.4f, test top-1 %.2f%% top-5 %.2f%% (best %.2f%%)", epoch, tr.loss,
                      va.top1, va.top5, best)
+        rng = all_rank_rng_states(generator, distributed) if out_dir is not None else None  # all ranks take part
         if out_dir is not None and rank == 0:
+            with open(out_dir / "log.txt", "a") as f:  # before the checkpoint: a resume trims what follows it
+                f.write(json.dumps(last) + "\n")
             state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                          lr_scheduler=lr_scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
-                         model_name=model_name, model_kwargs=model_kwargs,
-                         args=vars(args) | {"grid_range": list(args.grid_range)}, rng=_rng_state())
+                         max_accuracy=best, model_name=model_name, model_kwargs=model_kwargs,
+                         args=vars(args) | {"grid_range": list(args.grid_range)}, rng=rng)
             if model_ema is not None:
                 state["model_ema"] = model_ema.state_dict()
             save_checkpoint(_plain(state), out_dir / "checkpoint.pth")
-            with open(out_dir / "log.txt", "a") as f:
-                f.write(json.dumps(last) + "\n")
             for key, value in last.items():
                 writer.add_scalar(key, value, epoch)
             if wandb_run is not None:
@@ -266,6 +250,16 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         dist.barrier()
         dist.destroy_process_group()
     return last
+
+
+def prepare_output_dir(args: argparse.Namespace, distributed: bool) -> None:
+    """Resolve ``--resume auto`` and refuse an output folder that holds another run, on every rank before any
+    rank writes to it."""
+    args.resume = resolve_resume(args)
+    if args.output_dir and not args.eval:  # --eval writes nothing there
+        check_output_dir(args.output_dir, args.resume)
+    if distributed:
+        dist.barrier()
 
 
 def _plain(obj: Any) -> Any:

@@ -1,7 +1,8 @@
 """detectron2's lazy-config training loop as library functions (what ``tools/lazyconfig_train.py`` runs and the
-demo calls): detectron2's trainer (AMPTrainer/SimpleTrainer), hooks, DetectionCheckpointer, COCO evaluation via
-``inference_on_dataset``. Besides detectron2's own ``tools/lazyconfig_train_net.py`` it checks the config first,
-refuses ``--eval-only`` without weights, and writes the final metrics as JSON in the output folder.
+demo calls): detectron2's trainer (AMPTrainer/SimpleTrainer), hooks, DetectionCheckpointer (weights only; pickled
+``.pkl`` files only with ``--allow-pickle``), COCO evaluation via ``inference_on_dataset``. Besides detectron2's
+own ``tools/lazyconfig_train_net.py`` it checks the config first, refuses ``--eval-only`` without weights, and
+writes the final metrics as JSON in the output folder.
 """
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+
+from .checkpoint import SafeDetectionCheckpointer
 
 logger = logging.getLogger("detectron2")
 
@@ -31,6 +33,15 @@ def check_config(cfg: Any, path: str, eval_only: bool) -> None:
                          f"(see configs/COCO/mask_rcnn_vitdet_b_100ep.py).")
     if eval_only and not cfg.train.get("init_checkpoint"):
         raise ValueError("--eval-only needs the weights to evaluate: add train.init_checkpoint=<path to a .pth>.")
+    if not eval_only and cfg.train.get("amp", {}).get("enabled") and "cuda" not in str(cfg.train.get("device", "")):
+        raise ValueError(f"train.amp.enabled=True needs CUDA but train.device={cfg.train.get('device')!r}: "
+                         "detectron2's AMPTrainer autocasts with torch.cuda.amp and asserts CUDA. On a CPU, add "
+                         "train.amp.enabled=False.")
+
+
+def allow_pickle(args: Any) -> bool:
+    """``--allow-pickle``: detectron2's pickled ``.pkl`` init checkpoints may load (they can run code)."""
+    return bool(getattr(args, "allow_pickle", False))
 
 
 def do_test(cfg: Any, model: Any) -> Optional[Dict[str, Any]]:
@@ -54,7 +65,8 @@ def do_train(args: Any, cfg: Any) -> Optional[Dict[str, Any]]:
     train_loader = instantiate(cfg.dataloader.train)
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = SafeDetectionCheckpointer(model, cfg.train.output_dir, allow_pickle=allow_pickle(args),
+                                             trainer=trainer)
     last: Dict[str, Any] = {}
 
     def evaluate() -> Optional[Dict[str, Any]]:
@@ -88,7 +100,7 @@ def main(args: Any) -> Optional[Dict[str, Any]]:
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
         model = create_ddp_model(model)
-        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        SafeDetectionCheckpointer(model, allow_pickle=allow_pickle(args)).load(cfg.train.init_checkpoint)
         results = do_test(cfg, model)
         name = "eval_metrics.json"
     else:

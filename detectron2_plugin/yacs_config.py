@@ -9,13 +9,19 @@
 ``MODEL.VIT`` holds the ViTDet options (defaults: ViT-Base, 1024 px, windows of 14, global blocks 2, 5, 8, 11),
 ``MODEL.KARAT`` the KArAt options (upper-case ``KArAtConfig`` field names; ``ENABLED=False`` gives detectron2's
 own softmax ``ViT`` with the same settings).
+
+detectron2's ``MODEL.DEVICE`` defaults to ``cuda``; on a machine without CUDA both ``add_karat_config`` and the
+builder switch it to ``cpu`` with a log line (as ``classification.main`` falls back to the CPU), so the snippet
+runs anywhere. An explicit non-CUDA device is left alone.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 from functools import partial
 from typing import Any, Dict
 
+import torch
 import torch.nn as nn
 from detectron2.config import CfgNode as CN
 from detectron2.layers import ShapeSpec
@@ -27,11 +33,24 @@ from karat import KArAtConfig
 
 from .backbone import KArAtViT
 
-__all__ = ["add_karat_config", "build_karat_vitdet_backbone", "karat_options_from_cfg", "vit_options_from_cfg"]
+_logger = logging.getLogger(__name__)
+
+__all__ = ["add_karat_config", "build_karat_vitdet_backbone", "cpu_fallback", "karat_options_from_cfg",
+           "vit_options_from_cfg"]
+
+
+def cpu_fallback(cfg: CN) -> None:
+    """Set ``MODEL.DEVICE`` to ``cpu`` when it asks for CUDA and no CUDA device is available (logged)."""
+    device = str(cfg.MODEL.get("DEVICE", "cpu"))
+    if device.startswith("cuda") and not torch.cuda.is_available() and not cfg.is_frozen():
+        _logger.warning("MODEL.DEVICE=%s but CUDA is not available: using MODEL.DEVICE=cpu instead.", device)
+        cfg.MODEL.DEVICE = "cpu"
 
 
 def add_karat_config(cfg: CN) -> CN:
-    """Add the ``MODEL.VIT`` (ViTDet) and ``MODEL.KARAT`` nodes with their defaults to a detectron2 config."""
+    """Add the ``MODEL.VIT`` (ViTDet) and ``MODEL.KARAT`` nodes with their defaults to a detectron2 config
+    (and fall back to ``MODEL.DEVICE=cpu`` where CUDA is unavailable)."""
+    cpu_fallback(cfg)
     cfg.MODEL.VIT = CN()
     v = cfg.MODEL.VIT
     v.IMG_SIZE = 1024
@@ -97,6 +116,7 @@ def build_karat_vitdet_backbone(cfg: CN, input_shape: ShapeSpec) -> Backbone:
     if not hasattr(cfg.MODEL, "KARAT") or not hasattr(cfg.MODEL, "VIT"):
         raise KeyError("build_karat_vitdet_backbone needs the MODEL.VIT and MODEL.KARAT config nodes: call "
                        "detectron2_plugin.add_karat_config(cfg) before merging your config file.")
+    cpu_fallback(cfg)  # build_model moves the model to MODEL.DEVICE after this builder returns
     vit_kwargs = vit_options_from_cfg(cfg)
     if vit_kwargs["in_chans"] != input_shape.channels:
         raise ValueError(f"MODEL.PIXEL_MEAN has {vit_kwargs['in_chans']} channels but the input has "

@@ -18,6 +18,7 @@ from . import efficient, fused
 from .config import KArAtConfig
 from .flops import trace_core_call
 from .operator import KArAtOperator, OperatorProvider
+from .precision import full_precision_attention
 
 OperatorFactory = Callable[[int, int], KArAtOperator]
 
@@ -131,6 +132,11 @@ class KArAtCore(nn.Module):
                 impl = "efficient"
         if impl == "efficient":
             return efficient.attend(self.operator, q, k, v, bias, key_mask, scale)
+        return self._reference(q, k, v, bias, key_mask, scale)
+
+    @full_precision_attention
+    def _reference(self, q, k, v, bias, key_mask, scale) -> torch.Tensor:
+        """``sigma(S) V`` through the materialised ``sigma(S)``, in fp32 like the other paths."""
         logits = (q * scale) @ k.transpose(-2, -1)
         if bias is not None:
             logits = logits + bias

@@ -7,6 +7,10 @@ shapes start with ``(heads, in_features, out_features)``. Two families:
   ``B_m`` on every edge, so the layer is a contraction of a feature tensor with the coefficients;
 * *per-edge* bases (wavelets with per-edge translation/scale, rationals): each edge evaluates its own
   function, so the reference evaluation builds a ``(..., in, out)`` tensor of edge values.
+
+Every basis evaluates in fp32 (float64 stays float64) whatever the input's or the parameters' dtype, in a form
+that stays finite for large inputs; each class states its safe input range. ``KANLayer`` also switches autocast
+off around them (``karat.precision``), so a half-precision input only rounds the input, never the evaluation.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import torch.nn as nn
 
 from .activations import ZeroModule  # noqa: F401  (its home is activations.py; importable from here as before)
 from .config import KArAtConfig
+from .precision import upcast
 
 
 # Which edges to evaluate: (input slice, output slice). Efficient paths evaluate a layer block by block.
@@ -79,12 +84,14 @@ class SharedFeatureBasis(Basis):
         feats = self.features(x)
         if input_mask is not None:
             feats = feats * input_mask.unsqueeze(-1).to(feats.dtype)
-        coef = self.coefficients[:, edges[0], edges[1]] * scale.unsqueeze(-1)
+        coef = (self.coefficients[:, edges[0], edges[1]] * scale.unsqueeze(-1)).to(feats.dtype)
         return torch.einsum("bhrim,hiom->bhro", feats, coef)
 
 
 class FourierBasis(SharedFeatureBasis):
-    """``cos(kx), sin(kx)`` for k = 1..G: 2G functions (layout: all cosines, then all sines)."""
+    """``cos(kx), sin(kx)`` for k = 1..G: 2G functions (layout: all cosines, then all sines).
+
+    Safe input range: every finite input (bounded features, bounded derivatives ``k``), evaluated in fp32."""
 
     _feature_var = 0.5
 
@@ -97,6 +104,7 @@ class FourierBasis(SharedFeatureBasis):
         self._init_coefficients(init_scale)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = upcast(x)
         kx = x.unsqueeze(-1) * self.frequencies[: self.grid].to(x.dtype)
         return torch.cat([torch.cos(kx), torch.sin(kx)], dim=-1)
 
@@ -104,6 +112,7 @@ class FourierBasis(SharedFeatureBasis):
         # Angle-addition recurrence, in place in the output buffer (no temporaries, no concatenation):
         # one cos and one sin, then cos((k+1)x) = cos kx cos x - sin kx sin x, sin((k+1)x) = sin kx cos x + cos kx sin x.
         g = self.grid
+        x = upcast(x)
         out = x.new_empty(*x.shape, 2 * g)
         cos1, sin1 = out[..., 0], out[..., g]
         torch.cos(x, out=cos1)
@@ -121,7 +130,13 @@ class FourierBasis(SharedFeatureBasis):
         return perm, torch.cat([-self.frequencies[:g], self.frequencies[g:]])
 
 class SplineBasis(SharedFeatureBasis):
-    """B-splines of order ``k`` on G uniform intervals of ``grid_range``, extended by k knots each side."""
+    """B-splines of order ``k`` on G uniform intervals of ``grid_range``, extended by k knots each side.
+
+    The knots stay in fp32 whatever the module's dtype: ``model.half()`` would round a float buffer (and a wide
+    ``grid_range`` would overflow it), so only their integer positions are stored and the knots are rebuilt in
+    fp32 at each call; the Cox-de Boor recursion runs in fp32 too. Safe input range: every finite input (the
+    features are 0 outside ``[lo - k h, hi + k h]``, h the knot spacing) for any finite ``grid_range``.
+    """
 
     _feature_var = 0.25
 
@@ -130,12 +145,18 @@ class SplineBasis(SharedFeatureBasis):
         lo, hi = cfg.grid_range
         self.order = cfg.order
         self.num_functions = cfg.grid + cfg.order
-        h = (hi - lo) / cfg.grid
-        knots = torch.arange(-cfg.order, cfg.grid + cfg.order + 1, dtype=torch.float32) * h + lo
-        self.register_buffer("knots", knots, persistent=False)
+        self._lo, self._step = lo, (hi - lo) / cfg.grid
+        # An integer buffer follows .to(device) but no dtype cast (model.half(), .to(torch.bfloat16)).
+        self.register_buffer("knot_index", torch.arange(-cfg.order, cfg.grid + cfg.order + 1), persistent=False)
         self._init_coefficients(init_scale)
 
+    @property
+    def knots(self) -> torch.Tensor:
+        """The ``G + 2k + 1`` knots, in fp32."""
+        return self.knot_index.to(torch.float32) * self._step + self._lo
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = upcast(x)
         g = self.knots.to(x.dtype)
         x = x.unsqueeze(-1)
         bases = ((x >= g[:-1]) & (x < g[1:])).to(x.dtype)
@@ -159,6 +180,17 @@ WAVELETS = {
     "meyer": lambda u: torch.sin(math.pi * u.abs()) * _meyer_aux(u.abs()),
     "shannon": lambda u: torch.sinc(u / math.pi),  # times a Hamming window over the inputs (below)
 }
+# |u| beyond which a wavelet is exactly 0 in fp32, so clamping u there changes no value and no gradient while
+# keeping u^2 (and cos, sin of u) finite for any input: exp(-u^2/2) underflows fp32 at |u| > 14.4, and Meyer's
+# window is 0 from |u| = 1 on. Shannon's sinc decays like 1/u and is not clamped.
+WAVELET_SUPPORT = {"mexican_hat": 16.0, "morlet": 16.0, "dog": 16.0, "meyer": 2.0}
+# Smallest |scale| a wavelet divides by: a learnt scale of 0 would turn every input into +-inf.
+MIN_WAVELET_SCALE = 1e-3
+
+
+def _away_from_zero(s: torch.Tensor, eps: float) -> torch.Tensor:
+    """``s`` with its magnitude clamped to at least ``eps``, sign kept (0 becomes ``+eps``)."""
+    return torch.where(s < 0, s.clamp(max=-eps), s.clamp(min=eps))
 
 
 class PerEdgeBasis(Basis):
@@ -172,14 +204,20 @@ class PerEdgeBasis(Basis):
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor, input_mask: Optional[torch.Tensor] = None,
                 edges: EdgeSlice = ALL_EDGES) -> torch.Tensor:
-        values = self.edge_values(x, edges) * scale.unsqueeze(1)
+        values = self.edge_values(x, edges)
+        values = values * scale.unsqueeze(1).to(values.dtype)
         if input_mask is not None:
             values = values * input_mask.unsqueeze(-1).to(values.dtype)
         return values.sum(dim=-2)
 
 
 class WaveletBasis(PerEdgeBasis):
-    """One wavelet per edge on ``(x - t_qp) / s_qp`` with learnable translation, scale and weight."""
+    """One wavelet per edge on ``(x - t_qp) / s_qp`` with learnable translation, scale and weight.
+
+    Evaluated in fp32 with ``|s|`` clamped to at least ``MIN_WAVELET_SCALE`` and ``u`` clamped to the wavelet's
+    support (``WAVELET_SUPPORT``), which changes nothing where the wavelet is not 0. Safe input range: every
+    finite input for the Mexican hat, Morlet, DoG and Meyer wavelets; Shannon's, every ``|x - t| < 1e35``.
+    """
 
     def __init__(self, num_heads: int, in_features: int, out_features: int, cfg: KArAtConfig, init_scale: float) -> None:
         super().__init__(num_heads, in_features, out_features)
@@ -193,13 +231,28 @@ class WaveletBasis(PerEdgeBasis):
 
     def edge_values(self, x: torch.Tensor, edges: EdgeSlice = ALL_EDGES) -> torch.Tensor:
         i, o = edges
-        u = (x.unsqueeze(-1) - self.translation[:, i, o].unsqueeze(1)) / self.scale[:, i, o].unsqueeze(1)
+        x = upcast(x)
+        shift = self.translation[:, i, o].unsqueeze(1).to(x.dtype)
+        scale = _away_from_zero(self.scale[:, i, o].unsqueeze(1).to(x.dtype), MIN_WAVELET_SCALE)
+        u = (x.unsqueeze(-1) - shift) / scale
+        support = WAVELET_SUPPORT.get(self.wavelet_type)
+        if support is not None:
+            u = u.clamp(-support, support)
         psi = WAVELETS[self.wavelet_type](u) * self.window[i].to(x.dtype).unsqueeze(-1)
-        return psi * self.coefficients[:, i, o].unsqueeze(1)
+        return psi * self.coefficients[:, i, o].unsqueeze(1).to(x.dtype)
 
 
 class RationalBasis(PerEdgeBasis):
-    """``P_m(x) / (1 + |sum_{q=1..n} b_q x^q|)`` per edge; the denominator is >= 1, never zero."""
+    """``P_m(x) / (1 + |sum_{q=1..n} b_q x^q|)`` per edge; the denominator is >= 1, never zero.
+
+    Evaluated in fp32 in a normalised form that never raises x to a power: with ``t = max(1, |x|)``, numerator
+    and denominator are divided by ``t^m`` and ``t^n`` (homogeneous Horner in ``x / t`` and ``1 / t``) and the
+    ratio is multiplied by ``t^(m - n)``. The same function; for ``|x| <= 1`` the same operations as plain
+    Horner. Safe input range: no intermediate overflows or NaNs for ``|x| < 1e11``; the value itself grows like
+    ``|a_m / b_n| |x|^(m-n)``, so with m > n it is inf in fp16 exactly where it exceeds 65504 (default (5, 4):
+    from ``|x| ~ 65504 |b_4 / a_5|`` on, i.e. a few 1e4 at init), finite in bf16 and fp32. With n = 0 the basis
+    is a polynomial: fp16 only while ``|a_m x^m| < 65504``.
+    """
 
     def __init__(self, num_heads: int, in_features: int, out_features: int, cfg: KArAtConfig, init_scale: float) -> None:
         super().__init__(num_heads, in_features, out_features)
@@ -209,21 +262,34 @@ class RationalBasis(PerEdgeBasis):
         self.denominator = nn.Parameter(torch.randn(num_heads, in_features, out_features, n) * 0.1)
 
     @staticmethod
-    def _horner(x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-        """``sum_i coef_i x^i`` with x ``(B, H, R, in, 1)`` and coef ``(H, 1, in, out, K)``."""
+    def _horner(x: torch.Tensor, coef: torch.Tensor, w: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``sum_i coef_i x^i`` with x ``(B, H, R, in, 1)`` and coef ``(H, 1, in, out, K)``; with ``w`` (shaped
+        as x) the homogeneous form ``sum_i coef_i x^i w^(K-1-i)``."""
         acc = coef[..., -1].expand(x.shape[:-1] + coef.shape[-2:-1])
+        w_pow = w
         for i in range(coef.shape[-1] - 2, -1, -1):
-            acc = acc * x + coef[..., i]
+            if w is None:
+                acc = acc * x + coef[..., i]
+            else:
+                acc = torch.addcmul(acc * x, coef[..., i], w_pow)
+                w_pow = w_pow * w
         return acc
 
     def edge_values(self, x: torch.Tensor, edges: EdgeSlice = ALL_EDGES) -> torch.Tensor:
         i, o = edges
-        xe = x.unsqueeze(-1)
-        p = self._horner(xe, self.numerator[:, i, o].unsqueeze(1))
+        xe = upcast(x).unsqueeze(-1)
+        num = self.numerator[:, i, o].unsqueeze(1).to(xe.dtype)
         if self.denominator.shape[-1] == 0:
-            return p
-        q = xe * self._horner(xe, self.denominator[:, i, o].unsqueeze(1))
-        return p / (1 + q.abs())
+            return self._horner(xe, num)
+        den = self.denominator[:, i, o].unsqueeze(1).to(xe.dtype)
+        # The value does not depend on t (any t > 0 gives the same function), so t carries no gradient: backward
+        # differentiates through u = x / t alone, at the cost of plain Horner.
+        t = xe.detach().abs().clamp_min(1.0)
+        u, w = xe / t, 1.0 / t  # |u| <= 1, w <= 1; exactly x and 1 where |x| <= 1
+        m, n = num.shape[-1] - 1, den.shape[-1]
+        p = self._horner(u, num, w)  # P(x) / t^m
+        q = u * self._horner(u, den, w)  # x Q(x) / t^n
+        return p / (w ** n + q.abs()) * t ** (m - n)
 
 
 BASES = {"FourierBasis": FourierBasis, "SplineBasis": SplineBasis, "WaveletBasis": WaveletBasis,

@@ -6,6 +6,7 @@ the value and what is allowed, instead of a shape error deep inside torch.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional, Tuple
 
@@ -93,6 +94,9 @@ class KArAtConfig:
         if not isinstance(self.order, int) or isinstance(self.order, bool) or self.order < 0:
             _fail("order", self.order, "the B-spline order must be an integer >= 0")
         lo_hi = self.grid_range
+        if len(lo_hi) == 2 and not (all(math.isfinite(v) for v in lo_hi) and math.isfinite(lo_hi[1] - lo_hi[0])):
+            _fail("grid_range", self.grid_range, "both ends and their difference must be finite numbers (the "
+                  "B-spline knots are spaced (high - low) / grid apart), e.g. (-1.0, 1.0)")
         if len(lo_hi) != 2 or not lo_hi[0] < lo_hi[1]:
             _fail("grid_range", self.grid_range, "give two numbers (low, high) with low < high")
         ro = self.rational_order

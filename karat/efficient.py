@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from .bases import SharedFeatureBasis
 from .kan import KANLayer
 from .operator import KArAtOperator
+from .precision import autocast_off, full_precision_attention
 
 KEY_BLOCK: Optional[int] = None  # keys per block; None sizes blocks to BLOCK_ELEMENTS
 BLOCK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 25}  # feature entries of one block (bounds the transient memory)
@@ -99,6 +100,11 @@ class _ReduceKeysFromQK(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
+        with autocast_off(dy.device.type):  # backward may run inside the caller's autocast region (CPU)
+            return _ReduceKeysFromQK._backward(ctx, dy.to(ctx.saved_tensors[0].dtype))
+
+    @staticmethod
+    def _backward(ctx, dy):
         q, k, bias, coef, key_mask = ctx.saved_tensors
         need_q, need_k, need_bias, need_coef = ctx.needs_input_grad[:4]
         qh, kh = _head_major(q, ctx.scale), _head_major(k)
@@ -194,7 +200,8 @@ def reduce_keys_qk(layer: KANLayer, q: torch.Tensor, k: torch.Tensor, bias: Opti
         bias = bias.expand(*([1] * (4 - bias.dim())), *bias.shape)
     width = layer.basis.num_functions + int(layer.has_base)
     block = block or block_size(q.shape[0] * q.shape[1] * q.shape[2], width, k.shape[-2], q.device)
-    return _ReduceKeysFromQK.apply(q, k, bias, _layer_coefficients(layer), layer, key_mask, block, scale)
+    coef = _layer_coefficients(layer).to(q.dtype)
+    return _ReduceKeysFromQK.apply(q, k, bias, coef, layer, key_mask, block, scale)
 
 
 def reduce_keys(layer: KANLayer, logits: torch.Tensor, key_mask: Optional[torch.Tensor],
@@ -219,11 +226,12 @@ def expand_to_keys(layer: KANLayer, u: torch.Tensor, v: torch.Tensor, key_mask: 
     if isinstance(layer.basis, SharedFeatureBasis) and _is_key_level(key_mask):
         vm = _masked_rows(v, key_mask)
         basis = layer.basis
-        coef = basis.coefficients * layer.basis_scale.unsqueeze(-1)  # (H, r, N, M)
+        coef = (basis.coefficients * layer.basis_scale.unsqueeze(-1)).to(vm.dtype)  # (H, r, N, M)
         cv = torch.einsum("hpjm,bhjd->bhpmd", coef, vm)
         out = torch.einsum("bhipm,bhpmd->bhid", basis.features(u), cv)
         if layer.has_base:
-            out = out + torch.einsum("bhip,bhpd->bhid", layer.base_fn(u), torch.einsum("hpj,bhjd->bhpd", layer.base_weight, vm))
+            wv = torch.einsum("hpj,bhjd->bhpd", layer.base_weight.to(vm.dtype), vm)
+            out = out + torch.einsum("bhip,bhpd->bhid", layer.base_fn(u), wv)
         return out
     out = None
     block = block or block_size(u.numel() // u.shape[-1], u.shape[-1], v.shape[-2], v.device)
@@ -252,23 +260,26 @@ def _logits(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor]) -> t
 
 
 def _attend_w1_phi2(op: KArAtOperator, q, k, v, bias, key_mask) -> torch.Tensor:
+    weight = op.weight.to(q.dtype)
     if _is_key_level(key_mask):
         # U = S W^T = q (W k)^T (+ bias W^T): linear in N, no N x N logits unless the host gave a bias.
-        u = q @ torch.einsum("hrj,bhjd->bhrd", op.weight, _masked_rows(k, key_mask)).transpose(-1, -2)
+        u = q @ torch.einsum("hrj,bhjd->bhrd", weight, _masked_rows(k, key_mask)).transpose(-1, -2)
         if bias is not None:
             b = bias if key_mask is None else bias * key_mask.to(bias.dtype)
-            u = u + torch.einsum("bhij,hrj->bhir", b.expand(*q.shape[:2], *b.shape[-2:]), op.weight)
+            u = u + torch.einsum("bhij,hrj->bhir", b.expand(*q.shape[:2], *b.shape[-2:]), weight)
     else:  # a per-query mask: U needs the masked logits
         s = _logits(q, k, bias)
-        u = torch.einsum("bhij,hrj->bhir", s * key_mask.to(s.dtype), op.weight)
+        u = torch.einsum("bhij,hrj->bhir", s * key_mask.to(s.dtype), weight)
     return expand_to_keys(op.phi, u, v, key_mask)
 
 
+@full_precision_attention
 def attend(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
            key_mask: Optional[torch.Tensor] = None, scale: float = 1.0) -> torch.Tensor:
     """``sigma(S) V`` with ``S = scale q k^T (+ bias)``, without materialising ``sigma(S)``.
 
-    The same function as the reference path (tests check it in float64)."""
+    The same function as the reference path (tests check it in float64). Computed in fp32 with autocast off
+    (``karat.precision``); the output comes back in the autocast dtype under autocast, else in q's dtype."""
     reason = supports(op)
     if reason is not None:
         raise ValueError(f"impl='efficient' cannot evaluate {reason}; use impl='reference' or 'auto'.")
@@ -283,7 +294,8 @@ def attend(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         hidden = reduce_keys(first, _logits(q * scale, k, bias), key_mask)
     if op.mode == "depth":
         return expand_to_keys(op.layers[1], hidden, v, key_mask)
+    weight = op.weight.to(hidden.dtype)
     if _is_key_level(key_mask):
-        return hidden @ torch.einsum("hjr,bhjd->bhrd", op.weight, _masked_rows(v, key_mask))
-    sigma = torch.einsum("bhir,hjr->bhij", hidden, op.weight) * key_mask.to(hidden.dtype)
+        return hidden @ torch.einsum("hjr,bhjd->bhrd", weight, _masked_rows(v, key_mask))
+    sigma = torch.einsum("bhir,hjr->bhij", hidden, weight) * key_mask.to(hidden.dtype)
     return sigma @ v

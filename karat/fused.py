@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 
 from .bases import FourierBasis
 from .operator import KArAtOperator
+from .precision import autocast_off, output_dtype, upcast
 
 
 _DISABLED: Optional[str] = None
@@ -213,7 +214,7 @@ class _FusedPhi(torch.autograd.Function):
                                 D=d, G=grid, RP=_pad_r(r), BM=block_m, BN=block_n)
         ctx.save_for_backward(q, k, coef)
         ctx.grid, ctx.block_m, ctx.block_n = grid, block_m, block_n
-        return out.to(q.dtype)
+        return out.to(torch.promote_types(q.dtype, torch.float32))  # half-precision q, k: H stays fp32
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -237,17 +238,22 @@ class _FusedPhi(torch.autograd.Function):
 
 
 def phi_fused(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, block_m: int = 32, block_n: int = 32) -> torch.Tensor:
-    """``Phi(q k^T)`` (N x r per head) of a ``phi1_w2`` Fourier operator, q already scaled."""
+    """``Phi(q k^T)`` (N x r per head) of a ``phi1_w2`` Fourier operator, q already scaled. q and k may be half
+    precision (the kernels load them as fp32); the coefficients go in, and H comes out, in fp32."""
     from .efficient import _layer_coefficients
 
-    return _FusedPhi.apply(q, k, _layer_coefficients(op.phi), op.cfg.grid, block_m, block_n)
+    coef = _layer_coefficients(op.phi).to(torch.float32)
+    return _FusedPhi.apply(q, k, coef, op.cfg.grid, block_m, block_n)
 
 
 def attend(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            bias: Optional[torch.Tensor] = None, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``sigma(S) V = Phi(S) (W^T V)`` with ``Phi(S)`` from the fused kernels."""
+    """``sigma(S) V = Phi(S) (W^T V)`` with ``Phi(S)`` from the fused kernels, in fp32 with autocast off; the
+    output comes back in the autocast dtype under autocast, else in q's dtype (``karat.precision``)."""
     reason = supports(op, q, bias, key_mask)
     if reason is not None:
         raise ValueError(f"impl='fused' cannot serve this call: {reason}. Use impl='auto' or 'efficient'.")
-    hidden = phi_fused(op, q, k)
-    return hidden @ torch.einsum("hjr,bhjd->bhrd", op.weight, v)
+    dtype = output_dtype(q)
+    with autocast_off(q.device.type):
+        hidden = phi_fused(op, q, k)
+        return (hidden @ torch.einsum("hjr,bhjd->bhrd", op.weight.to(hidden.dtype), upcast(v))).to(dtype)

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from .bases import ALL_EDGES, Basis, EdgeSlice, ZeroModule, build_basis
 from .config import KArAtConfig, resolve_base_fn
+from .precision import full_precision
 
 
 class KANLayer(nn.Module):
@@ -37,19 +38,21 @@ class KANLayer(nn.Module):
             for p in self.basis.parameters():
                 p.requires_grad_(False)
 
+    @full_precision
     def forward(self, x: torch.Tensor, input_mask: Optional[torch.Tensor] = None,
                 edges: EdgeSlice = ALL_EDGES) -> torch.Tensor:
         """x: ``(B, H, R, in)``; input_mask: bool broadcastable to x, False drops that input's edges.
 
         ``edges`` = (input slice, output slice) evaluates one block of edges only (x holds those inputs):
-        the efficient paths sum a layer over blocks of keys without building all edges at once."""
+        the efficient paths sum a layer over blocks of keys without building all edges at once.
+        Evaluated in fp32 with autocast off (``karat.precision``); the result comes back in x's dtype."""
         i, o = edges
         y = self.basis(x, self.basis_scale[:, i, o], input_mask, edges)
         if self.has_base:
             base = self.base_fn(x)
             if input_mask is not None:
                 base = base * input_mask.to(base.dtype)
-            y = y + torch.einsum("bhri,hio->bhro", base, self.base_weight[:, i, o])
+            y = y + torch.einsum("bhri,hio->bhro", base, self.base_weight[:, i, o].to(base.dtype))
         return y
 
     def extra_repr(self) -> str:

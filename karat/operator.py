@@ -50,10 +50,10 @@ class KArAtOperator(nn.Module):
                 f"or resample a checkpoint with karat.resample_karat_state_dict (spec section 6).")
         if self.mode == "phi1_w2":
             hidden = self.phi(logits, key_mask)
-            sigma = torch.einsum("bhir,hjr->bhij", hidden, self.weight)
+            sigma = torch.einsum("bhir,hjr->bhij", hidden, self.weight.to(hidden.dtype))
         elif self.mode == "w1_phi2":
             s = logits if key_mask is None else logits * key_mask.to(logits.dtype)
-            sigma = self.phi(torch.einsum("bhij,hrj->bhir", s, self.weight))
+            sigma = self.phi(torch.einsum("bhij,hrj->bhir", s, self.weight.to(s.dtype)))
         else:
             sigma = logits
             for i, layer in enumerate(self.layers):

@@ -124,11 +124,7 @@ def _read_file(path: Path) -> tuple[Dict[str, torch.Tensor], Optional[str], Dict
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist. Give a file written by classification.main "
                                 f"(<output_dir>/checkpoint.pth), a timm ViT state dict, or timm:<model name>.")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path)), None, {}
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path)  # .safetensors too; a damaged file is "corrupt or truncated"
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{path} does not hold a state dict (it holds a {type(ckpt).__name__}).")
     state = ckpt.get("model", ckpt.get("state_dict", ckpt))

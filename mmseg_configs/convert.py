@@ -137,12 +137,44 @@ def fit_vit_state(state: Mapping[str, torch.Tensor], model: nn.Module) -> Tuple[
         report.dropped.append("patch_embed.projection.bias")
         report.notes.append("the model is built with patch_bias=False (mmseg's default), so the checkpoint's patch "
                             "embedding bias is not used; set patch_bias=True to keep it")
+    check_architecture(state, expected)
     grid = _grid(model)
     _fit_pos_embed(state, model, grid, report)
     _fit_patch_embed(state, expected, report)
     _fit_karat(state, model, grid, report)
     return state, check_state(state, model, report=report,
                               allow_new=() if getattr(model, "with_cls_token", True) else ("cls_token",))
+
+
+def _arch(state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
+    """Width, patch size, depth and MLP width of an mmseg-named ViT state dict (what is there to read)."""
+    arch: Dict[str, Any] = {}
+    proj = state.get("patch_embed.projection.weight")
+    if proj is not None:
+        arch["width (embed_dims)"] = int(proj.shape[0])
+        arch["patch size"] = tuple(int(v) for v in proj.shape[2:])
+    elif "pos_embed" in state:
+        arch["width (embed_dims)"] = int(state["pos_embed"].shape[-1])
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"layers\.(\d+)\.", k))}
+    if layers:
+        arch["depth (num_layers)"] = max(layers) + 1
+    fc1 = state.get("layers.0.ffn.layers.0.0.weight")
+    if fc1 is not None:
+        arch["MLP width"] = int(fc1.shape[0])
+    return arch
+
+
+def check_architecture(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    """Raise ``ValueError`` naming width, patch size, depth or MLP width when the checkpoint's differ from the
+    model's, before anything is resampled (a width mismatch would otherwise surface as a token-count error)."""
+    have, want = _arch(state), _arch(expected)
+    diff = [f"{k} {have[k]} vs the model's {want[k]}" for k in want if k in have and have[k] != want[k]]
+    if diff:
+        raise ValueError(f"The checkpoint's tensors do not fit this ViT, it is for another architecture: "
+                         f"{'; '.join(diff)}. Build the backbone with the "
+                         f"checkpoint's architecture (embed_dims, patch_size, num_layers, mlp_ratio), or convert a "
+                         f"classifier of this architecture (tools/convert_to_mmseg.py writes meta.backbone, the "
+                         f"options its output fits).")
 
 
 def _grid(model: nn.Module) -> Tuple[int, int]:

@@ -10,8 +10,9 @@ first, so a wrong ``data_root`` fails with what is missing and how to fix it ins
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -20,6 +21,8 @@ SPLITS = ("training", "validation")
 # (label in the PNG, RGB colour): the label is ADE20K's 1-based class id (1 wall, 3 sky, 5 tree, 7 road, 13 person).
 CLASSES = ((3, (70, 130, 220)), (5, (40, 150, 40)), (7, (120, 120, 120)), (13, (220, 60, 60)))
 BACKGROUND = (1, (200, 190, 170))  # wall
+# Where the embedded config (upernet_vit-t2-karat_1xb8-60iter_embedded-16x16.py) expects the generated set.
+EMBEDDED_ROOT = "data/karat_embedded"
 
 
 def _scene(rng: np.random.Generator, size: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
@@ -78,8 +81,9 @@ def check_ade20k_layout(data_root: Union[str, Path], splits: Tuple[str, ...] = S
     data_root = Path(data_root)
     hint = (f"Expected ADE20K's layout: <data_root>/images/{{training,validation}}/*.jpg and "
             f"<data_root>/annotations/{{training,validation}}/*.png with the same file stems, where data_root is "
-            f"the {ROOT_NAME} folder (e.g. data/ade/{ROOT_NAME}; see mmseg's dataset preparation docs, or "
-            f"mmseg_configs.data.make_embedded_ade20k for a small generated one).")
+            f"the {ROOT_NAME} folder (ADE20K: data/ade/{ROOT_NAME}, see mmseg's dataset preparation docs). "
+            f"`python -m mmseg_configs.data {EMBEDDED_ROOT}` writes a small generated set with data_root "
+            f"{EMBEDDED_ROOT}/{ROOT_NAME}, where the embedded config looks.")
     if not data_root.is_dir():
         raise ValueError(f"ADE20K data_root {data_root} does not exist. {hint}")
     for split in splits:
@@ -97,11 +101,30 @@ def check_ade20k_layout(data_root: Union[str, Path], splits: Tuple[str, ...] = S
                              f"(e.g. {lacking[0]}). {hint}")
 
 
-if __name__ == "__main__":  # python -m mmseg_configs.data <root> [num_train num_val]
-    import sys
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m mmseg_configs.data ROOT``: write the generated set and print its data_root."""
+    import argparse
 
-    args = sys.argv[1:]
-    if not args:
-        sys.exit("usage: python -m mmseg_configs.data <root> [num_train num_val]")
-    counts = [int(a) for a in args[1:3]]
-    print(make_embedded_ade20k(args[0], *counts))
+    p = argparse.ArgumentParser(
+        prog="python -m mmseg_configs.data",
+        description="Write a small generated dataset in ADE20K's layout (ROOT/ADEChallengeData2016/images|"
+                    "annotations/training|validation) that mmseg's ADE20KDataset reads. The embedded config "
+                    f"reads it from {EMBEDDED_ROOT}/{ROOT_NAME}: run `python -m mmseg_configs.data {EMBEDDED_ROOT}`.")
+    p.add_argument("root", help=f"folder to write {ROOT_NAME}/ into (the embedded config's: {EMBEDDED_ROOT})")
+    p.add_argument("num_train", type=int, nargs="?", default=32, help="training images (default 32)")
+    p.add_argument("num_val", type=int, nargs="?", default=8, help="validation images (default 8)")
+    p.add_argument("--size", type=int, nargs=2, default=(16, 16), metavar=("H", "W"), help="image size (16 16)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.num_train < 1 or a.num_val < 1:
+        p.error("num_train and num_val must be at least 1")
+    try:
+        print(make_embedded_ade20k(a.root, a.num_train, a.num_val, size=tuple(a.size), seed=a.seed))
+    except (FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,12 +6,21 @@ RGB inputs (8 x 8 tokens: position embeddings and KArAt operators resampled, the
 replicated to RGB), the embedded config (``upernet/upernet_vit-t2-karat_1xb8-60iter_embedded-16x16.py``)
 loads it (``load_from``), and mmseg's ``Runner`` fine-tunes and evaluates (IoUMetric) on
 the generated ADE20K-layout set. Both backbones get the same data, schedule and seed.
+
+The stage writes, under its (new or empty) output folder: ``data/`` (the generated set), and per backbone
+``<name>/`` with ``transfer_report.txt``, ``backbone_16x16.pth``, mmseg's work dir (config, logs, checkpoints,
+TensorBoard) and ``metrics.json``; ``summary.md`` / ``summary.json`` hold the table of both.
+
+    python tools/demo.py --no-transfer --output-dir outputs/digits      # stage 1: the two classifiers
+    python -m mmseg_configs.demo outputs/seg --from-demo outputs/digits # this stage on them
 """
 from __future__ import annotations
 
+import json
+import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from .data import make_embedded_ade20k
 
@@ -77,6 +86,14 @@ def _run_stage(out_dir: Path, checkpoints: Dict[str, Path], quick: bool) -> List
     unknown = sorted(set(checkpoints) - set(NAMES))
     if unknown:
         raise ValueError(f"Unknown backbone name(s) {unknown}; the segmentation stage takes {list(NAMES)}.")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"Output folder {out_dir} already exists and is not empty; the stage never overwrites "
+                              f"results. Give another folder or remove that one yourself.")
+    missing = {n: str(c) for n, c in checkpoints.items() if not Path(c).is_file()}
+    if missing:
+        raise FileNotFoundError(f"Classification checkpoint(s) not found: {missing}. The demo's classification "
+                                f"stage writes <demo output>/classification/<karat|softmax>/checkpoint.pth "
+                                f"(python tools/demo.py --no-transfer --output-dir DIR).")
     data_root = make_embedded_ade20k(out_dir / "data", num_train=8 if quick else 48, num_val=4 if quick else 16,
                                      size=IMAGE_SIZE)
     rows: List[Dict[str, Any]] = []
@@ -84,16 +101,20 @@ def _run_stage(out_dir: Path, checkpoints: Dict[str, Path], quick: bool) -> List
         start = time.time()
         work_dir = out_dir / name
         backbone_ckpt = work_dir / "backbone_16x16.pth"
-        # the stage's own output from an earlier run is replaced; nothing outside out_dir/<name> is written
+        work_dir.mkdir(parents=True)
         report = convert_classifier(str(checkpoints[name]), backbone_ckpt, img_size=IMAGE_SIZE, with_cls_token=False,
-                                    in_channels=3, overwrite=True)
+                                    in_channels=3)
+        (work_dir / "transfer_report.txt").write_text(f"source: {checkpoints[name]}\n{report}\n")
         runner = Runner.from_cfg(build_config(backbone_ckpt, work_dir, data_root, quick=quick))
         runner.train()
         metrics: Optional[Dict[str, float]] = runner.val_loop.run()
         rows.append(dict(name=name, mIoU=float(metrics["mIoU"]), aAcc=float(metrics["aAcc"]),
                          seconds=round(time.time() - start, 1), iterations=runner.iter,
                          transfer=f"{len(report.loaded)} loaded, {len(report.resampled)} resampled, "
-                                  f"{len(report.new)} new"))
+                                  f"{len(report.new)} new", output_dir=str(work_dir)))
+        (work_dir / "metrics.json").write_text(json.dumps(rows[-1], indent=2))
+    (out_dir / "summary.md").write_text(summary_table(rows) + "\n")
+    (out_dir / "summary.json").write_text(json.dumps(rows, indent=2))
     return rows
 
 
@@ -105,11 +126,42 @@ def summary_table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m mmseg_configs.demo OUT_DIR karat=CKPT softmax=CKPT [--quick]
-    import sys
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m mmseg_configs.demo OUT_DIR (--from-demo DEMO_DIR | karat=CKPT softmax=CKPT) [--quick]``."""
+    import argparse
 
-    args = [a for a in sys.argv[1:] if a != "--quick"]
-    if not args:
-        sys.exit("usage: python -m mmseg_configs.demo OUT_DIR karat=CKPT softmax=CKPT [--quick]")
-    ckpts = dict(a.split("=", 1) for a in args[1:])
-    print(summary_table(run_stage(Path(args[0]), {k: Path(v) for k, v in ckpts.items()}, quick="--quick" in sys.argv)))
+    p = argparse.ArgumentParser(
+        prog="python -m mmseg_configs.demo",
+        description="make demo's segmentation stage on its own: convert classification checkpoints into UperNets, "
+                    "fine-tune them with mmseg's runner on a generated ADE20K-layout set and evaluate (mIoU).")
+    p.add_argument("out_dir", type=Path, help="output folder (new, or empty: an existing non-empty one is refused)")
+    p.add_argument("checkpoints", nargs="*", metavar="NAME=CKPT",
+                   help=f"backbones to transfer, NAME in {list(NAMES)}, e.g. "
+                        f"karat=outputs/digits/classification/karat/checkpoint.pth")
+    p.add_argument("--from-demo", type=Path, metavar="DEMO_DIR",
+                   help="take both classifiers of a demo run: DEMO_DIR/classification/{karat,softmax}/checkpoint.pth "
+                        "(python tools/demo.py --no-transfer --output-dir DEMO_DIR writes them)")
+    p.add_argument("--quick", action="store_true", help="a few images and 2 iterations (a smoke test)")
+    a = p.parse_args(argv)
+    ckpts: Dict[str, Path] = {}
+    if a.from_demo is not None:
+        ckpts = {n: a.from_demo / "classification" / n / "checkpoint.pth" for n in NAMES}
+    for item in a.checkpoints:
+        name, sep, path = item.partition("=")
+        if not sep or name not in NAMES or not path:
+            p.error(f"{item!r} is not NAME=CKPT with NAME in {list(NAMES)}")
+        ckpts[name] = Path(path)
+    if not ckpts:
+        p.error("give --from-demo DEMO_DIR or at least one NAME=CKPT")
+    try:
+        rows = run_stage(a.out_dir, ckpts, quick=a.quick)
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary_table(rows))
+    print(f"results: {a.out_dir} (summary.md, <name>/transfer_report.txt, <name>/metrics.json)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from config_paths import check_config_path  # noqa: E402  (tools/, next to this script)
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from detectron2_plugin.convert import convert_file
 
     try:
+        check_config_path(a.config_file, [ROOT / "configs"])
         conversion = convert_file(a.source, a.config_file, Path(a.output), a.opts, overwrite=a.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

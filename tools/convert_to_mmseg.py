@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Convert a ViT classifier into an mmseg / mmdet backbone checkpoint (KArAt or softmax).
 
-    python tools/convert_to_mmseg.py output/digits_karat/checkpoint.pth pretrain/vit-karat.pth --img-size 512
+    python tools/convert_to_mmseg.py outputs/digits/classification/karat/checkpoint.pth \
+        pretrain/vit-t2.pth --img-size 16
     python tools/convert_to_mmseg.py timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k pretrain/vit-t16.pth
 
 Sources: a checkpoint of classification.main / the demo, a plain timm ViT state dict, or timm:<name>. KArAt

@@ -41,6 +41,7 @@ def karat_vit_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTransf
     model's token count (spec section 6), and a check that everything except KArAt parameters is present,
     so a wrong checkpoint fails loudly despite non-strict loading."""
     out = checkpoint_filter_fn(state_dict, model, **kwargs)
+    _check_vit_shapes(out, model)
     layout = TokenLayout(model.num_prefix_tokens, tuple(model.patch_embed.grid_size))
     out, report = resample_karat_state_dict(out, model, layout)
     if report.resampled:
@@ -53,13 +54,45 @@ def karat_vit_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTransf
     if other_missing:
         raise ValueError(
             f"Checkpoint does not fit this KArAt ViT: {len(other_missing)} non-KArAt tensors are missing "
-            f"(e.g. {other_missing[:3]}). Use a checkpoint of the same ViT architecture (embed_dim, depth, heads).")
+            f"(e.g. {other_missing[:3]}). Use a checkpoint of the same ViT architecture (embed_dim, depth, heads)"
+            f"{_depths(out, model)}.")
     unexpected = [k for k in out if k not in expected]
     if unexpected:
         raise ValueError(f"Checkpoint has {len(unexpected)} tensors this KArAt ViT does not have "
-                         f"(e.g. {unexpected[:3]}); it is for another architecture.")
+                         f"(e.g. {unexpected[:3]}); it is for another architecture{_depths(out, model)}.")
     _logger.info("Loaded a softmax ViT checkpoint; %d KArAt tensors are newly initialised.", len(karat_missing))
     return out
+
+
+def _depths(state: Mapping[str, Any], model: VisionTransformer) -> str:
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    depth = max(blocks) + 1 if blocks else 0
+    return f" (the checkpoint has depth {depth}, the model {len(model.blocks)})" if depth != len(model.blocks) else ""
+
+
+def _check_vit_shapes(state: Mapping[str, torch.Tensor], model: VisionTransformer) -> None:
+    """Name the differing dimension (width, MLP width, ...) of a checkpoint of another ViT size, instead of torch's
+    raw ``size mismatch`` (KArAt tensors are resampled later; timm adapts the head and input channels; another
+    depth shows as missing or unexpected blocks, see ``_depths``)."""
+    def dims(sd: Mapping[str, Any]) -> Dict[str, Any]:
+        d: Dict[str, Any] = {}
+        if "patch_embed.proj.weight" in sd:
+            d["width (embed_dim)"] = int(sd["patch_embed.proj.weight"].shape[0])
+        if "blocks.0.mlp.fc1.weight" in sd:
+            d["MLP width"] = int(sd["blocks.0.mlp.fc1.weight"].shape[0])
+        return d
+
+    have, want = dims(state), dims(model.state_dict())
+    diff = [f"{k} {have[k]} vs the model's {want[k]}" for k in want if k in have and have[k] != want[k]]
+    head = model.pretrained_cfg.get("classifier", "head") + "."
+    expected = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
+             if k in expected and not is_karat_key(k) and not k.startswith(head) and k != "patch_embed.proj.weight"
+             and tuple(v.shape) != tuple(expected[k].shape)]
+    if diff or wrong:
+        raise ValueError(f"Checkpoint is for another ViT size: {'; '.join(diff or wrong[:3])}. Create the model with "
+                         f"the checkpoint's size (e.g. vit_small_patch16_224_karat for width 384) or use a checkpoint "
+                         f"of this one.")
 
 
 def _create_vit_karat(variant: str, pretrained: bool = False, karat_defaults: Mapping[str, Any] | None = None,

@@ -1,0 +1,237 @@
+"""classification.main resumes exactly and loses nothing: an interrupted run continued with --resume equals an
+uninterrupted one bit for bit (CPU), a kill -9 during a checkpoint write keeps the previous checkpoint, an output
+folder holding a run is never overwritten, and a checkpoint that cannot continue this run says why."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from classification import main as cls_main
+from classification.args import get_args_parser
+from classification.resume import ResumeError, restore_rng_states, restore_scaler, rng_state
+from karat import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+# The cheapest real run: scikit-learn's digits, a 2-block 32-wide KArAt ViT on 2 x 2 patches, 4 steps an epoch.
+# Mixup (numpy), drop-path (torch) and the digits' random shift (torch) all draw random numbers.
+TINY = ["--data-set", "DIGITS", "--input-size", "8", "--model", "vit_tiny_patch16_224", "--model-kwargs",
+        "patch_size=2", "in_chans=1", "depth=2", "embed_dim=32", "num_heads=2", "--grid", "2", "--hidden_dim", "4",
+        "--batch-size", "16", "--train-subset", "64", "--num_workers", "0", "--device", "cpu", "--warmup-epochs", "0",
+        "--mixup", "0.8", "--cutmix", "0", "--drop-path", "0.1", "--lr", "2e-3", "--epochs", "3"]
+
+
+def _args(out: Path, *extra: str):
+    return get_args_parser().parse_args([*TINY, "--output_dir", str(out), *extra])
+
+
+def _log(out: Path) -> list:
+    """log.txt without the wall-clock field (the only thing a resumed run may log differently)."""
+    rows = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in rows]
+
+
+def _assert_same_state(a, b, path="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            _assert_same_state(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_state(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    cls_main.main(_args(out))
+    return out
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumed_equals_uninterrupted_bit_for_bit(tmp_path, uninterrupted, monkeypatch):
+    out = tmp_path / "run"
+    real_save = cls_main.save_checkpoint
+
+    def save_then_stop(state, path):  # the run stops right after its first checkpoint (epoch 0 of 0, 1, 2)
+        real_save(state, path)
+        raise _Interrupted
+
+    monkeypatch.setattr(cls_main, "save_checkpoint", save_then_stop)
+    with pytest.raises(_Interrupted):
+        cls_main.main(_args(out))
+    monkeypatch.undo()
+    assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 0
+    cls_main.main(_args(out, "--resume", "auto"))
+
+    assert _log(out) == _log(uninterrupted)  # losses, accuracies, max_accuracy, lr of every epoch
+    a, b = load_checkpoint(uninterrupted / "checkpoint.pth"), load_checkpoint(out / "checkpoint.pth")
+    assert b["epoch"] == 2 and b["max_accuracy"] == max(r["test_acc1"] for r in _log(uninterrupted))
+    for key in ("model", "optimizer", "lr_scheduler", "rng"):
+        _assert_same_state(a[key], b[key], key)
+    assert json.loads((out / "args.json").read_text())["resume"] == ""  # the first run's args, kept
+    assert json.loads((out / "args_resume_epoch1.json").read_text())["resume"] == str(out / "checkpoint.pth")
+
+
+def test_output_dir_holding_a_run_is_refused_without_resume(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pth").write_bytes(b"previous run")
+    (out / "args.json").write_text("{}")
+    with pytest.raises(FileExistsError) as e:
+        cls_main.main(_args(out))
+    message = str(e.value)
+    assert str(out) in message and f"--resume {out / 'checkpoint.pth'}" in message and "--resume auto" in message
+    assert "another --output_dir" in message
+    with pytest.raises(FileExistsError, match="is not in it"):  # a checkpoint of another folder does not count
+        cls_main.main(_args(out, "--resume", str(tmp_path / "elsewhere" / "checkpoint.pth")))
+    with pytest.raises(FileExistsError, match="holds files"):  # auto, but nothing there to resume from
+        (out / "checkpoint.pth").rename(out / "old.pth")
+        cls_main.main(_args(out, "--resume", "auto"))
+    assert (out / "old.pth").read_bytes() == b"previous run" and (out / "args.json").read_text() == "{}"
+
+
+def test_another_architecture_is_named_before_loading(tmp_path, uninterrupted):
+    ckpt = uninterrupted / "checkpoint.pth"
+    with pytest.raises(ResumeError, match=r"grid: checkpoint 2, this run 3 \(set by --grid\)"):
+        cls_main.main(_args(tmp_path / "a", "--resume", str(ckpt), "--grid", "3"))
+    with pytest.raises(ResumeError, match=r"embed_dim: checkpoint 32, this run 48 \(set by --model-kwargs embed_dim"):
+        cls_main.main(get_args_parser().parse_args([*TINY, "--output_dir", str(tmp_path / "b"), "--resume", str(ckpt),
+                                                    "--model-kwargs", "patch_size=2", "in_chans=1", "depth=2",
+                                                    "embed_dim=48", "num_heads=2"]))
+    with pytest.raises(ResumeError, match="trained as vit_tiny_patch16_224_karat.*--model"):
+        cls_main.main(_args(tmp_path / "c", "--resume", str(ckpt), "--model", "vit_small_patch16_224_karat"))
+
+
+def test_bare_state_dict_loads_as_weights_only_with_a_warning(tmp_path, uninterrupted, caplog):
+    bare = tmp_path / "weights.pth"
+    torch.save(load_checkpoint(uninterrupted / "checkpoint.pth")["model"], bare)
+    with caplog.at_level(logging.WARNING, logger="classification"):
+        stats = cls_main.main(_args(tmp_path / "eval", "--eval", "--resume", str(bare)))
+    assert "bare state dict" in caplog.text and "weights only" in caplog.text
+    assert stats["top1"] == _log(uninterrupted)[-1]["test_acc1"]  # the same weights, evaluated again
+    torch.save({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, bare)
+    with pytest.raises(ResumeError, match="does not fit this model.*missing.*--finetune"):
+        cls_main.main(_args(tmp_path / "eval", "--eval", "--resume", str(bare)))
+
+
+def test_grad_scaler_across_amp_on_and_off(caplog):
+    on = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    with caplog.at_level(logging.INFO, logger="classification"):
+        restore_scaler(on, off.state_dict(), "fp32.pth")  # saved without AMP, resumed with it: no crash
+        assert on.get_scale() == 2.0 ** 10 and "fresh loss scale" in caplog.text
+        saved = torch.amp.GradScaler("cpu", init_scale=2.0 ** 7).state_dict()
+        restore_scaler(off, saved, "amp.pth")  # saved with AMP, resumed without: ignored, said so
+        assert "ignored" in caplog.text
+        restore_scaler(on, saved, "amp.pth")
+        assert on.get_scale() == 2.0 ** 7
+
+
+def test_each_rank_restores_its_own_random_streams(caplog):
+    states = []
+    for rank in range(2):
+        torch.manual_seed(100 + rank)
+        g = torch.Generator().manual_seed(200 + rank)
+        states.append(rng_state(g))
+    expected = (torch.rand(3), torch.rand(3, generator=g))  # rank 1's streams, continued
+    g = torch.Generator()
+    torch.manual_seed(0)
+    assert restore_rng_states(states, rank=1, world=2, generator=g)
+    assert torch.equal(torch.rand(3), expected[0]) and torch.equal(torch.rand(3, generator=g), expected[1])
+    with caplog.at_level(logging.WARNING, logger="classification"):
+        assert not restore_rng_states(states, rank=0, world=4, generator=g)
+    assert "2 process(es), this run has 4" in caplog.text
+
+
+_KILL_DURING_SAVE = """
+import os, sys, time
+from pathlib import Path
+marker, argv = Path(sys.argv[1]), sys.argv[2:]
+real_fsync, saves = os.fsync, []
+def fsync(fd):  # the temporary file is written, the rename into checkpoint.pth not done yet
+    real_fsync(fd)
+    saves.append(fd)
+    if len(saves) == 2:
+        marker.write_text("writing epoch 1's checkpoint")
+        time.sleep(600)
+os.fsync = fsync
+from classification.args import get_args_parser
+from classification.main import main
+main(get_args_parser().parse_args(argv))
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one_and_resumes(tmp_path, caplog):
+    out, marker = tmp_path / "run", tmp_path / "saving"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_DURING_SAVE, str(marker), *TINY, "--output_dir", str(out)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached its second checkpoint"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert list(out.glob(".checkpoint.pth.*.tmp")), "the killed save had written its temporary file"
+    ckpt = load_checkpoint(out / "checkpoint.pth")  # intact: the previous (epoch 0) checkpoint
+    assert ckpt["epoch"] == 0 and set(ckpt) >= {"model", "optimizer", "lr_scheduler", "rng", "max_accuracy"}
+    assert [r["epoch"] for r in _log(out)] == [0, 1]  # epoch 1 was logged, its checkpoint lost
+
+    with caplog.at_level(logging.INFO, logger="classification"):  # the restart (in this process: cheaper)
+        cls_main.main(_args(out, "--resume", "auto"))
+    assert f"resumed from {out / 'checkpoint.pth'} (epoch 0," in caplog.text
+    assert [r["epoch"] for r in _log(out)] == [0, 1, 2]  # epoch 1 trained again, logged once
+    assert [json.loads(x)["epoch"] for x in (out / "log.superseded.txt").read_text().splitlines()] == [1]
+    assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 2
+    assert not list(out.glob(".checkpoint.pth.*.tmp"))  # the killed save's leftover is cleaned up
+
+
+
+@pytest.mark.slow
+def test_two_rank_resume_gives_each_rank_its_own_streams(tmp_path):
+    """Under torchrun each rank draws its own drop-path masks, mixup coefficients and shifts: the checkpoint holds
+    every rank's streams and each rank takes its own back, so a resumed 2-process run equals an uninterrupted
+    one. (A constant schedule lets a 1-epoch run stand for the first epoch of a 2-epoch one.)"""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    ddp = TINY[:-2] + ["--sched", "step", "--decay-epochs", "100", "--batch-size", "8"]
+
+    def launch(out: Path, *extra: str) -> None:
+        proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "classification.main", *ddp,
+                               "--output_dir", str(out), *extra], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    launch(tmp_path / "full", "--epochs", "2")
+    launch(tmp_path / "part", "--epochs", "1")
+    launch(tmp_path / "part", "--epochs", "2", "--resume", "auto")
+    a, b = (load_checkpoint(tmp_path / d / "checkpoint.pth") for d in ("full", "part"))
+    assert len(b["rng"]) == 2 and not torch.equal(b["rng"][0]["torch"], b["rng"][1]["torch"])
+    _assert_same_state(a["model"], b["model"], "model")
+    _assert_same_state(a["rng"], b["rng"], "rng")
+    assert _log(tmp_path / "full") == _log(tmp_path / "part")
