@@ -158,9 +158,11 @@ def make_image_folder(root: Path, classes: int, train_per_class: int, val_per_cl
     return root
 
 
-def _last_json_line(path: Path) -> Dict[str, Any]:
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
-    return json.loads(lines[-1]) if lines else {}
+def _last_json_line(path: Path, key: Optional[str] = None) -> Dict[str, Any]:
+    """The last JSON line of a log (the last one holding ``key``, if given); {} when there is none."""
+    lines = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+    lines = [rec for rec in lines if key is None or key in rec]
+    return lines[-1] if lines else {}
 
 
 def pipeline_classification(opts: argparse.Namespace, work: Path) -> Dict[str, Any]:
@@ -197,10 +199,10 @@ def pipeline_detectron2(opts: argparse.Namespace, work: Path) -> Dict[str, Any]:
     cmd = [sys.executable, "tools/lazyconfig_train.py", "--config-file",
            "configs/shapes/mask_rcnn_vitdet_karat_t_shapes.py", f"train.device={opts.device}",
            f"train.amp.enabled={opts.device == 'cuda'}", f"train.max_iter={iters}", f"train.eval_period={iters}",
-           f"train.checkpointer.period={iters}", "train.log_period=10", f"train.output_dir={out}", *small]
+           f"train.checkpointer.period={iters}", f"train.log_period={1 if opts.tiny else 10}", f"train.output_dir={out}", *small]
     run = run_logged(cmd, opts.out / "logs" / "detectron2.log", env={"KARAT_SHAPES_ROOT": str(data)})
     final = json.loads((out / "final_metrics.json").read_text()) if (out / "final_metrics.json").is_file() else {}
-    last = _last_json_line(out / "metrics.json")
+    last = _last_json_line(out / "metrics.json", "total_loss")
     metrics = dict(iterations=iters, total_loss=last.get("total_loss"), time_per_iter=last.get("time"),
                    bbox_AP=final.get("bbox", {}).get("AP"), segm_AP=final.get("segm", {}).get("AP"))
     return dict(run, metrics=metrics, ok=run["returncode"] == 0 and bool(final))
@@ -218,7 +220,7 @@ def pipeline_mmseg(opts: argparse.Namespace, work: Path) -> Dict[str, Any]:
     options = [f"train_dataloader.dataset.data_root={data}", f"val_dataloader.dataset.data_root={data}",
                f"test_dataloader.dataset.data_root={data}", f"train_cfg.max_iters={iters}",
                f"train_cfg.val_interval={iters}", f"default_hooks.checkpoint.interval={iters}",
-               "default_hooks.logger.interval=10"]
+               f"default_hooks.logger.interval={1 if opts.tiny else 10}"]
     if opts.tiny:
         options += ["train_dataloader.batch_size=2", "model.backbone.num_layers=4", "model.backbone.embed_dims=48",
                     "model.backbone.out_indices=[0,1,2,3]", "model.neck.in_channels=[48,48,48,48]",
