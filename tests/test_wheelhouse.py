@@ -135,3 +135,22 @@ def test_wheelhouse_installs_offline_into_a_fresh_environment(tmp_path):
     assert paths[2].startswith(str(tmp_path / "provided")), paths
     print(f"wheelhouse built in {built_s:.0f} s, installed offline in {time.time() - t1:.0f} s, "
           f"{manifest['total_bytes'] / MIB:.1f} MiB")
+
+
+@pytest.mark.slow
+def test_gpu_node_wheelhouse_is_cp312_and_fits_64_mib(tmp_path):
+    """The folder for our GPU node (CPython 3.12, which has its own torch and scipy) stays under 64 MiB and holds
+    only wheels that load there: cp312, abi3 or pure Python, besides mmcv's source archive."""
+    house = tmp_path / "node"
+    proc = _run([sys.executable, ROOT / "tools" / "wheelhouse.py", "--gpu-node", "--dest", house], timeout=900,
+                cwd=tmp_path)
+    manifest = json.loads((house / "manifest.json").read_text())
+    assert manifest["target"]["python_version"] == "3.12" and "scipy" in manifest["provided"]
+    assert manifest["total_bytes"] < 64 * MIB and "limit 64 MiB" in proc.stdout
+    for f in manifest["files"]:
+        name = f["name"]
+        assert name.endswith(".whl") or name == "mmcv-2.1.0.tar.gz", name
+        if name.endswith(".whl"):
+            python_tag, abi_tag = name[:-4].split("-")[-3:-1]
+            assert "cp312" in python_tag or abi_tag in ("abi3", "none"), name
+    assert any(f["name"] == "detectron2-0.7.2-py3-none-any.whl" for f in manifest["files"])

@@ -12,7 +12,8 @@ Our GPU node comes for about 30 minutes at a time with a 10-minute limit per com
   python tools/gpu_suite.py --out DIR --cpu                         # every stage at toy sizes on the CPU (CI)
 
 Each stage adds its results to ``DIR/suite.json`` and rewrites ``DIR/suite.md`` (one table per stage) from it;
-logs go to ``DIR/logs/``. A stage already in ``suite.json`` is refused unless ``--overwrite`` is given. The
+logs go to ``DIR/logs/`` and the pipelines' own records (not their checkpoints) to ``DIR/runs/``: the folder is
+ready to commit. A stage already in ``suite.json`` is refused unless ``--overwrite`` is given. The
 benchmark stage runs ``tools/benchmark.py``'s cases (each in a fresh process); ``--cpu`` (``--device cpu --tiny``)
 runs the fused kernels under ``TRITON_INTERPRET=1``. The exit status is 1 when a test, a pipeline or a
 benchmark case (other than running out of memory) failed.
@@ -174,7 +175,7 @@ def pipeline_classification(opts: argparse.Namespace, work: Path) -> Dict[str, A
     else:  # 9,600 images at batch 32: 300 steps of ViT-Tiny at 224 px (N = 197, fused kernels)
         data = make_image_folder(work / "imagenet", classes=10, train_per_class=960, val_per_class=50, size=64)
         args = ["--input-size", "224", "--batch-size", "32", "--num_workers", "8", "--grid", "3", "--hidden_dim", "12"]
-    out = opts.out / "runs" / "classification"
+    out = work / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "main.py",
            "--model", "vit_tiny_patch16_224_karat", "--data-set", "IMNET", "--data-path", str(data), "--epochs", "1",
            "--warmup-epochs", "0", "--device", opts.device, "--amp", str(opts.device == "cuda"),
@@ -193,13 +194,14 @@ def pipeline_detectron2(opts: argparse.Namespace, work: Path) -> Dict[str, Any]:
     data = generate_shapes(work / "shapes", ShapesSpec(num_train=16 if opts.tiny else 160,
                                                        num_val=4 if opts.tiny else 40))
     iters = 2 if opts.tiny else 50
-    out = opts.out / "runs" / "detectron2"
+    out = work / "run"
     small = (["model.backbone.net.depth=2", "model.backbone.net.window_block_indexes=[0]",
               "model.backbone.net.embed_dim=48", "dataloader.train.total_batch_size=2"] if opts.tiny else [])
     cmd = [sys.executable, "tools/lazyconfig_train.py", "--config-file",
            "configs/shapes/mask_rcnn_vitdet_karat_t_shapes.py", f"train.device={opts.device}",
            f"train.amp.enabled={opts.device == 'cuda'}", f"train.max_iter={iters}", f"train.eval_period={iters}",
-           f"train.checkpointer.period={iters}", f"train.log_period={1 if opts.tiny else 10}", f"train.output_dir={out}", *small]
+           f"train.checkpointer.period={iters}", f"train.log_period={1 if opts.tiny else 10}",
+           f"train.output_dir={out}", *small]
     run = run_logged(cmd, opts.out / "logs" / "detectron2.log", env={"KARAT_SHAPES_ROOT": str(data)})
     final = json.loads((out / "final_metrics.json").read_text()) if (out / "final_metrics.json").is_file() else {}
     last = _last_json_line(out / "metrics.json", "total_loss")
@@ -225,7 +227,7 @@ def pipeline_mmseg(opts: argparse.Namespace, work: Path) -> Dict[str, Any]:
         options += ["train_dataloader.batch_size=2", "model.backbone.num_layers=4", "model.backbone.embed_dims=48",
                     "model.backbone.out_indices=[0,1,2,3]", "model.neck.in_channels=[48,48,48,48]",
                     "model.backbone.hidden_dim=4", "model.backbone.grid=2"]
-    work_dir = opts.out / "runs" / "mmseg"
+    work_dir = work / "run"
     cmd = [sys.executable, "-W", "ignore", str(train),
            str(ROOT / "mmseg_configs" / "upernet" / "upernet_vit-t2-karat_1xb8-60iter_embedded-16x16.py"),
            "--work-dir", str(work_dir), *(["--amp"] if opts.device == "cuda" else []), "--cfg-options", *options]
@@ -237,6 +239,15 @@ def pipeline_mmseg(opts: argparse.Namespace, work: Path) -> Dict[str, Any]:
     metrics = dict(iterations=iters, mIoU=float(miou[-1]) if miou else None,
                    loss=float(losses[-1]) if losses else None)
     return dict(run, metrics=metrics, ok=run["returncode"] == 0 and bool(miou))
+
+
+def keep_text(run: Path, dest: Path) -> None:
+    """The small text records of a run (logs, metrics, configs) into ``dest``; checkpoints stay behind."""
+    for f in sorted(run.rglob("*")) if run.is_dir() else []:
+        if f.is_file() and f.suffix in (".txt", ".json", ".log", ".yaml", ".py") and f.stat().st_size < 2 ** 20:
+            target = dest / f.relative_to(run)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, target)
 
 
 def stage_pipelines(opts: argparse.Namespace) -> Dict[str, Any]:
@@ -251,6 +262,7 @@ def stage_pipelines(opts: argparse.Namespace) -> Dict[str, Any]:
                 results[name] = fn(opts, work)
             except Exception as e:  # noqa: BLE001  one broken pipeline must not hide the others' results
                 results[name] = dict(ok=False, error=f"{type(e).__name__}: {e}")
+            keep_text(work / "run", opts.out / "runs" / name)
             print(f"[gpu_suite]   {name}: {'ok' if results[name]['ok'] else 'FAILED'} "
                   f"({results[name].get('seconds', '-')} s)", flush=True)
     return dict(results, ok=all(r["ok"] for r in results.values()))
@@ -346,7 +358,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if suite.get("meta", {}).get("device", opts.device) != opts.device:
         p.error(f"{suite_json} holds results for device {suite['meta']['device']}; use another --out")
     suite.setdefault("meta", dict(device=opts.device, tiny=opts.tiny, commands=[]))
-    suite["meta"]["commands"].append("python tools/gpu_suite.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    suite["meta"]["commands"].append(f"python tools/gpu_suite.py {command}")
 
     ok = True
     for name in stages:

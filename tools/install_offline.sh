@@ -16,6 +16,9 @@
 #   MAX_JOBS       parallel compile jobs for mmcv (default: the number of CPUs)
 #   MMCV_WITH_OPS  1 (default) compiles mmcv's C++ ops: mmseg.models and mmdet.models import mmcv.ops
 #   FORCE_CUDA     1 also compiles mmcv's CUDA ops (much slower; UperNet, ViTDet and KArAt need none); default 0
+#   MMCV_WHEEL_OUT folder that keeps the mmcv wheel compiled here (default: a temporary folder)
+#   KEEP_INSTALLED 1 keeps the environment's own version of a package the folder carries wherever it satisfies the
+#                  requirements; by default the folder's (tested) versions are installed
 set -euo pipefail
 
 die() { printf '\033[1;31m[install_offline] error:\033[0m %s\n' "$*" >&2; exit 1; }
@@ -52,7 +55,10 @@ for f in m["files"]:
         sys.exit(f"[install_offline] error: {f['name']} in {folder} is damaged (sha256 differs from manifest.json)")
 print(f"[install_offline] {len(m['files'])} files verified, made for CPython {want} ({m['created']})")
 PYEOF
-field() { "$PY" -c 'import json,sys; v=json.load(open(sys.argv[1]))["install"][sys.argv[2]]; print("\n".join(v) if isinstance(v, list) else v)' "$DIR/manifest.json" "$1"; }
+field() {  # one entry of the manifest's "install" record, one value a line
+    "$PY" -c 'import json, sys; v = json.load(open(sys.argv[1]))["install"][sys.argv[2]]
+print("\n".join(v) if isinstance(v, list) else v)' "$DIR/manifest.json" "$1"
+}
 mapfile -t BUILD < <(field build)
 mapfile -t NO_DEPS < <(field no_deps)
 mapfile -t REQUIREMENTS < <(field requirements)
@@ -63,6 +69,15 @@ MMCV_VERSION="${MMCV_SDIST#mmcv-}"; MMCV_VERSION="${MMCV_VERSION%.tar.gz}"
 OpenCV to the environment): install opencv-python-headless there, or carry its wheel in $DIR and pip install it"
 
 PIP=("$PY" -m pip install --no-index --find-links "$DIR" --disable-pip-version-check --progress-bar off)
+if [[ "${KEEP_INSTALLED:-0}" != 1 ]]; then  # the tested versions of everything the folder carries
+    PINS="$(mktemp)"
+    "$PY" -c 'import json, sys; from pathlib import Path
+for f in json.load(open(sys.argv[1]))["files"]:
+    if f["name"].endswith(".whl"):
+        name, version = f["name"].split("-")[:2]
+        print(f"{name}=={version}")' "$DIR/manifest.json" > "$PINS"
+    PIP+=(-c "$PINS")
+fi
 
 # 2. mmcv's build tools (its setup.py imports pkg_resources, gone from setuptools 81, and torch).
 log "build tools: ${BUILD[*]}"
@@ -80,7 +95,9 @@ log "installing: ${REQUIREMENTS[*]}"
 
 # 5. mmcv with its compiled ops (importing it needs mmengine and its requirements, installed above): already
 #    here, or a prebuilt wheel in the folder that loads with this torch, or compiled from the source archive.
-mmcv_ok() { "$PY" -c "import mmcv, sys; from mmcv import _ext; sys.exit(mmcv.__version__ != '$MMCV_VERSION')" 2>/dev/null; }
+mmcv_ok() {
+    "$PY" -c "import mmcv, sys; from mmcv import _ext; sys.exit(mmcv.__version__ != '$MMCV_VERSION')" 2>/dev/null
+}
 if mmcv_ok; then
     log "mmcv $MMCV_VERSION with its ops is already installed"
 else
@@ -90,16 +107,20 @@ else
             log "mmcv from the prebuilt $(basename "$wheel")"
             break
         fi
-        log "$(basename "$wheel") does not fit this Python or torch ($("$PY" -c "from mmcv import _ext" 2>&1 | tail -1));"\
-" compiling mmcv instead"
+        why="$("$PY" -c "from mmcv import _ext" 2>&1 | tail -1)"
+        log "$(basename "$wheel") does not fit this Python or torch ($why); compiling mmcv instead"
     done
     if ! mmcv_ok; then
         export MMCV_WITH_OPS="${MMCV_WITH_OPS:-1}" FORCE_CUDA="${FORCE_CUDA:-0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
         log "compiling mmcv $MMCV_VERSION (MMCV_WITH_OPS=$MMCV_WITH_OPS FORCE_CUDA=$FORCE_CUDA MAX_JOBS=$MAX_JOBS)"
         t=$SECONDS
-        "${PIP[@]}" --quiet --no-build-isolation --no-deps --force-reinstall "$DIR/$MMCV_SDIST"
+        WHEELS="${MMCV_WHEEL_OUT:-$(mktemp -d)}"
+        mkdir -p "$WHEELS"
+        "$PY" -m pip wheel --no-index --find-links "$DIR" --disable-pip-version-check --progress-bar off --quiet \
+            --no-build-isolation --no-deps --wheel-dir "$WHEELS" "$DIR/$MMCV_SDIST"
+        "${PIP[@]}" --quiet --no-deps --force-reinstall "$WHEELS"/mmcv-"$MMCV_VERSION"-*.whl
         mmcv_ok || die "mmcv $MMCV_VERSION was built but 'from mmcv import _ext' fails"
-        log "mmcv compiled in $((SECONDS - t)) s"
+        log "mmcv compiled in $((SECONDS - t)) s; its wheel is in $WHEELS (put it into $DIR to skip the next build)"
     fi
 fi
 
