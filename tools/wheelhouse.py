@@ -6,8 +6,10 @@ registry is reachable, fills one folder that ``tools/install_offline.sh DIR`` in
 --no-index``:
 
 * wheels for timm, fvcore, einops, iopath, omegaconf, hydra-core, yacs, pycocotools, mmengine, mmsegmentation,
-  mmdet and all their dependencies, resolved by pip for the target (``--python-version``, ``--platform``) under
-  ``constraints.txt``; pure-Python packages published only as source are built into ``py3-none-any`` wheels;
+  mmdet and all their dependencies, fetched by ``pip download`` for the target (``--python-version``,
+  ``--platform``), following each wheel's requirements (markers evaluated for the target) at the versions
+  ``constraints.txt`` pins; pure-Python packages published only as source are built into ``py3-none-any`` wheels
+  (torch's wheels are never fetched: pip's resolver would download gigabytes only to read their requirements);
 * mmcv's source archive (mmcv 2.1 has no wheel for recent Pythons; it is compiled on the target against its
   torch) and the build requirements its ``setup.py`` needs (``setuptools<81``, ``wheel``, ``ninja``, ``psutil``);
 * ``detectron2-0.7.2-py3-none-any.whl``: the pure-Python detectron2 (with ViTDet) repacked by this tool from the
@@ -19,9 +21,10 @@ registry is reachable, fills one folder that ``tools/install_offline.sh DIR`` in
 The target environment is expected to provide torch, torchvision, triton and everything they depend on (numpy,
 pillow, the nvidia libraries, ...), and OpenCV (``cv2``: mmengine and mmcv import it; ``opencv-python`` alone is
 60 MB). ``--provided`` names more packages the target has. The folder must stay under ``--max-mib`` (64 MiB):
-the tool prints the total and fails if it is over.
+the tool prints the total and fails if it is over. With scipy (34 MB, needed by mmseg and mmdet) the folder holds
+about 88 MiB, so scipy is left to the target too (``--provided scipy``, as ``make wheelhouse`` does).
 
-  python tools/wheelhouse.py --dest wheelhouse                      # for this machine's Python and platform
+  python tools/wheelhouse.py --provided scipy                       # this machine's Python, into wheelhouse/
   python tools/wheelhouse.py --dest wheelhouse-py312 --python-version 3.12 --provided scipy \\
       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64
   python tools/wheelhouse.py --gpu-node       # the same, for our GPU test node
