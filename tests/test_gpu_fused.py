@@ -5,7 +5,8 @@ gradient (q, k, v, the basis coefficients and their scalers, the rank weights).
 Marked ``gpu`` (left out of ``make test``); run it by hand on a CUDA machine with
 ``pytest -m gpu tests/test_gpu_fused.py``, or through ``python tools/gpu_suite.py --stage tests``. With
 ``TRITON_INTERPRET=1`` and no GPU it runs the smaller cases on the CPU through Triton's interpreter (what
-``gpu_suite.py --cpu`` does in CI). ``KARAT_GPU_TEST_REPORT=path.json`` writes every measured error there.
+``gpu_suite.py --cpu`` does in CI). ``KARAT_GPU_TEST_REPORT=path.json`` writes every measured error there. The kernels are also compiled by Triton
+for the GPU (an H100, sm_90, where there is none), which needs no device.
 
 Error measure: ``max |fused - reference_float64| / max |reference_float64|`` per tensor, with the float64
 reference computed from the same (rounded) inputs and parameters, so only the computation is judged. Tolerances:
@@ -56,6 +57,7 @@ VARIANTS = {
 TINY = {"ragged-d16-r5", "frozen-basis", "mixed-head"}  # the interpreter runs these (seconds, not minutes)
 
 _RESULTS: List[Dict] = []
+_COMPILED: List[Dict] = []
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,7 +71,7 @@ def _report():
     if path:
         Path(path).write_text(json.dumps(dict(device=DEVICE, interpreted=INTERPRET,
                                               tolerance={str(k)[6:]: v for k, v in TOLERANCE.items()},
-                                              cases=_RESULTS), indent=1))
+                                              cases=_RESULTS, compiled=_COMPILED), indent=1))
 
 
 def _cores(heads: int, n: int, grid: int, r: int, extra: dict):
@@ -141,3 +143,43 @@ def test_universal_model_step_matches_reference():
             assert _rel_err(a.grad, b.grad) <= TOLERANCE[torch.float32] * 2, name
             compared += "karat" in name
     assert compared >= 2  # the shared operator's tensors got gradients from both blocks
+
+
+COMPILE = """
+import json
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from karat import fused
+
+major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)  # H100 by default
+target = GPUTarget("cuda", major * 10 + minor, 32)
+limit = 232448 if major >= 9 else 101376  # shared memory per block (H100: 227 KiB)
+pointers = {"Q", "K", "C", "Hout", "DH", "DQ", "DK", "DC"}
+for d, g, r, dtype in [(64, 3, 12, "fp32"), (128, 3, 16, "bf16"), (16, 1, 5, "fp16"), (64, 1, 12, "bf16")]:
+    const = dict(D=d, G=g, RP=fused._pad_r(r), BM=32, BN=32)
+    for kernel in (fused._phi_fwd_kernel, fused._phi_bwd_dq_kernel, fused._phi_bwd_dk_kernel):
+        sig = {a: "constexpr" if a in const else (f"*{dtype}" if a in ("Q", "K") else "*fp32") if a in pointers
+               else "i32" for a in kernel.arg_names}
+        src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(k),): v for k, v in const.items()})
+        compiled = triton.compile(src, target=target)
+        shared = compiled.metadata.shared
+        assert "cubin" in compiled.asm and shared <= limit, (kernel.fn.__name__, d, g, dtype, shared)
+        print(json.dumps(dict(kernel=kernel.fn.__name__, D=d, G=g, r=r, dtype=dtype, arch=f"sm_{major}{minor}",
+                              shared_bytes=shared)))
+"""
+
+
+def test_kernels_compile_for_the_gpu():
+    """Triton compiles every kernel (forward, dq, dk) for this GPU, or for an H100 (sm_90) where there is none,
+    with the shared memory within the device's limit: compile errors show up without the device."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    compiled = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(compiled) == 12
+    _COMPILED.extend(compiled)

@@ -105,7 +105,7 @@ def stage_tests(opts: argparse.Namespace) -> Dict[str, Any]:
     if opts.device == "cpu":
         env["TRITON_INTERPRET"] = "1"
         if opts.tiny:  # one shape in the three dtypes, and the whole-model check: enough to catch a typo
-            select = ["-k", "ragged or universal"]
+            select = ["-k", "ragged or universal or compile"]
     run = run_logged([sys.executable, "-m", "pytest", "tests/test_gpu_fused.py", "-m", "gpu", "-q", "-rfE",
                       "-p", "no:cacheprovider", f"--junitxml={junit}", *select], opts.out / "logs" / "tests.log",
                      env=env)
@@ -307,6 +307,12 @@ def markdown(suite: Dict[str, Any]) -> str:
                 lines.append(f"| {c['variant']} | {c['dtype']} | {', '.join(map(str, c['shape']))} | {c['grid']} | "
                              f"{c['rank']} | {c['errors'][worst]:.2e} | {worst} | {c['tolerance']:g} |")
             lines.append("")
+        if fused.get("compiled"):
+            comp = fused["compiled"]
+            dims, grids = sorted({c["D"] for c in comp}), sorted({c["G"] for c in comp})
+            lines += [f"Compiled by Triton for {comp[0]['arch']} (without launching): {len(comp)} kernels "
+                      f"(forward, dq, dk at head_dim {dims}, G {grids}, {sorted({c['dtype'] for c in comp})}), "
+                      f"at most {max(c['shared_bytes'] for c in comp)} bytes of shared memory.", ""]
     if "bench" in suite:
         b = suite["bench"]["result"]
         for key, title in (("attention", "Attention layer, forward + backward"),
