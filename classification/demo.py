@@ -45,6 +45,8 @@ class DemoSettings:
     clip_grad: float | None = 1.0
     seed: int = 0
     train_limit: int | None = None  # use only the first n training images (tests)
+    keep_every: int = 3  # epochs between the weights kept for the optimizer-path analysis
+    analysis: bool = True  # run karat.analysis (all six families) on the two classifiers
 
     def command_line(self, out_dir: Path) -> List[str]:
         """The classification.main flags of this recipe (the model's own flags come from DEMO_MODELS)."""
@@ -60,6 +62,8 @@ class DemoSettings:
             args += ["--attn_lr", str(self.attn_lr)]
         if self.train_limit:
             args += ["--train-subset", str(self.train_limit)]
+        if self.keep_every:
+            args += ["--keep-every", str(self.keep_every)]
         return args
 
 
@@ -123,4 +127,19 @@ def run(out_dir: Path, settings: DemoSettings) -> List[Dict[str, Any]]:
     table = summary_table(results)
     (out_dir / "summary.md").write_text(table + "\n")
     plot_curves(results, out_dir / "learning_curves.png")
+    if settings.analysis:
+        run_analysis(out_dir)
     return results
+
+
+def run_analysis(out_dir: Path) -> Dict[str, Any]:
+    """``python -m tools.analyze karat/checkpoint.pth --compare softmax/checkpoint.pth --out analysis`` (defaults:
+    the held-out digits, the small landscape grid)."""
+    from karat.analysis.cli import main as analyze
+
+    argv = [str(out_dir / "karat" / "checkpoint.pth"), "--compare", str(out_dir / "softmax" / "checkpoint.pth"),
+            "--out", str(out_dir / "analysis")]
+    _logger.info("analysis: python -m tools.analyze %s", " ".join(argv))
+    if analyze(argv) != 0:
+        raise RuntimeError("the analysis of the demo's classifiers failed (see the error above)")
+    return json.loads((out_dir / "analysis" / "analysis.json").read_text())

@@ -254,6 +254,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             if model_ema is not None:
                 state["model_ema"] = model_ema.state_dict()
             save_checkpoint(_plain(state), out_dir / "checkpoint.pth")
+            keep_epoch_weights(state, out_dir, epoch, args.keep_every)
             with open(out_dir / "log.txt", "a") as f:
                 f.write(json.dumps(last) + "\n")
             for key, value in last.items():
@@ -266,6 +267,14 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         dist.barrier()
         dist.destroy_process_group()
     return last
+
+
+def keep_epoch_weights(state: Dict[str, Any], out_dir: Path, epoch: int, every: int) -> None:
+    """``--keep-every K``: every K-th epoch's weights (with what rebuilds the model) as ``checkpoint-epochNNN.pth``,
+    the optimizer path that ``python -m tools.analyze`` draws."""
+    if every > 0 and (epoch + 1) % every == 0:
+        keep = {k: state[k] for k in ("model", "epoch", "model_name", "model_kwargs", "args")}
+        save_checkpoint(_plain(keep), out_dir / f"checkpoint-epoch{epoch:03d}.pth")
 
 
 def _plain(obj: Any) -> Any:

@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + report + "\n")
     print(f"learning curves: {out / 'classification' / 'learning_curves.png'}")
     print(f"attention maps:  {out / 'classification' / 'attention_maps.png'}")
+    print(f"analysis:        {out / 'classification' / 'analysis'} (learned functions, attention, spectra, weights, "
+          f"loss landscape, optimizer path)")
     print(f"summary:         {out / 'summary.md'}")
     print(f"TensorBoard:     tensorboard --logdir {out}")
     return 0
