@@ -45,7 +45,7 @@ class DemoSettings:
     clip_grad: float | None = 1.0
     seed: int = 0
     train_limit: int | None = None  # use only the first n training images (tests)
-    keep_every: int = 3  # epochs between the weights kept for the optimizer-path analysis
+    keep_every: int | None = None  # epochs between the weights kept for the optimizer path (None: epochs // 4)
     analysis: bool = True  # run karat.analysis (all six families) on the two classifiers
 
     def command_line(self, out_dir: Path) -> List[str]:
@@ -62,8 +62,7 @@ class DemoSettings:
             args += ["--attn_lr", str(self.attn_lr)]
         if self.train_limit:
             args += ["--train-subset", str(self.train_limit)]
-        if self.keep_every:
-            args += ["--keep-every", str(self.keep_every)]
+        args += ["--keep-every", str(self.keep_every or max(1, self.epochs // 4))]
         return args
 
 

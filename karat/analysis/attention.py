@@ -119,16 +119,19 @@ def plot_attention_grid(named: Dict[str, AttentionRecord], path: str, image_inde
                 continue
             att = rec.maps[b][image_index, h].float().cpu()
             lim = float(att.abs().max()) or 1.0
-            ax.imshow(att, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+            if float(att.min()) >= 0:  # softmax: weights in [0, lim]
+                ax.imshow(att, cmap="viridis", vmin=0, vmax=lim, interpolation="nearest")
+            else:
+                ax.imshow(att, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
             kind = "KArAt" if h < rec.karat_heads[b] else "softmax"
             ax.text(0.02, 0.98, f"{lim:.2g}", transform=ax.transAxes, fontsize=6, va="top")
             if b == 0:
                 ax.set_title(f"{name}\nhead {h} ({kind})", fontsize=7)
             if c == 0:
                 ax.set_ylabel(f"block {b}", fontsize=7)
-    fig.suptitle("attention matrices (rows: queries, columns: keys) on one image; red > 0 > blue, "
-                 "corner number: colour limit", fontsize=8)
-    fig.tight_layout()
+    fig.suptitle("attention matrices on one image (rows: queries, columns: keys). Signed maps: red > 0 > blue; "
+                 "non-negative maps: viridis from 0. Corner: the colour limit", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (1.5 * depth + 0.6)))
     fig.savefig(path, dpi=70)
     plt.close(fig)
 

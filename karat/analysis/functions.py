@@ -118,8 +118,9 @@ def plot_functions(rows: List[Dict[str, Any]], path: str, title: str = "") -> No
 
     keys = sorted({(r["block"], r["layer"]) for r in rows})
     heads = 1 + max(r["head"] for r in rows)
-    fig = plt.figure(figsize=(3.4 * heads, 2.5 * len(keys)))
-    outer = fig.add_gridspec(len(keys), heads, hspace=0.55, wspace=0.45)
+    height = 2.5 * len(keys) + 0.8
+    fig = plt.figure(figsize=(3.4 * heads, height))
+    outer = fig.add_gridspec(len(keys), heads, hspace=0.55, wspace=0.45, top=1 - 0.8 / height, bottom=0.3 / height)
     for r in rows:
         cell = outer[keys.index((r["block"], r["layer"])), r["head"]].subgridspec(2, 1, height_ratios=[3, 1], hspace=0)
         ax, axh = fig.add_subplot(cell[0]), fig.add_subplot(cell[1])
@@ -145,7 +146,7 @@ def plot_functions(rows: List[Dict[str, Any]], path: str, title: str = "") -> No
                plt.Rectangle((0, 0), 1, 1, color="gray")]
     fig.legend(handles, ["learned phi: mean over edges (band: +-1 std; thin: most varied edges)",
                          "exp, softmax's function (right axis)", "inputs the images produce"],
-               loc="upper center", ncol=3, fontsize=8, frameon=False)
-    fig.suptitle(title or "KArAt's learned univariate functions", fontsize=10, y=1.0 - 0.2 / len(keys))
+               loc="upper center", ncol=3, fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1 - 0.3 / height))
+    fig.suptitle(title or "KArAt's learned univariate functions", fontsize=10, y=1 - 0.05 / height)
     fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)

@@ -32,11 +32,11 @@ class Settings:
     families: tuple = FAMILIES
     num_images: int = 64  # images for functions, attention and spectra
     image_index: int = 0  # the image of the attention figures
-    points: int = 21  # 1-D landscape
-    grid: int = 9  # 2-D landscape and path plane, per axis
+    points: int = 11  # 1-D landscape
+    grid: int = 7  # 2-D landscape and path plane, per axis
     span: float = 1.0  # landscape range in units of the filter-normalised direction
     batches: int = 2
-    batch_size: int = 128
+    batch_size: int = 64
     seed: int = 0
     progress: bool = True
 

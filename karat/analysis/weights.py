@@ -53,12 +53,18 @@ def plot_weights(named: Dict[str, nn.Module], path: str) -> None:
 
     groups = {name: weight_groups(m) for name, m in named.items()}
     keys = ["qkv", "proj"] + sorted({k for g in groups.values() for k in g if k.startswith("karat")})
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), squeeze=False)
+    cols = min(len(keys), 3)
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.0 * rows + 0.4), squeeze=False)
     colours = {"KArAt": "tab:blue", "softmax": "tab:orange"}
-    for ax, key in zip(axes[0], keys):
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
+    for ax, key in zip(axes.flat, keys):
         have = {n: g[key] for n, g in groups.items() if key in g}
         lo = min(float(torch.quantile(v[:1_000_000], 0.001)) for v in have.values())
         hi = max(float(torch.quantile(v[:1_000_000], 0.999)) for v in have.values())
+        if hi - lo < 1e-6:  # a constant tensor (e.g. an untrained basis_scale of ones)
+            lo, hi = lo - 0.5, hi + 0.5
         for n, v in have.items():
             ax.hist(v.clamp(lo, hi).numpy(), bins=60, range=(lo, hi), density=True, histtype="stepfilled",
                     alpha=0.45, color=colours.get(n), label=f"{n} (std {float(v.std()):.3g})")
