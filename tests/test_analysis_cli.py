@@ -139,3 +139,5 @@ def test_command_writes_all_six_families(tmp_path, capsys):
     assert result["spectra"]["softmax"][0]["row_sum_mean"] == pytest.approx(1.0)
     assert len(result["functions"]["KArAt"]) == 2 * 3
     assert main(argv) == 2 and "already holds" in capsys.readouterr().err  # never overwritten silently
+    assert main(argv[:-1] + ["--overwrite", "--families", "attention", "--blocks", "7"]) == 2
+    assert "--blocks [7] do not exist: the model has blocks 0 to 1" in capsys.readouterr().err

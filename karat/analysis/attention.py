@@ -7,7 +7,7 @@ forward hook (timm's attention uses fused SDPA and never forms it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -96,7 +96,8 @@ def _patch_map(values: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
     return values[-grid[0] * grid[1]:].reshape(*grid)
 
 
-def plot_attention_grid(named: Dict[str, AttentionRecord], path: str, image_index: int = 0) -> None:
+def plot_attention_grid(named: Dict[str, AttentionRecord], path: str, image_index: int = 0,
+                        blocks: Optional[Sequence[int]] = None) -> None:
     """Every block (rows) and head (columns) of every model as its ``N x N`` attention matrix for one image:
     KArAt's ``sigma(S)`` next to softmax. Diverging colours centred on zero (KArAt weights may be negative)."""
     import matplotlib
@@ -105,13 +106,14 @@ def plot_attention_grid(named: Dict[str, AttentionRecord], path: str, image_inde
     import matplotlib.pyplot as plt
 
     names = list(named)
-    depth = max(len(r.maps) for r in named.values())
+    shown = list(blocks) if blocks is not None else list(range(max(len(r.maps) for r in named.values())))
+    depth = len(shown)
     cols = [(name, h) for name in names for h in range(named[name].maps[0].shape[1])]
     fig, axes = plt.subplots(depth, len(cols), figsize=(1.55 * len(cols) + 0.6, 1.5 * depth + 0.6), squeeze=False)
     for c, (name, h) in enumerate(cols):
         rec = named[name]
-        for b in range(depth):
-            ax = axes[b, c]
+        for row, b in enumerate(shown):
+            ax = axes[row, c]
             ax.set_xticks([])
             ax.set_yticks([])
             if b >= len(rec.maps):
@@ -125,7 +127,7 @@ def plot_attention_grid(named: Dict[str, AttentionRecord], path: str, image_inde
                 ax.imshow(att, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
             kind = "KArAt" if h < rec.karat_heads[b] else "softmax"
             ax.text(0.02, 0.98, f"{lim:.2g}", transform=ax.transAxes, fontsize=6, va="top")
-            if b == 0:
+            if row == 0:
                 ax.set_title(f"{name}\nhead {h} ({kind})", fontsize=7)
             if c == 0:
                 ax.set_ylabel(f"block {b}", fontsize=7)

@@ -65,6 +65,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=Settings.num_images,
                    help="images for functions, attention and spectra")
     p.add_argument("--max-images", type=int, default=512, help="images read from --images at most")
+    p.add_argument("--blocks", type=int, nargs="+", help="blocks drawn in the function and attention-map figures "
+                   "(default: all; the JSON always has all)")
     p.add_argument("--image-index", type=int, default=0, help="the image shown in the attention figures")
     p.add_argument("--points", type=int, default=Settings.points, help="1-D landscape points (odd)")
     p.add_argument("--grid", type=int, default=Settings.grid, help="2-D landscape / path plane points per axis (odd)")
@@ -82,7 +84,8 @@ def get_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     settings = Settings(families=tuple(args.families), num_images=args.num_images, image_index=args.image_index,
                         points=args.points, grid=args.grid, span=args.span, batches=args.batches,
-                        batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
+                        batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+                        blocks=tuple(args.blocks) if args.blocks else None)
     for name, value in (("--points", args.points), ("--grid", args.grid)):
         if value < 3 or value % 2 == 0:
             raise ValueError(f"{name} must be odd and >= 3 (got {value}) so that the grid's centre is the checkpoint.")
@@ -93,6 +96,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         raise FileExistsError(f"{out} already holds {existing[:3]}; pass --overwrite or another --out.")
     primary = load_model(args.checkpoint, parse_options(args.karat), args.num_heads)
     compare = load_model(args.compare, parse_options(args.karat), args.num_heads) if args.compare else None
+    depth = len(primary.model.blocks)
+    bad = [b for b in args.blocks or [] if not 0 <= b < depth]
+    if bad:
+        raise ValueError(f"--blocks {bad} do not exist: the model has blocks 0 to {depth - 1}.")
     if args.images:
         m = primary.model
         data = load_image_folder(args.images, tuple(m.patch_embed.img_size), m.patch_embed.proj.in_channels,

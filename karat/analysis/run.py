@@ -39,6 +39,7 @@ class Settings:
     batch_size: int = 64
     seed: int = 0
     progress: bool = True
+    blocks: Optional[tuple] = None  # blocks drawn in the functions and attention-map figures (None: all)
 
 
 def _names(models: List[LoadedModel]) -> List[str]:
@@ -90,7 +91,8 @@ def analyze(primary: LoadedModel, data: ImageSet, out_dir: Path, compare: Option
         for i, (name, m) in enumerate(karat_models.items()):
             rows = functions.summarise_functions(m.model, images)
             fig = FIGURES["functions"].format(suffix="" if i == 0 else f"_{i}")
-            functions.plot_functions(rows, str(out_dir / fig), title=f"{name}: learned univariate functions "
+            shown = [r for r in rows if settings.blocks is None or r["block"] in settings.blocks]
+            functions.plot_functions(shown, str(out_dir / fig), title=f"{name}: learned univariate functions "
                                      f"over the inputs {len(images)} images produce")
             result["functions"][name] = rows
             result["figures"].setdefault("functions", []).append(fig)
@@ -106,7 +108,7 @@ def analyze(primary: LoadedModel, data: ImageSet, out_dir: Path, compare: Option
         recs = get_records()
         one = {n: attention.AttentionRecord([a[settings.image_index:settings.image_index + 1] for a in r.maps],
                                             [], r.karat_heads) for n, r in recs.items()}
-        attention.plot_attention_grid(one, str(out_dir / FIGURES["attention"]))
+        attention.plot_attention_grid(one, str(out_dir / FIGURES["attention"]), blocks=settings.blocks)
         grid = tuple(primary.model.patch_embed.grid_size)
         rollout = attention.plot_rollout(one, data.images[settings.image_index], grid,
                                          {n: m.model.num_prefix_tokens for n, m in models.items()},

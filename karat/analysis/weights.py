@@ -13,9 +13,15 @@ from ..attention import is_karat_key
 
 def weight_groups(model: nn.Module) -> Dict[str, torch.Tensor]:
     """Flattened weights per group: ``qkv``, ``proj`` (all blocks) and, for KArAt, one group per operator tensor
-    kind (``coefficients``, ``basis_scale``, ``weight``, ``base_weight``, ...). Shared operators count once."""
+    kind (``coefficients``, ``basis_scale``, ``weight``, ``base_weight`` where a base function uses it, ...).
+    Shared operators count once."""
+    from ..kan import KANLayer
+
+    unused = {id(m.base_weight) for m in model.modules() if isinstance(m, KANLayer) and not m.has_base}
     groups: Dict[str, List[torch.Tensor]] = {}
     for name, p in model.named_parameters():  # named_parameters drops duplicates (universal sharing)
+        if id(p) in unused:  # w_b of a layer without base function (ZeroModule): never used
+            continue
         if is_karat_key(name):
             key = "karat " + name.split(".")[-1]
         elif re.search(r"\.attn\.qkv\.weight$", name):
