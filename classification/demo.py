@@ -47,6 +47,7 @@ class DemoSettings:
     train_limit: int | None = None  # use only the first n training images (tests)
     keep_every: int | None = None  # epochs between the weights kept for the optimizer path (None: epochs // 4)
     analysis: bool = True  # run karat.analysis (all six families) on the two classifiers
+    analysis_quick: bool = False  # the smallest landscape grid and image set (smoke tests)
 
     def command_line(self, out_dir: Path) -> List[str]:
         """The classification.main flags of this recipe (the model's own flags come from DEMO_MODELS)."""
@@ -127,17 +128,19 @@ def run(out_dir: Path, settings: DemoSettings) -> List[Dict[str, Any]]:
     (out_dir / "summary.md").write_text(table + "\n")
     plot_curves(results, out_dir / "learning_curves.png")
     if settings.analysis:
-        run_analysis(out_dir)
+        run_analysis(out_dir, settings.analysis_quick)
     return results
 
 
-def run_analysis(out_dir: Path) -> Dict[str, Any]:
+def run_analysis(out_dir: Path, quick: bool = False) -> Dict[str, Any]:
     """``python -m tools.analyze karat/checkpoint.pth --compare softmax/checkpoint.pth --out analysis`` (defaults:
-    the held-out digits, the small landscape grid)."""
+    the held-out digits, the small landscape grid; ``quick``: a 3 x 3 grid on 16 images)."""
     from karat.analysis.cli import main as analyze
 
     argv = [str(out_dir / "karat" / "checkpoint.pth"), "--compare", str(out_dir / "softmax" / "checkpoint.pth"),
             "--out", str(out_dir / "analysis")]
+    if quick:
+        argv += ["--points", "3", "--grid", "3", "--batches", "1", "--batch-size", "16", "--num-images", "16"]
     _logger.info("analysis: python -m tools.analyze %s", " ".join(argv))
     if analyze(argv) != 0:
         raise RuntimeError("the analysis of the demo's classifiers failed (see the error above)")

@@ -115,7 +115,9 @@ def analyze(primary: LoadedModel, data: ImageSet, out_dir: Path, compare: Option
                                          str(out_dir / FIGURES["rollout"]))
         result["attention"] = dict(
             image_index=settings.image_index, rollout=rollout,
-            maps={n: [a[settings.image_index].tolist() for a in r.maps] for n, r in recs.items()},
+            # whole matrices for small token counts; otherwise what each key receives (mean over queries)
+            maps={n: [(a[settings.image_index] if a.shape[-1] <= 64 else a[settings.image_index].mean(-2)).tolist()
+                      for a in r.maps] for n, r in recs.items()},
             karat_heads={n: r.karat_heads for n, r in recs.items()})
         result["figures"]["attention"] = [FIGURES["attention"], FIGURES["rollout"]]
 
