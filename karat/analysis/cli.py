@@ -114,14 +114,15 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = get_parser().parse_args(argv)
-    start = time.time()
+    start, cpu = time.time(), time.process_time()
     try:
         result = run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     figures = [f for fs in result["figures"].values() for f in fs]
-    print(f"{len(figures)} figures and {JSON_NAME} in {args.out} ({time.time() - start:.0f} s)")
+    print(f"{len(figures)} figures and {JSON_NAME} in {args.out} ({time.time() - start:.0f} s, "
+          f"{time.process_time() - cpu:.0f} s of CPU)")
     for family, why in result["skipped"].items():
         print(f"skipped {family}: {why}")
     return 0

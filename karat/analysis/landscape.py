@@ -128,7 +128,7 @@ def plot_landscapes(results: Dict[str, Dict], path: str) -> None:
     colours = {"KArAt": "tab:blue", "softmax": "tab:orange"}
     for name, r in results.items():
         axes[0, 0].plot(r["alphas"], r["loss_1d"], marker=".", color=colours.get(name), label=name)
-    axes[0, 0].set(title="1-D, filter-normalised direction", xlabel="alpha", ylabel="loss", yscale="log")
+    axes[0, 0].set(title="1-D, filter-normalised direction", xlabel="alpha", ylabel="loss")
     axes[0, 0].grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     for ax, (name, r) in zip(axes[0, 1:], results.items()):

@@ -70,17 +70,19 @@ def analyze(primary: LoadedModel, data: ImageSet, out_dir: Path, compare: Option
     result: Dict[str, Any] = dict(models={n: m.describe() for n, m in models.items()},
                                   images=dict(source=data.source, count=len(data.images), used=len(images),
                                               labelled=data.labels is not None),
-                                  settings=settings.__dict__, figures={}, seconds={}, skipped={})
+                                  settings=settings.__dict__, figures={}, seconds={}, cpu_seconds={}, skipped={})
 
     def timed(family: str, fn) -> None:
         if family not in settings.families:
             return
-        start = time.time()
+        start, cpu = time.time(), time.process_time()
         try:
             fn()
         finally:
             result["seconds"][family] = round(time.time() - start, 2)
-            _logger.info("%s: %.1f s", family, result["seconds"][family])
+            result["cpu_seconds"][family] = round(time.process_time() - cpu, 2)
+            _logger.info("%s: %.1f s (%.1f s of CPU)", family, result["seconds"][family],
+                         result["cpu_seconds"][family])
 
     def do_functions() -> None:
         karat_models = {n: m for n, m in models.items() if m.is_karat}
