@@ -92,7 +92,8 @@ def test_image_folder_with_classes(tmp_path):
     for c in ("cat", "dog"):
         (tmp_path / c).mkdir()
         for i in range(2):
-            Image.fromarray(np.full((20, 12, 3), 255 if c == "dog" else 0, dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
+            pixels = np.full((20, 12, 3), 255 if c == "dog" else 0, dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / c / f"{i}.png")
     data = load_image_folder(str(tmp_path), (8, 8), 1, (0.5,), (0.5,))
     assert data.images.shape == (4, 1, 8, 8) and data.labels.tolist() == [0, 1, 0, 1] and data.classes == ["cat", "dog"]
     torch.testing.assert_close(data.images[0], torch.full((1, 8, 8), -1.0))

@@ -151,7 +151,8 @@ def infer_karat_options(state: Mapping[str, torch.Tensor], num_heads: int) -> Di
         opts["basis_type"] = "WaveletBasis"
     elif layer + "basis.numerator" in ops:
         opts["basis_type"] = "RationalBasis"
-        opts["rational_order"] = (ops[layer + "basis.numerator"].shape[-1] - 1, ops[layer + "basis.denominator"].shape[-1])
+        opts["rational_order"] = (ops[layer + "basis.numerator"].shape[-1] - 1,
+                                  ops[layer + "basis.denominator"].shape[-1])
     else:
         opts["basis_type"] = "FourierBasis"
         opts["grid"] = ops[layer + "basis.coefficients"].shape[-1] // 2
