@@ -17,7 +17,7 @@ from karat import load_checkpoint
 
 from .args import get_args_parser
 from .attention_maps import attention_maps, plot_attention
-from .digits import IMG_SIZE, load_digits_split
+from karat.digits import IMG_SIZE, load_digits_split
 from .main import main as train_classifier
 
 _logger = logging.getLogger(__name__)

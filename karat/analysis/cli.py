@@ -45,7 +45,7 @@ def default_images(model: LoadedModel, limit: int) -> ImageSet:
     if model.dataset != "DIGITS":
         raise ValueError(f"{model.path} was not trained on the embedded digits (data set: "
                          f"{model.dataset or 'not recorded'}), so there is no default image set: give --images DIR.")
-    from classification.digits import load_digits_split
+    from ..digits import load_digits_split
 
     val = load_digits_split(seed=model.seed)[1]
     n = min(limit, len(val))
