@@ -158,7 +158,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         load_finetune(model, args.finetune)
     model.to(device)
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
-    model_ddp = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    # Every trainable KArAt parameter takes part in each forward (tests/test_ddp.py): no unused-parameter search.
+    model_ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False) if distributed else model
 
     optimizer = create_optimizer_v2(param_groups(model, args.weight_decay, args.attn_lr), opt=args.opt, lr=args.lr,
                                     weight_decay=args.weight_decay, momentum=args.momentum, eps=args.opt_eps,

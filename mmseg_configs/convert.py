@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from karat import TokenLayout, resample_karat_state_dict
+from karat import TokenLayout, drop_unused_base_weights, resample_karat_state_dict
 from karat.attention import is_karat_key
 from karat.transfer import adapt_patch_embed
 
@@ -263,7 +263,9 @@ def check_state(state: Mapping[str, torch.Tensor], model: nn.Module, report: Opt
     expected = model.state_dict()
     ignore, allow = tuple(ignore_missing), tuple(allow_new)
     name = type(model).__name__
-    unknown = [k for k in state if k not in expected and not any(i in k for i in ignore)]
+    _, unused_base = drop_unused_base_weights(state, model)  # older checkpoints; load_state_dict drops them too
+    report.dropped.extend(unused_base)
+    unknown = [k for k in state if k not in expected and not any(i in k for i in ignore) and k not in unused_base]
     head = [k for k in unknown if k.startswith(TIMM_HEAD + ("norm.",))]  # a classifier's head and final norm
     report.dropped.extend(head)
     unknown = [k for k in unknown if k not in head]
