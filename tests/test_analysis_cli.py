@@ -50,7 +50,7 @@ def test_classification_checkpoint_reads_back_as_trained(tmp_path):
 @pytest.mark.slow
 def test_mmseg_backbone_maps_back_to_the_same_vit(tmp_path):
     require("mmseg")
-    from mmseg_configs.convert import convert_classifier
+    from mmseg_configs.export import convert_classifier
 
     model = _classifier(tmp_path / "c.pth", mixed_head=True, num_attention=2)
     convert_classifier(str(tmp_path / "c.pth"), tmp_path / "seg.pth", img_size=(8,), in_channels=1)

@@ -94,7 +94,7 @@ def test_mmseg_converter_and_loaders_take_old_checkpoints(tmp_path):
     from mmengine.runner.checkpoint import _load_checkpoint_to_model
 
     import mmseg_configs.backbones as backbones
-    from mmseg_configs.convert import convert_classifier
+    from mmseg_configs.export import convert_classifier
     from test_mmseg_transfer import DIGITS, KARAT
 
     kwargs = dict(DIGITS, **KARAT)
