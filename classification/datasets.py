@@ -116,7 +116,8 @@ class _LocalCIFAR:
 
     def _check_integrity(self) -> bool:
         root = Path(self.root) / self.base_folder
-        return all((root / name).is_file() for name, _ in self.train_list + self.test_list + [(self.meta["filename"], "")])
+        files = self.train_list + self.test_list + [(self.meta["filename"], "")]
+        return all((root / name).is_file() for name, _ in files)
 
     def _load_meta(self) -> None:
         import pickle
@@ -174,12 +175,14 @@ def _build(is_train: bool, args: argparse.Namespace) -> Tuple[Dataset, int]:
         if name == "CIFAR100":
             return _LocalCIFAR100(path, train=is_train, transform=transform, download=download), 100
         if name == "SVHN":
-            return datasets.SVHN(path, split="train" if is_train else "test", transform=transform, download=download), 10
+            split = "train" if is_train else "test"
+            return datasets.SVHN(path, split=split, transform=transform, download=download), 10
         if name == "Flowers102":
             return datasets.Flowers102(path, split="train" if is_train else "test", transform=transform,
                                        download=download), 102
         if name == "STL10":
-            return datasets.STL10(path, split="train" if is_train else "test", transform=transform, download=download), 10
+            split = "train" if is_train else "test"
+            return datasets.STL10(path, split=split, transform=transform, download=download), 10
         train_dir, val_dir = imagenet_split_dir(path, True), imagenet_split_dir(path, False)
         classes = check_same_classes(train_dir, val_dir)
         # an empty validation class folder still numbers the classes after it correctly

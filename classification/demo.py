@@ -67,7 +67,8 @@ class DemoSettings:
         return args
 
 
-def train_model(name: str, model_flags: List[str], settings: DemoSettings, out_dir: Path) -> Tuple[Dict[str, Any], nn.Module]:
+def train_model(name: str, model_flags: List[str], settings: DemoSettings,
+                out_dir: Path) -> Tuple[Dict[str, Any], nn.Module]:
     """Train one model with classification.main; returns its results (params, per-epoch history, accuracy,
     time) read back from what the entry point wrote, and the trained model rebuilt from its checkpoint."""
     run_dir = out_dir / name
@@ -123,7 +124,8 @@ def run(out_dir: Path, settings: DemoSettings) -> List[Dict[str, Any]]:
     grid = tuple(trained[0][1].patch_embed.grid_size)
     plot_attention({r["name"]: attention_maps(m, image) for r, m in trained}, image, grid,
                    out_dir / "attention_maps.png")
-    (out_dir / "summary.json").write_text(json.dumps(dict(settings=dataclasses.asdict(settings), results=results), indent=1))
+    summary = dict(settings=dataclasses.asdict(settings), results=results)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     table = summary_table(results)
     (out_dir / "summary.md").write_text(table + "\n")
     plot_curves(results, out_dir / "learning_curves.png")

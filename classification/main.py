@@ -109,7 +109,8 @@ def load_finetune(model: torch.nn.Module, path: str) -> None:
     own = model.state_dict()
     for name in [model.default_cfg.get("classifier", "head") + s for s in (".weight", ".bias")]:
         if name in state and name in own and state[name].shape != own[name].shape:
-            _logger.info("fine-tune: dropping %s %s (this model: %s)", name, tuple(state[name].shape), tuple(own[name].shape))
+            _logger.info("fine-tune: dropping %s %s (this model: %s)", name, tuple(state[name].shape),
+                         tuple(own[name].shape))
             del state[name]
     if hasattr(model, "patch_embed") and hasattr(model, "pos_embed"):  # ViT family: resample positions and KArAt
         state = karat_vit_filter_fn(state, model)

@@ -53,7 +53,8 @@ def finetune(name: str, checkpoint: Path, run_dir: Path, iters: int, batch: int)
     conversion = convert_file(str(checkpoint), str(config), init)
     (run_dir / "transfer_report.txt").write_text(conversion.describe() + "\n")
     overrides = [f"train.init_checkpoint={init}", f"train.output_dir={run_dir}", f"train.max_iter={iters}",
-                 f"train.eval_period={iters}", f"train.checkpointer.period={iters + 1}", f"train.log_period={max(iters // 4, 1)}",
+                 f"train.eval_period={iters}", f"train.checkpointer.period={iters + 1}",
+                 f"train.log_period={max(iters // 4, 1)}",
                  f"dataloader.train.total_batch_size={batch}"]
     cfg = LazyConfig.apply_overrides(LazyConfig.load(str(config)), overrides)
     LazyConfig.save(cfg, str(run_dir / "config.yaml"))

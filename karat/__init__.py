@@ -17,7 +17,8 @@ from . import models  # noqa: F401  (registers timm models)
 __version__ = "0.1.0"
 
 __all__ = [
-    "KArAtAttention", "KArAtConfig", "KArAtCore", "KArAtOperator", "KANLayer", "OperatorProvider", "ZeroModule", "is_karat_key",
+    "KArAtAttention", "KArAtConfig", "KArAtCore", "KArAtOperator", "KANLayer", "OperatorProvider", "ZeroModule",
+    "is_karat_key",
     "drop_unused_base_weights", "karat_parameter_names", "load_checkpoint", "mask_to_keep",
     "paper_param_count", "param_groups", "project_to_simplex",
     "save_checkpoint", "TokenLayout", "resample_karat_state_dict",

@@ -108,8 +108,9 @@ class KArAtCore(nn.Module):
         """``reference`` (materialise sigma(S)), ``efficient`` or ``fused`` (spec section 5), from ``cfg.impl``.
 
         ``auto`` takes the fused kernels on CUDA where they apply, else the efficient path, unless the matrix is
-        small (at most ``REFERENCE_MAX_TOKENS`` keys) or something needs it: ``project_l1``, a non-modular depth other than 2, attention-map export, or
-        attention dropout while training. An explicit impl that cannot serve the call raises."""
+        small (at most ``REFERENCE_MAX_TOKENS`` keys) or something needs it: ``project_l1``, a non-modular depth
+        other than 2, attention-map export, or attention dropout while training. An explicit impl that cannot
+        serve the call raises."""
         reason = efficient.supports(self.operator)
         if reason is None and self.export_attention:
             reason = "exporting attention maps needs sigma(S) itself"
@@ -229,7 +230,8 @@ class KArAtAttention(nn.Module):
         BoundKArAtAttention.__name__ = BoundKArAtAttention.__qualname__ = cls.__name__
         return BoundKArAtAttention
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)

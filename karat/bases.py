@@ -95,7 +95,8 @@ class FourierBasis(SharedFeatureBasis):
 
     _feature_var = 0.5
 
-    def __init__(self, num_heads: int, in_features: int, out_features: int, cfg: KArAtConfig, init_scale: float) -> None:
+    def __init__(self, num_heads: int, in_features: int, out_features: int, cfg: KArAtConfig,
+                 init_scale: float) -> None:
         super().__init__(num_heads, in_features, out_features)
         self.grid = cfg.grid
         self.num_functions = 2 * cfg.grid
@@ -110,7 +111,8 @@ class FourierBasis(SharedFeatureBasis):
 
     def fast_features(self, x: torch.Tensor) -> torch.Tensor:
         # Angle-addition recurrence, in place in the output buffer (no temporaries, no concatenation):
-        # one cos and one sin, then cos((k+1)x) = cos kx cos x - sin kx sin x, sin((k+1)x) = sin kx cos x + cos kx sin x.
+        # one cos and one sin, then cos((k+1)x) = cos kx cos x - sin kx sin x,
+        # sin((k+1)x) = sin kx cos x + cos kx sin x.
         g = self.grid
         x = upcast(x)
         out = x.new_empty(*x.shape, 2 * g)
@@ -140,7 +142,8 @@ class SplineBasis(SharedFeatureBasis):
 
     _feature_var = 0.25
 
-    def __init__(self, num_heads: int, in_features: int, out_features: int, cfg: KArAtConfig, init_scale: float) -> None:
+    def __init__(self, num_heads: int, in_features: int, out_features: int, cfg: KArAtConfig,
+                 init_scale: float) -> None:
         super().__init__(num_heads, in_features, out_features)
         lo, hi = cfg.grid_range
         self.order = cfg.order
@@ -219,14 +222,16 @@ class WaveletBasis(PerEdgeBasis):
     finite input for the Mexican hat, Morlet, DoG and Meyer wavelets; Shannon's, every ``|x - t| < 1e35``.
     """
 
-    def __init__(self, num_heads: int, in_features: int, out_features: int, cfg: KArAtConfig, init_scale: float) -> None:
+    def __init__(self, num_heads: int, in_features: int, out_features: int, cfg: KArAtConfig,
+                 init_scale: float) -> None:
         super().__init__(num_heads, in_features, out_features)
         self.wavelet_type = cfg.wavelet_type
         shape = (num_heads, in_features, out_features)
         self.translation = nn.Parameter(torch.zeros(shape))
         self.scale = nn.Parameter(torch.ones(shape))
         self.coefficients = nn.Parameter(torch.randn(shape) * (init_scale / math.sqrt(in_features * 0.3)))
-        window = torch.hamming_window(in_features, periodic=False) if cfg.wavelet_type == "shannon" else torch.ones(in_features)
+        shannon = cfg.wavelet_type == "shannon"
+        window = torch.hamming_window(in_features, periodic=False) if shannon else torch.ones(in_features)
         self.register_buffer("window", window, persistent=False)
 
     def edge_values(self, x: torch.Tensor, edges: EdgeSlice = ALL_EDGES) -> torch.Tensor:
@@ -254,7 +259,8 @@ class RationalBasis(PerEdgeBasis):
     is a polynomial: fp16 only while ``|a_m x^m| < 65504``.
     """
 
-    def __init__(self, num_heads: int, in_features: int, out_features: int, cfg: KArAtConfig, init_scale: float) -> None:
+    def __init__(self, num_heads: int, in_features: int, out_features: int, cfg: KArAtConfig,
+                 init_scale: float) -> None:
         super().__init__(num_heads, in_features, out_features)
         m, n = cfg.rational_order
         self.numerator = nn.Parameter(
@@ -296,5 +302,6 @@ BASES = {"FourierBasis": FourierBasis, "SplineBasis": SplineBasis, "WaveletBasis
          "RationalBasis": RationalBasis}
 
 
-def build_basis(cfg: KArAtConfig, num_heads: int, in_features: int, out_features: int, init_scale: float = 1.0) -> Basis:
+def build_basis(cfg: KArAtConfig, num_heads: int, in_features: int, out_features: int,
+                init_scale: float = 1.0) -> Basis:
     return BASES[cfg.basis_type](num_heads, in_features, out_features, cfg, init_scale)

@@ -107,7 +107,8 @@ class KArAtConfig:
             _fail("universal", self.universal, "universal and blockwise sharing exclude each other; "
                   "set only one (blockwise is the default when neither is set)")
         if self.num_attention is not None:
-            if not isinstance(self.num_attention, int) or isinstance(self.num_attention, bool) or self.num_attention < 1:
+            k = self.num_attention
+            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
                 _fail("num_attention", self.num_attention, "it must be an integer >= 1 (KArAt heads per block)")
         resolve_base_fn(self.base_fn)
 

@@ -43,7 +43,8 @@ def disable(reason: str) -> None:
     _DISABLED = reason
 
 
-def supports(op: KArAtOperator, q: torch.Tensor, bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor]) -> Optional[str]:
+def supports(op: KArAtOperator, q: torch.Tensor, bias: Optional[torch.Tensor],
+             key_mask: Optional[torch.Tensor]) -> Optional[str]:
     """None when the fused kernels can evaluate this call, else the reason."""
     if triton is None:
         return "Triton is not installed"
@@ -75,12 +76,14 @@ if triton is not None:
     @triton.jit
     def _rows(P, bh, sb, sn, offs, offs_d, N):
         """A (rows, D) tile of a (B*H, N, D) tensor in fp32; rows past N read as zeros."""
-        return tl.load(P + bh * sb + offs[:, None] * sn + offs_d[None, :], mask=offs[:, None] < N, other=0.0).to(tl.float32)
+        return tl.load(P + bh * sb + offs[:, None] * sn + offs_d[None, :], mask=offs[:, None] < N,
+                       other=0.0).to(tl.float32)
 
     @triton.jit
     def _cols(P, bh, sb, sn, offs, offs_d, N):
         """The same tile transposed, (D, cols), as the right operand of ``q k^T``."""
-        return tl.load(P + bh * sb + offs[None, :] * sn + offs_d[:, None], mask=offs[None, :] < N, other=0.0).to(tl.float32)
+        return tl.load(P + bh * sb + offs[None, :] * sn + offs_d[:, None], mask=offs[None, :] < N,
+                       other=0.0).to(tl.float32)
 
     @triton.jit
     def _phi_fwd_kernel(Q, K, C, Hout, N, R, sqb, sqn, skb, skn, scj, scm, shb, shn, heads,
@@ -141,7 +144,8 @@ if triton is not None:
         offs_r = tl.arange(0, RP)
         mrow = offs_m[:, None] < N
         q = _rows(Q, bh, sqb, sqn, offs_m, offs_d, N)
-        dh = tl.load(DH + bh * shb + offs_m[:, None] * shn + offs_r[None, :], mask=mrow & (offs_r[None, :] < R), other=0.0)
+        dh = tl.load(DH + bh * shb + offs_m[:, None] * shn + offs_r[None, :], mask=mrow & (offs_r[None, :] < R),
+                     other=0.0)
         dq = tl.zeros((BM, D), dtype=tl.float32)
         c_head = C + h * N * scj
         for j0 in range(0, N, BN):
@@ -185,10 +189,11 @@ if triton is not None:
                 # this program owns its key block's coefficient-gradient rows: load, add, store (no atomics)
                 ckm = tl.where(mrow, ck, 0.0)
                 skm = tl.where(mrow, sk, 0.0)
-                tl.store(dc_tile + g * sdm, tl.load(dc_tile + g * sdm, mask=dmask, other=0.0) + tl.dot(tl.trans(ckm), dh),
-                         mask=dmask)
+                tl.store(dc_tile + g * sdm,
+                         tl.load(dc_tile + g * sdm, mask=dmask, other=0.0) + tl.dot(tl.trans(ckm), dh), mask=dmask)
                 tl.store(dc_tile + (G + g) * sdm,
-                         tl.load(dc_tile + (G + g) * sdm, mask=dmask, other=0.0) + tl.dot(tl.trans(skm), dh), mask=dmask)
+                         tl.load(dc_tile + (G + g) * sdm, mask=dmask, other=0.0) + tl.dot(tl.trans(skm), dh),
+                         mask=dmask)
                 ck, sk = ck * c1 - sk * s1, sk * c1 + ck * s1
             dk += tl.dot(tl.trans(ds), q)
         tl.store(DK + bh * skb + offs_n[:, None] * skn + offs_d[None, :], dk, mask=offs_n[:, None] < N)
@@ -237,7 +242,8 @@ class _FusedPhi(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dc.sum(0).to(coef.dtype), None, None, None
 
 
-def phi_fused(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, block_m: int = 32, block_n: int = 32) -> torch.Tensor:
+def phi_fused(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, block_m: int = 32,
+              block_n: int = 32) -> torch.Tensor:
     """``Phi(q k^T)`` (N x r per head) of a ``phi1_w2`` Fourier operator, q already scaled. q and k may be half
     precision (the kernels load them as fp32); the coefficients go in, and H comes out, in fp32."""
     from .efficient import _layer_coefficients

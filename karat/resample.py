@@ -51,7 +51,8 @@ class TokenLayout:
 def resample_key_axis(t: torch.Tensor, axis: int, src: TokenLayout, dst: TokenLayout, rescale: bool) -> torch.Tensor:
     """Resample axis ``axis`` of ``t`` (indexed by key) from layout ``src`` to ``dst``."""
     if t.shape[axis] != src.num_tokens:
-        raise ValueError(f"Tensor has {t.shape[axis]} keys on axis {axis}, the source layout {src} has {src.num_tokens}.")
+        raise ValueError(f"Tensor has {t.shape[axis]} keys on axis {axis}, the source layout {src} has "
+                         f"{src.num_tokens}.")
     if dst.prefix > src.prefix:
         raise ValueError(f"Cannot create prefix tokens: the source has {src.prefix}, the target needs {dst.prefix}.")
     moved = t.movedim(axis, -1)

@@ -166,7 +166,8 @@ def adapt_patch_embed(weight: torch.Tensor, in_chans: int) -> tuple[torch.Tensor
     if weight.shape[1] == in_chans:
         return weight, "unchanged"
     if weight.shape[1] == 1:
-        return weight.repeat(1, in_chans, 1, 1) / in_chans, f"grayscale weights repeated over {in_chans} channels / {in_chans}"
+        note = f"grayscale weights repeated over {in_chans} channels / {in_chans}"
+        return weight.repeat(1, in_chans, 1, 1) / in_chans, note
     if weight.shape[1] == 3:
         return adapt_input_conv(in_chans, weight).to(weight.dtype), "timm's adapt_input_conv"
     raise ValueError(f"Cannot adapt a patch embedding for {weight.shape[1]} input channels to {in_chans}: give the "

@@ -2,7 +2,8 @@
 
 Used by ``KArAtVisionTransformer.init_weights`` (``init_cfg=dict(type='Pretrained', checkpoint=...)``) and by
 ``mmseg_configs.export`` (``tools/convert_to_mmseg.py``); this module is load-time code and builds no model.
-Fitting a checkpoint to a model means: timm names mapped to mmseg's (the mapping of mmseg's own ``vit2mmseg``), the position embedding resized to the model's patch grid, a 1-channel
+Fitting a checkpoint to a model means: timm names mapped to mmseg's (the mapping of mmseg's own ``vit2mmseg``),
+the position embedding resized to the model's patch grid, a 1-channel
 patch embedding adapted to 3 channels (timm's ``adapt_input_conv``), KArAt operator tensors resampled to the
 model's token count (spec section 6, ``karat.resample``), and a check that everything but KArAt tensors is
 there, so a checkpoint of another architecture fails loudly although the load itself is non-strict.
@@ -276,8 +277,8 @@ def check_state(state: Mapping[str, torch.Tensor], model: nn.Module, report: Opt
     wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
              for k, v in state.items() if k in expected and v.shape != expected[k].shape]
     if wrong:
-        raise ValueError(f"{len(wrong)} tensors of the checkpoint do not fit {name} ({wrong[:3]}): width, depth, heads, "
-                         f"window size or KArAt options (grid, hidden_dim, ...) differ from the model's config.")
+        raise ValueError(f"{len(wrong)} tensors of the checkpoint do not fit {name} ({wrong[:3]}): width, depth, "
+                         f"heads, window size or KArAt options (grid, hidden_dim, ...) differ from the model's config.")
     resampled = set(report.resampled)
     report.loaded = [k for k in state if k in expected and k not in resampled and k not in head]
     report.new = [k for k in expected if k not in state and not any(i in k for i in ignore)]

@@ -57,7 +57,8 @@ def test_train_resume_and_eval_on_cifar10_files(tmp_path):
     run(*common, "--epochs", "3", "--resume", str(out / "checkpoint.pth"))  # continues the same run
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1, 2]
-    proc = run(*FAST, "--data-set", "CIFAR10", "--data-path", str(data), "--eval", "--resume", str(out / "checkpoint.pth"))
+    proc = run(*FAST, "--data-set", "CIFAR10", "--data-path", str(data), "--eval",
+               "--resume", str(out / "checkpoint.pth"))
     assert "Accuracy of the network on the 16 test images: top-1" in proc.stdout
 
 
@@ -98,7 +99,8 @@ def test_two_process_torchrun_on_cpu(tmp_path):
 @pytest.mark.slow
 def test_finetune_at_another_image_size_and_task(tmp_path):
     data = make_cifar10(tmp_path / "data")
-    run(*FAST, "--data-set", "CIFAR10", "--data-path", str(data), "--output_dir", str(tmp_path / "pre"), "--epochs", "1")
+    run(*FAST, "--data-set", "CIFAR10", "--data-path", str(data), "--output_dir", str(tmp_path / "pre"),
+        "--epochs", "1")
     imnet = tmp_path / "imnet"
     for split in ("train", "val"):
         for c, color in (("cat", 40), ("dog", 200)):

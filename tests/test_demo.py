@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_runs_and_writes_its_outputs(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "demo.py"), "--output-dir", str(out),
-                           "--epochs", "2", "--train-limit", "256", "--quick"], capture_output=True, text=True, timeout=900)
+                           "--epochs", "2", "--train-limit", "256", "--quick"],
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| karat (vit_tiny_patch16_224_karat)" in proc.stdout and "| softmax" in proc.stdout
     assert "## detection" in proc.stdout and "## segmentation" in proc.stdout  # the transfer stages ran

@@ -1,6 +1,5 @@
 """Classification checkpoint -> ViTDet backbone checkpoint: loads with no surprise keys, resampled KArAt blocks keep
 their function, bad inputs fail clearly."""
-import math
 import sys
 from pathlib import Path
 
@@ -118,7 +117,8 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="softmax ViT; use a KArAt config"):
         convert_file(str(tmp_path / "cls.pth"), SOFTMAX_CFG, tmp_path / "c.pth", NET)
     with pytest.raises(ValueError, match="grid=2 \\(checkpoint\\) vs 3 \\(config\\)"):
-        convert_file(str(tmp_path / "cls.pth"), KARAT_CFG, tmp_path / "d.pth", NET + ["model.backbone.net.karat.hidden_dim=4"])
+        convert_file(str(tmp_path / "cls.pth"), KARAT_CFG, tmp_path / "d.pth",
+                     NET + ["model.backbone.net.karat.hidden_dim=4"])
 
     # Operators for 50 keys in a checkpoint that says 8 x 8 tokens: nothing to resample them from.
     ckpt = karat.load_checkpoint(tmp_path / "cls.pth")
@@ -160,8 +160,8 @@ def test_vit_base_classifier_to_the_coco_config(tmp_path):
     save_checkpoint(dict(model=model.state_dict(), model_name="vit_base_patch16_224_karat", model_kwargs=kwargs),
                     tmp_path / "cls.pth")
     del model
-    conv = convert_file(str(tmp_path / "cls.pth"), str(ROOT / "configs/COCO/mask_rcnn_vitdet_karat_b_blockwise_100ep.py"),
-                        tmp_path / "out.pth")
+    cfg = str(ROOT / "configs/COCO/mask_rcnn_vitdet_karat_b_blockwise_100ep.py")
+    conv = convert_file(str(tmp_path / "cls.pth"), cfg, tmp_path / "out.pth")
     text = conv.describe()
     # 3 tensors per operator (weight, w_s, coefficients; the zero base has no w_b): 8 windowed + 4 global blocks
     assert "Resampled 24 KArAt tensors from 197 tokens (1 prefix + 14x14) to 196 tokens (0 prefix + 14x14)" in text

@@ -5,7 +5,8 @@ gradient (q, k, v, the basis coefficients and their scalers, the rank weights).
 Marked ``gpu`` (left out of ``make test``); run it by hand on a CUDA machine with
 ``pytest -m gpu tests/test_gpu_fused.py``, or through ``python tools/gpu_suite.py --stage tests``. With
 ``TRITON_INTERPRET=1`` and no GPU it runs the smaller cases on the CPU through Triton's interpreter (what
-``gpu_suite.py --cpu`` does in CI). ``KARAT_GPU_TEST_REPORT=path.json`` writes every measured error there. The kernels are also compiled by Triton
+``gpu_suite.py --cpu`` does in CI). ``KARAT_GPU_TEST_REPORT=path.json`` writes every measured error there.
+The kernels are also compiled by Triton
 for the GPU (an H100, sm_90, where there is none), which needs no device.
 
 Error measure: ``max |fused - reference_float64| / max |reference_float64|`` per tensor, with the float64

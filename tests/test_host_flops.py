@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from karat import KArAtConfig
-from karat.flops import FLOP_HANDLES, count_flops
+from karat.flops import count_flops
 
 from conftest import require
 

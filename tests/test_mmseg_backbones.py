@@ -218,7 +218,8 @@ def test_load_reports(adapter, tmp_path):
     model = small_vit(adapter, init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / "k.pth")))
     model.init_weights()
     assert model.load_report.new == []
-    torch.testing.assert_close(model.layers[1].attn.karat.operator.weight, karat_vit.layers[1].attn.karat.operator.weight)
+    torch.testing.assert_close(model.layers[1].attn.karat.operator.weight,
+                               karat_vit.layers[1].attn.karat.operator.weight)
 
 
 def test_karat_weights_resampled_to_larger_grid(adapter, tmp_path):

@@ -105,7 +105,8 @@ def test_embedded_data_is_deterministic_and_read_by_ade20k(tmp_path):
     from mmcv.transforms import LoadImageFromFile
     from mmseg.datasets.transforms import LoadAnnotations
 
-    ds = ADE20KDataset(data_root=str(a), data_prefix=dict(img_path="images/training", seg_map_path="annotations/training"),
+    prefix = dict(img_path="images/training", seg_map_path="annotations/training")
+    ds = ADE20KDataset(data_root=str(a), data_prefix=prefix,
                        pipeline=[LoadImageFromFile(), LoadAnnotations(reduce_zero_label=True)])
     assert len(ds) == 3 and ds.reduce_zero_label
     sample = ds[0]

@@ -82,7 +82,8 @@ def test_masked_keys_change_nothing_and_get_zero_weight(mode, basis):
     key_keep = torch.tensor([[1, 0, 1, 1, 0, 1], [1, 1, 0, 1, 1, 1]], dtype=torch.bool)[:, None, None, :]
     out = core(q, k, v, bias=bias, key_mask=key_keep)
     sel = ~key_keep.transpose(-1, -2)  # (B, 1, N, 1)
-    out2 = core(q, torch.where(sel, k + 5, k), torch.where(sel, 5 * torch.randn_like(v), v), bias=bias, key_mask=key_keep)
+    out2 = core(q, torch.where(sel, k + 5, k), torch.where(sel, 5 * torch.randn_like(v), v), bias=bias,
+                key_mask=key_keep)
     torch.testing.assert_close(out, out2)
     # query-dependent masks (Swin's shifted windows): a masked logit may take any value
     keep = torch.rand(2, 1, 6, 6) > 0.4

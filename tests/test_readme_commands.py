@@ -88,6 +88,10 @@ PLAN: Dict[str, Plan] = {
     "$MMSEG/tools/train.py mmseg_configs/upernet/upernet_vit-t2-karat": Plan("shorten", "2 iterations", MMSEG_SHORT),
     "python -m mmseg_configs.demo outputs/seg": Plan("shorten", "2 iterations per backbone", "--quick"),
     # README.md (Usage)
+    "pip download --no-deps --no-binary :all: \"timm==": Plan(
+        "skip", "downloads timm's sdist; tests/test_timm_suite.py runs these three commands (with a cache)"),
+    "tar xzf /tmp/timm/timm-": Plan("skip", "unpacks the download above (tests/test_timm_suite.py)"),
+    "python -m pytest tests/test_models.py -p karat": Plan("skip", "timm's own suite: tests/test_timm_suite.py"),
     "timm.create_model(\n    \"vit_tiny_patch16_224_karat\"": Plan("run", "builds a ViT-Tiny"),
     # benchmarks/README.md
     "benchmark.py --level attention --tokens 197 1025 --model tiny": Plan("shorten", "17 tokens, two impls",

@@ -93,7 +93,8 @@ def test_every_combination_trains_in_a_vit(combo):
 def test_timm_model_api():
     model = timm.create_model("vit_tiny_patch16_224_karat", **SMALL).eval()
     cfg = model.pretrained_cfg
-    assert cfg["input_size"] == (3, 224, 224) and cfg["first_conv"] == "patch_embed.proj" and cfg["classifier"] == "head"
+    assert cfg["input_size"] == (3, 224, 224)
+    assert cfg["first_conv"] == "patch_embed.proj" and cfg["classifier"] == "head"
     x = torch.randn(2, 3, 32, 32)
     feats = model.forward_features(x)
     assert feats.shape == (2, 17, 24)

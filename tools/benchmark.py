@@ -151,8 +151,8 @@ def table(results: List[Dict[str, Any]]) -> str:
         ref_mem = f"{r['peak_mb'] / ref['peak_mb']:.2f}x" if ref and ref["peak_mb"] > 0 else "-"
         ref_speed = f"{r['items_per_s'] / ref['items_per_s']:.2f}x" if ref else "-"
         line = (f"| {r['level']} | {r['model']} | {r.get('tokens', 197)} | {r['batch']} | {r['impl']} | "
-                f"{1000 * r['seconds']:.1f} | {r['items_per_s']:.1f} | {r['peak_mb']:.1f} | {mem_ratio} | {speed_ratio} "
-                f"| {ref_mem} | {ref_speed} |")
+                f"{1000 * r['seconds']:.1f} | {r['items_per_s']:.1f} | {r['peak_mb']:.1f} | {mem_ratio} | "
+                f"{speed_ratio} | {ref_mem} | {ref_speed} |")
         if model_level:
             line += f" {r.get('infer_items_per_s', 0):.1f} |"
         lines.append(line)

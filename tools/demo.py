@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", nargs="+", choices=list(TRANSFER_STAGES), default=list(TRANSFER_STAGES),
                    help="transfer stages to run after classification (default: all)")
     p.add_argument("--no-transfer", action="store_true", help="run the classification stage only")
-    p.add_argument("--quick", action="store_true", help="a few iterations per transfer stage and the smallest analysis (a smoke test)")
+    p.add_argument("--quick", action="store_true",
+                   help="a few iterations per transfer stage and the smallest analysis (a smoke test)")
     p.add_argument("--epochs", type=int, default=defaults.epochs)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--lr", type=float, default=defaults.lr)

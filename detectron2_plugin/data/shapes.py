@@ -59,8 +59,8 @@ def _polygon(rng: np.random.Generator, category: str, size: int) -> List[Tuple[f
         n, phase = 4, rng.uniform(0, math.pi / 2)
     else:
         n, phase = 3, rng.uniform(0, 2 * math.pi)
-    return [(float(cx + r * math.cos(phase + 2 * math.pi * i / n)), float(cy + r * math.sin(phase + 2 * math.pi * i / n)))
-            for i in range(n)]
+    angles = [phase + 2 * math.pi * i / n for i in range(n)]
+    return [(float(cx + r * math.cos(a)), float(cy + r * math.sin(a))) for a in angles]
 
 
 def _bounds(poly: List[Tuple[float, float]]) -> Tuple[float, float, float, float]:

@@ -11,7 +11,6 @@ import torch.nn as nn
 
 from ..bases import PerEdgeBasis, SharedFeatureBasis
 from ..kan import KANLayer
-from ..operator import KArAtOperator
 
 
 def kan_layers(model: nn.Module) -> List[Tuple[int, str, KANLayer]]:

@@ -37,7 +37,8 @@ def vit_num_tokens(img_size: Any = 224, patch_size: Any = 16, class_token: bool 
     return (h // ph) * (w // pw) + int(class_token) + reg_tokens
 
 
-def karat_vit_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTransformer, **kwargs: Any) -> Dict[str, torch.Tensor]:
+def karat_vit_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTransformer,
+                        **kwargs: Any) -> Dict[str, torch.Tensor]:
     """timm's ViT checkpoint filter (position embedding resampling, ...), KArAt weights resampled to this
     model's token count (spec section 6), and a check that everything except KArAt parameters is present,
     so a wrong checkpoint fails loudly despite non-strict loading."""
