@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import socket
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -29,8 +30,7 @@ def save_checkpoint(obj: Any, path: PathLike) -> Path:
     killed save left behind are removed after the next successful one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -41,13 +41,34 @@ def save_checkpoint(obj: Any, path: PathLike) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # older than this save: left by a killed process
-        try:
-            if stale.stat().st_mtime < started - 1:
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        if _left_by_dead_writer(stale, path.name):
+            try:
                 stale.unlink()
-        except OSError:
-            pass
+            except OSError:
+                pass
     return path
+
+
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _left_by_dead_writer(tmp: Path, name: str) -> bool:
+    """Whether a temporary ``.<name>.<host>.<pid>.<random>.tmp`` was left by a save whose process is gone.
+    Only this host's processes can be checked; another host's (a shared filesystem) are left alone."""
+    parts = tmp.name[len(name) + 2:-len(".tmp")].split(".")
+    if len(parts) != 3 or parts[0] != _HOST or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return False  # a save of this process still under way (another thread)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
 
 
 def _zip_damage(path: Path) -> Optional[str]:
