@@ -1,0 +1,247 @@
+// Fused CPU kernel for the Fourier KAN reduction of KArAt's phi1_w2 operator (karat/cpu_kernel.py).
+//
+//   hidden[b,h,i,:] = sum_j sum_m B_m(scale * q_i . k_j) coef[h,j,m,:],  B = (cos x, .., cos Gx, sin x, .., sin Gx)
+//
+// One pass per (query tile, key tile) of every (batch, head) pair: the logits tile comes from one small GEMM,
+// its 2G features are evaluated in cache (one sin/cos per logit, the angle-addition recurrence for the higher
+// frequencies) and contracted at once with the coefficients by a second GEMM. Nothing N x N x 2G ever reaches
+// memory. Backward recomputes the tile the same way (the logits are never stored).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr float kSincosMax = 8192.0f;  // beyond this |x| the float range reduction loses accuracy
+
+// cos and sin of n floats, Cody-Waite reduction by pi/2 and minimax polynomials (Cephes sinf/cosf):
+// about 1 ulp for |x| <= kSincosMax, written so that the compiler vectorises the loop.
+void sincos_block(const float* x, float* c, float* s, int64_t n) {
+  constexpr float two_over_pi = 0.636619772367581343f;
+  constexpr float p1 = 1.5703125f, p2 = 4.837512969970703125e-4f, p3 = 7.54978995489188216e-8f;
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) {
+    const float xe = x[e];
+    const float kf = std::nearbyint(xe * two_over_pi);
+    const int quadrant = static_cast<int>(kf) & 3;
+    const float r = ((xe - kf * p1) - kf * p2) - kf * p3;
+    const float z = r * r;
+    const float sp = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
+    const float cp = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z
+                     - 0.5f * z + 1.0f;
+    const bool swap = quadrant & 1;
+    const float sv = swap ? cp : sp, cv = swap ? sp : cp;
+    s[e] = (quadrant & 2) ? -sv : sv;
+    c[e] = ((quadrant + 1) & 2) ? -cv : cv;
+  }
+}
+
+void sincos_block(const double* x, double* c, double* s, int64_t n) {  // float64: the library's, exactly
+  for (int64_t e = 0; e < n; ++e) {
+    c[e] = std::cos(x[e]);
+    s[e] = std::sin(x[e]);
+  }
+}
+
+bool needs_exact(const float* x, int64_t n) {
+  float m = 0.0f;
+#pragma omp simd reduction(max : m)
+  for (int64_t e = 0; e < n; ++e) m = std::max(m, std::fabs(x[e]));
+  return !(m <= kSincosMax);  // also true for NaN
+}
+
+bool needs_exact(const double*, int64_t) { return false; }
+
+constexpr int64_t TQ = 32;  // queries per tile: the innermost, vectorised axis of every loop below
+
+// Features of a logits tile laid out (key, query): x (nj, TQ) -> feats (nj, 2G, TQ), queries contiguous, so that
+// the recurrence and both contractions below run along full vectors of queries.
+template <typename T>
+void tile_features(const T* x, T* c1, T* s1, T* feats, int64_t nj, int64_t grid) {
+  const int64_t n = nj * TQ;
+  sincos_block(x, c1, s1, n);
+  if (needs_exact(x, n)) {
+    for (int64_t e = 0; e < n; ++e) {
+      c1[e] = std::cos(x[e]);
+      s1[e] = std::sin(x[e]);
+    }
+  }
+  const int64_t m = 2 * grid;
+  for (int64_t j = 0; j < nj; ++j) {
+    const T* c = c1 + j * TQ;
+    const T* s = s1 + j * TQ;
+    T* f = feats + j * m * TQ;
+    for (int64_t i = 0; i < TQ; ++i) {
+      f[i] = c[i];
+      f[grid * TQ + i] = s[i];
+    }
+    for (int64_t g = 1; g < grid; ++g) {  // cos((g+1)x) = cos gx cos x - sin gx sin x, sin likewise
+      const T* cp = f + (g - 1) * TQ;
+      const T* sp = f + (grid + g - 1) * TQ;
+      T* cn = f + g * TQ;
+      T* sn = f + (grid + g) * TQ;
+      for (int64_t i = 0; i < TQ; ++i) {
+        cn[i] = cp[i] * c[i] - sp[i] * s[i];
+        sn[i] = sp[i] * c[i] + cp[i] * s[i];
+      }
+    }
+  }
+}
+
+template <typename T>
+struct Scratch {  // per-thread tile buffers
+  std::vector<T> qt, logits, c1, s1, feats, dyt, dq;
+  Scratch(int64_t tk, int64_t m, int64_t d, int64_t r)
+      : qt(TQ * d), logits(tk * TQ), c1(tk * TQ), s1(tk * TQ), feats(tk * m * TQ), dyt(r * TQ), dq(TQ * d) {}
+};
+
+at::Tensor blob(void* data, at::IntArrayRef shape, const at::Tensor& like) {
+  return at::from_blob(data, shape, like.options());
+}
+
+// Copy query rows [i0, i0+ni) times scale into the padded (TQ, d) tile; rows past ni are zero.
+template <typename T>
+void load_queries(Scratch<T>& sc, const T* q, int64_t i0, int64_t ni, int64_t d, double scale) {
+  std::fill(sc.qt.begin(), sc.qt.end(), T(0));
+  const T s = static_cast<T>(scale);
+  for (int64_t i = 0; i < ni * d; ++i) sc.qt[i] = q[i0 * d + i] * s;
+}
+
+// Logits (nj, TQ) = k[j0:j0+nj] qt^T and their features.
+template <typename T>
+void logits_and_features(Scratch<T>& sc, const at::Tensor& qt, const at::Tensor& kp, int64_t j0, int64_t nj,
+                         int64_t ni, int64_t grid) {
+  at::Tensor s = blob(sc.logits.data(), {nj, TQ}, kp);
+  at::mm_out(s, kp.narrow(0, j0, nj), qt.t());
+  tile_features<T>(sc.logits.data(), sc.c1.data(), sc.s1.data(), sc.feats.data(), nj, grid);
+  if (ni < TQ) {  // padded queries add nothing
+    const int64_t rows = nj * 2 * grid;
+    for (int64_t e = 0; e < rows; ++e) std::fill(sc.feats.data() + e * TQ + ni, sc.feats.data() + (e + 1) * TQ, T(0));
+  }
+}
+
+}  // namespace
+
+// q (B,H,N,d), k (B,H,Nk,d), coef (H,Nk,2G,r) -> hidden (B,H,N,r).
+at::Tensor fourier_reduce_forward(at::Tensor q, at::Tensor k, at::Tensor coef, double scale, int64_t grid,
+                                  int64_t tq, int64_t tk) {
+  q = q.contiguous();
+  k = k.contiguous();
+  coef = coef.contiguous();
+  const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2), d = q.size(3), nk = k.size(2);
+  const int64_t r = coef.size(3), m = 2 * grid;
+  at::Tensor out = at::zeros({batch, heads, n, r}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fourier_reduce_forward", [&] {
+    at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+      Scratch<scalar_t> sc(tk, m, d, r);
+      at::Tensor qt = blob(sc.qt.data(), {TQ, d}, q);
+      std::vector<scalar_t> acc(r * TQ);
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t b = p / heads, h = p % heads;
+        at::Tensor kp = k[b][h];
+        const scalar_t* cp = coef[h].data_ptr<scalar_t>();
+        scalar_t* op = out[b][h].data_ptr<scalar_t>();
+        for (int64_t i0 = 0; i0 < n; i0 += TQ) {
+          const int64_t ni = std::min(TQ, n - i0);
+          load_queries<scalar_t>(sc, q[b][h].data_ptr<scalar_t>(), i0, ni, d, scale);
+          std::fill(acc.begin(), acc.end(), scalar_t(0));
+          for (int64_t j0 = 0; j0 < nk; j0 += tk) {
+            const int64_t nj = std::min(tk, nk - j0);
+            logits_and_features<scalar_t>(sc, qt, kp, j0, nj, ni, grid);
+            const scalar_t* f = sc.feats.data();
+            const scalar_t* c = cp + j0 * m * r;
+            for (int64_t o = 0; o < r; ++o) {  // acc[o, :] += sum_(j,m) feats[(j,m), :] coef[(j,m), o]
+              scalar_t a[TQ];
+              for (int64_t i = 0; i < TQ; ++i) a[i] = acc[o * TQ + i];
+              for (int64_t e = 0; e < nj * m; ++e) {
+                const scalar_t w = c[e * r + o];
+                const scalar_t* fe = f + e * TQ;
+                _Pragma("omp simd") for (int64_t i = 0; i < TQ; ++i) a[i] += fe[i] * w;
+              }
+              for (int64_t i = 0; i < TQ; ++i) acc[o * TQ + i] = a[i];
+            }
+          }
+          for (int64_t i = 0; i < ni; ++i)
+            for (int64_t o = 0; o < r; ++o) op[(i0 + i) * r + o] = acc[o * TQ + i];
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// Gradients of fourier_reduce_forward: dy (B,H,N,r); coef_rot (H,Nk,2G,r) holds row m = scale_m coef[perm(m)]
+// (the derivative map dB_m/dx = scale_m B_perm(m)), so dL/dx = sum_m (dy coef_rot^T)_m B_m needs no new sin/cos.
+std::vector<at::Tensor> fourier_reduce_backward(at::Tensor dy, at::Tensor q, at::Tensor k, at::Tensor coef_rot,
+                                                double scale, int64_t grid, int64_t tq, int64_t tk) {
+  q = q.contiguous();
+  k = k.contiguous();
+  dy = dy.contiguous();
+  coef_rot = coef_rot.contiguous();
+  const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2), d = q.size(3), nk = k.size(2);
+  const int64_t r = coef_rot.size(3), m = 2 * grid;
+  at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k);
+  const int64_t threads = at::get_num_threads();
+  at::Tensor dcoef_parts = at::zeros({threads, heads, nk * m, r}, q.options());  // one per thread: no races
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fourier_reduce_backward", [&] {
+    at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+      Scratch<scalar_t> sc(tk, m, d, r);
+      at::Tensor qt = blob(sc.qt.data(), {TQ, d}, q);
+      at::Tensor dyt = blob(sc.dyt.data(), {r, TQ}, q);
+      at::Tensor dqt = blob(sc.dq.data(), {TQ, d}, q);
+      at::Tensor dcoef_t = dcoef_parts[at::get_thread_num()];
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t b = p / heads, h = p % heads;
+        at::Tensor kp = k[b][h], dkp = dk[b][h], dcoef = dcoef_t[h];
+        const scalar_t* crot = coef_rot[h].data_ptr<scalar_t>();
+        const scalar_t* dyp = dy[b][h].data_ptr<scalar_t>();
+        scalar_t* dqp = dq[b][h].data_ptr<scalar_t>();
+        for (int64_t i0 = 0; i0 < n; i0 += TQ) {
+          const int64_t ni = std::min(TQ, n - i0);
+          load_queries<scalar_t>(sc, q[b][h].data_ptr<scalar_t>(), i0, ni, d, scale);
+          std::fill(sc.dyt.begin(), sc.dyt.end(), scalar_t(0));
+          for (int64_t i = 0; i < ni; ++i)
+            for (int64_t o = 0; o < r; ++o) sc.dyt[o * TQ + i] = dyp[(i0 + i) * r + o];
+          dqt.zero_();
+          for (int64_t j0 = 0; j0 < nk; j0 += tk) {
+            const int64_t nj = std::min(tk, nk - j0);
+            logits_and_features<scalar_t>(sc, qt, kp, j0, nj, ni, grid);
+            at::Tensor feats = blob(sc.feats.data(), {nj * m, TQ}, q);
+            dcoef.narrow(0, j0 * m, nj * m).addmm_(feats, dyt.t());
+            // dL/dlogit[j, i] = sum_m feats[j, m, i] sum_o dy[i, o] coef_rot[j, m, o], over the logits buffer
+            const scalar_t* f = sc.feats.data();
+            const scalar_t* dt = sc.dyt.data();
+            for (int64_t j = 0; j < nj; ++j) {
+              scalar_t ds[TQ] = {};
+              for (int64_t mm = 0; mm < m; ++mm) {
+                const scalar_t* w = crot + ((j0 + j) * m + mm) * r;
+                scalar_t g[TQ] = {};
+                for (int64_t o = 0; o < r; ++o) {
+                  const scalar_t wo = w[o];
+                  _Pragma("omp simd") for (int64_t i = 0; i < TQ; ++i) g[i] += dt[o * TQ + i] * wo;
+                }
+                const scalar_t* fm = f + (j * m + mm) * TQ;
+                _Pragma("omp simd") for (int64_t i = 0; i < TQ; ++i) ds[i] += g[i] * fm[i];
+              }
+              for (int64_t i = 0; i < TQ; ++i) sc.logits[j * TQ + i] = ds[i];
+            }
+            at::Tensor dst = blob(sc.logits.data(), {nj, TQ}, q);
+            dqt.addmm_(dst.t(), kp.narrow(0, j0, nj));
+            dkp.narrow(0, j0, nj).addmm_(dst, qt);  // qt holds scale * q: dk = ds^T (scale q)
+          }
+          const scalar_t s = static_cast<scalar_t>(scale);
+          for (int64_t i = 0; i < ni * d; ++i) dqp[i0 * d + i] += s * sc.dq[i];
+        }
+      }
+    });
+  });
+  return {dq, dk, dcoef_parts.sum(0).view({heads, nk, m, r})};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &fourier_reduce_forward, "fused Fourier KAN key reduction (forward)");
+  m.def("backward", &fourier_reduce_backward, "fused Fourier KAN key reduction (backward)");
+}
