@@ -93,9 +93,10 @@ void tile_features(const T* x, T* c1, T* s1, T* feats, int64_t nj, int64_t grid)
 
 template <typename T>
 struct Scratch {  // per-thread tile buffers
-  std::vector<T> qt, logits, c1, s1, feats, dyt, dq;
+  std::vector<T> qt, logits, c1, s1, feats, grads, dyt, dq;
   Scratch(int64_t tk, int64_t m, int64_t d, int64_t r)
-      : qt(TQ * d), logits(tk * TQ), c1(tk * TQ), s1(tk * TQ), feats(tk * m * TQ), dyt(r * TQ), dq(TQ * d) {}
+      : qt(TQ * d), logits(tk * TQ), c1(tk * TQ), s1(tk * TQ), feats(tk * m * TQ), grads(tk * m * TQ), dyt(r * TQ),
+        dq(TQ * d) {}
 };
 
 at::Tensor blob(void* data, at::IntArrayRef shape, const at::Tensor& like) {
@@ -120,6 +121,76 @@ void logits_and_features(Scratch<T>& sc, const at::Tensor& qt, const at::Tensor&
   if (ni < TQ) {  // padded queries add nothing
     const int64_t rows = nj * 2 * grid;
     for (int64_t e = 0; e < rows; ++e) std::fill(sc.feats.data() + e * TQ + ni, sc.feats.data() + (e + 1) * TQ, T(0));
+  }
+}
+
+// acc[o, :] += sum_e feats[e, :] coef[e, o] for outputs [o0, o0 + OB): OB accumulator rows stay in registers
+// while the feature tile streams through once.
+template <typename T, int OB>
+void contract_block(const T* f, const T* c, int64_t ne, int64_t r, int64_t o0, T* acc) {
+  T a[OB][TQ];
+  for (int b = 0; b < OB; ++b)
+    for (int64_t i = 0; i < TQ; ++i) a[b][i] = acc[(o0 + b) * TQ + i];
+  for (int64_t e = 0; e < ne; ++e) {
+    const T* fe = f + e * TQ;
+    const T* ce = c + e * r + o0;
+    for (int b = 0; b < OB; ++b) {
+      const T w = ce[b];
+#pragma omp simd
+      for (int64_t i = 0; i < TQ; ++i) a[b][i] += fe[i] * w;
+    }
+  }
+  for (int b = 0; b < OB; ++b)
+    for (int64_t i = 0; i < TQ; ++i) acc[(o0 + b) * TQ + i] = a[b][i];
+}
+
+// acc (r, TQ) += coef^T feats for a feature tile (ne = keys x 2G rows of TQ queries), coef (ne, r).
+template <typename T>
+void contract(const T* f, const T* c, int64_t ne, int64_t r, T* acc) {
+  constexpr int ob = sizeof(T) == 4 ? 6 : 3;
+  int64_t o = 0;
+  for (; o + ob <= r; o += ob) contract_block<T, ob>(f, c, ne, r, o, acc);
+  for (; o < r; ++o) contract_block<T, 1>(f, c, ne, r, o, acc);
+}
+
+// grads[e, :] = sum_o dyt[o, :] coef_rot[e, o], OB rows of dyt held in registers per pass over the tile.
+template <typename T, int OB>
+void rotate_block(const T* dyt, const T* c, int64_t ne, int64_t r, int64_t o0, T* grads) {
+  T d[OB][TQ];
+  for (int b = 0; b < OB; ++b)
+    for (int64_t i = 0; i < TQ; ++i) d[b][i] = dyt[(o0 + b) * TQ + i];
+  for (int64_t e = 0; e < ne; ++e) {
+    T g[TQ];
+    T* ge = grads + e * TQ;
+    for (int64_t i = 0; i < TQ; ++i) g[i] = o0 ? ge[i] : T(0);
+    const T* ce = c + e * r + o0;
+    for (int b = 0; b < OB; ++b) {
+      const T w = ce[b];
+#pragma omp simd
+      for (int64_t i = 0; i < TQ; ++i) g[i] += d[b][i] * w;
+    }
+    for (int64_t i = 0; i < TQ; ++i) ge[i] = g[i];
+  }
+}
+
+// logits[j, :] = sum_m feats[j, m, :] (coef_rot[j, m] . dy): the gradient of the loss at the (scaled) logits.
+template <typename T>
+void logit_grads(Scratch<T>& sc, const T* c, int64_t nj, int64_t m, int64_t r) {
+  constexpr int ob = sizeof(T) == 4 ? 6 : 3;
+  T* grads = sc.grads.data();
+  int64_t o = 0;
+  for (; o + ob <= r; o += ob) rotate_block<T, ob>(sc.dyt.data(), c, nj * m, r, o, grads);
+  for (; o < r; ++o) rotate_block<T, 1>(sc.dyt.data(), c, nj * m, r, o, grads);
+  const T* f = sc.feats.data();
+  for (int64_t j = 0; j < nj; ++j) {
+    T ds[TQ] = {};
+    for (int64_t mm = 0; mm < m; ++mm) {
+      const T* fe = f + (j * m + mm) * TQ;
+      const T* ge = grads + (j * m + mm) * TQ;
+#pragma omp simd
+      for (int64_t i = 0; i < TQ; ++i) ds[i] += fe[i] * ge[i];
+    }
+    for (int64_t i = 0; i < TQ; ++i) sc.logits[j * TQ + i] = ds[i];
   }
 }
 
@@ -151,18 +222,7 @@ at::Tensor fourier_reduce_forward(at::Tensor q, at::Tensor k, at::Tensor coef, d
           for (int64_t j0 = 0; j0 < nk; j0 += tk) {
             const int64_t nj = std::min(tk, nk - j0);
             logits_and_features<scalar_t>(sc, qt, kp, j0, nj, ni, grid);
-            const scalar_t* f = sc.feats.data();
-            const scalar_t* c = cp + j0 * m * r;
-            for (int64_t o = 0; o < r; ++o) {  // acc[o, :] += sum_(j,m) feats[(j,m), :] coef[(j,m), o]
-              scalar_t a[TQ];
-              for (int64_t i = 0; i < TQ; ++i) a[i] = acc[o * TQ + i];
-              for (int64_t e = 0; e < nj * m; ++e) {
-                const scalar_t w = c[e * r + o];
-                const scalar_t* fe = f + e * TQ;
-                _Pragma("omp simd") for (int64_t i = 0; i < TQ; ++i) a[i] += fe[i] * w;
-              }
-              for (int64_t i = 0; i < TQ; ++i) acc[o * TQ + i] = a[i];
-            }
+            contract<scalar_t>(sc.feats.data(), cp + j0 * m * r, nj * m, r, acc.data());
           }
           for (int64_t i = 0; i < ni; ++i)
             for (int64_t o = 0; o < r; ++o) op[(i0 + i) * r + o] = acc[o * TQ + i];
@@ -212,22 +272,7 @@ std::vector<at::Tensor> fourier_reduce_backward(at::Tensor dy, at::Tensor q, at:
             at::Tensor feats = blob(sc.feats.data(), {nj * m, TQ}, q);
             dcoef.narrow(0, j0 * m, nj * m).addmm_(feats, dyt.t());
             // dL/dlogit[j, i] = sum_m feats[j, m, i] sum_o dy[i, o] coef_rot[j, m, o], over the logits buffer
-            const scalar_t* f = sc.feats.data();
-            const scalar_t* dt = sc.dyt.data();
-            for (int64_t j = 0; j < nj; ++j) {
-              scalar_t ds[TQ] = {};
-              for (int64_t mm = 0; mm < m; ++mm) {
-                const scalar_t* w = crot + ((j0 + j) * m + mm) * r;
-                scalar_t g[TQ] = {};
-                for (int64_t o = 0; o < r; ++o) {
-                  const scalar_t wo = w[o];
-                  _Pragma("omp simd") for (int64_t i = 0; i < TQ; ++i) g[i] += dt[o * TQ + i] * wo;
-                }
-                const scalar_t* fm = f + (j * m + mm) * TQ;
-                _Pragma("omp simd") for (int64_t i = 0; i < TQ; ++i) ds[i] += g[i] * fm[i];
-              }
-              for (int64_t i = 0; i < TQ; ++i) sc.logits[j * TQ + i] = ds[i];
-            }
+            logit_grads<scalar_t>(sc, crot + j0 * m * r, nj, m, r);
             at::Tensor dst = blob(sc.logits.data(), {nj, TQ}, q);
             dqt.addmm_(dst.t(), kp.narrow(0, j0, nj));
             dkp.narrow(0, j0, nj).addmm_(dst, qt);  // qt holds scale * q: dk = ds^T (scale q)
