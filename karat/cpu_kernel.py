@@ -22,7 +22,8 @@ from typing import Any, Optional, Tuple
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "fourier_cpu.cpp"
-TILE_QUERIES, TILE_KEYS = 32, 256  # tile of the logits evaluated in cache (about 200 kB of features at G = 3)
+TILE_KEYS = 256  # keys per tile (32 queries each): about 200 kB of features at G = 3, evaluated in cache
+WHOLE_PAIR_LOGITS = 1 << 20  # up to this many logits per (batch, head), one GEMM computes them all (4 MB fp32)
 _state: dict = {}
 
 
@@ -74,7 +75,7 @@ def fourier_reduce(q: torch.Tensor, k: torch.Tensor, coef: torch.Tensor, scale: 
     ext = extension()
     if ext is None:
         raise RuntimeError("karat::fourier_reduce needs the fused CPU kernel, which could not be built")
-    return ext.forward(q, k, coef, scale, grid, TILE_QUERIES, TILE_KEYS)
+    return ext.forward(q, k, coef, scale, grid, TILE_KEYS, WHOLE_PAIR_LOGITS)
 
 
 @fourier_reduce.register_fake
@@ -93,7 +94,7 @@ def fourier_reduce_backward(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     freq = torch.arange(1, grid + 1, dtype=coef.dtype)
     perm = torch.cat([torch.arange(grid, 2 * grid), torch.arange(grid)])
     coef_rot = coef[:, :, perm] * torch.cat([freq, -freq])[:, None]
-    dq, dk, dcoef = ext.backward(dy, q, k, coef_rot, scale, grid, TILE_QUERIES, TILE_KEYS)
+    dq, dk, dcoef = ext.backward(dy, q, k, coef_rot, scale, grid, TILE_KEYS, WHOLE_PAIR_LOGITS)
     return dq, dk, dcoef
 
 

@@ -17,9 +17,11 @@ def _plain(q, k, coef, scale, grid):
 
 
 @needs_kernel
+@pytest.mark.parametrize("whole", [1 << 20, 0], ids=["logits-per-pair", "logits-per-tile"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-def test_values_and_gradients_match_the_plain_formula(dtype, tol, monkeypatch):
+def test_values_and_gradients_match_the_plain_formula(dtype, tol, whole, monkeypatch):
     monkeypatch.setattr(cpu_kernel, "TILE_KEYS", 8)  # several key tiles, and a partial query tile (N = 37)
+    monkeypatch.setattr(cpu_kernel, "WHOLE_PAIR_LOGITS", whole)
     b, h, n, nk, d, grid, r = 2, 3, 37, 21, 5, 3, 4
     q = torch.randn(b, h, n, d, dtype=dtype, requires_grad=True)
     k = torch.randn(b, h, nk, d, dtype=dtype, requires_grad=True)

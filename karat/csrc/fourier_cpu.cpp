@@ -57,16 +57,18 @@ bool needs_exact(const double*, int64_t) { return false; }
 
 constexpr int64_t TQ = 32;  // queries per tile: the innermost, vectorised axis of every loop below
 
-// Features of a logits tile laid out (key, query): x (nj, TQ) -> feats (nj, 2G, TQ), queries contiguous, so that
-// the recurrence and both contractions below run along full vectors of queries.
+// Features of a logits tile laid out (key, query): x (nj, TQ), rows ld apart -> feats (nj, 2G, TQ), queries
+// contiguous, so that the recurrence and both contractions below run along full vectors of queries.
 template <typename T>
-void tile_features(const T* x, T* c1, T* s1, T* feats, int64_t nj, int64_t grid) {
-  const int64_t n = nj * TQ;
-  sincos_block(x, c1, s1, n);
-  if (needs_exact(x, n)) {
-    for (int64_t e = 0; e < n; ++e) {
-      c1[e] = std::cos(x[e]);
-      s1[e] = std::sin(x[e]);
+void tile_features(const T* x, int64_t ld, T* c1, T* s1, T* feats, int64_t nj, int64_t grid) {
+  for (int64_t j = 0; j < nj; ++j) {
+    const T* xj = x + j * ld;
+    sincos_block(xj, c1 + j * TQ, s1 + j * TQ, TQ);
+    if (needs_exact(xj, TQ)) {
+      for (int64_t i = 0; i < TQ; ++i) {
+        c1[j * TQ + i] = std::cos(xj[i]);
+        s1[j * TQ + i] = std::sin(xj[i]);
+      }
     }
   }
   const int64_t m = 2 * grid;
@@ -93,35 +95,58 @@ void tile_features(const T* x, T* c1, T* s1, T* feats, int64_t nj, int64_t grid)
 
 template <typename T>
 struct Scratch {  // per-thread tile buffers
-  std::vector<T> qt, logits, c1, s1, feats, grads, dyt, dq;
-  Scratch(int64_t tk, int64_t m, int64_t d, int64_t r)
-      : qt(TQ * d), logits(tk * TQ), c1(tk * TQ), s1(tk * TQ), feats(tk * m * TQ), grads(tk * m * TQ), dyt(r * TQ),
-        dq(TQ * d) {}
+  std::vector<T> qt, logits, c1, s1, feats, grads, dyt, dq, whole;
+  Scratch(int64_t tk, int64_t m, int64_t d, int64_t r, int64_t npad, int64_t whole_size)
+      : qt(npad * d), logits(tk * TQ), c1(tk * TQ), s1(tk * TQ), feats(tk * m * TQ), grads(tk * m * TQ), dyt(r * TQ),
+        dq(TQ * d), whole(whole_size) {}
 };
 
 at::Tensor blob(void* data, at::IntArrayRef shape, const at::Tensor& like) {
   return at::from_blob(data, shape, like.options());
 }
 
-// Copy query rows [i0, i0+ni) times scale into the padded (TQ, d) tile; rows past ni are zero.
+// Copy all n query rows times scale into the (npad, d) buffer; rows past n are zero.
 template <typename T>
-void load_queries(Scratch<T>& sc, const T* q, int64_t i0, int64_t ni, int64_t d, double scale) {
+void load_queries(Scratch<T>& sc, const at::Tensor& qp, int64_t n, int64_t d, double scale) {
   std::fill(sc.qt.begin(), sc.qt.end(), T(0));
   const T s = static_cast<T>(scale);
-  for (int64_t i = 0; i < ni * d; ++i) sc.qt[i] = q[i0 * d + i] * s;
+  const T* q = qp.data_ptr<T>();
+  const int64_t stride = qp.stride(0);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < d; ++c) sc.qt[i * d + c] = q[i * stride + c] * s;
 }
 
-// Logits (nj, TQ) = k[j0:j0+nj] qt^T and their features.
+// Rows with unit stride (the q, k views hosts hand over, e.g. slices of a fused qkv) are used in place.
+at::Tensor rows(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// Where the logits of a pair live: `whole` (nk, npad) when computed at once, else the per-tile buffer.
 template <typename T>
-void logits_and_features(Scratch<T>& sc, const at::Tensor& qt, const at::Tensor& kp, int64_t j0, int64_t nj,
-                         int64_t ni, int64_t grid) {
-  at::Tensor s = blob(sc.logits.data(), {nj, TQ}, kp);
-  at::mm_out(s, kp.narrow(0, j0, nj), qt.t());
-  tile_features<T>(sc.logits.data(), sc.c1.data(), sc.s1.data(), sc.feats.data(), nj, grid);
+struct Logits {
+  T* whole;
+  int64_t npad;
+};
+
+// Logits (nj, TQ) of keys [j0, j0+nj) and queries [i0, i0+TQ) and their features; returns the logits pointer
+// and its row stride (the backward writes the logit gradients there).
+template <typename T>
+std::pair<T*, int64_t> logits_and_features(Scratch<T>& sc, const Logits<T>& lg, const at::Tensor& qpad,
+                                           const at::Tensor& kp, int64_t i0, int64_t j0, int64_t nj, int64_t ni,
+                                           int64_t grid) {
+  T* x = sc.logits.data();
+  int64_t ld = TQ;
+  if (lg.whole != nullptr) {
+    x = lg.whole + j0 * lg.npad + i0;
+    ld = lg.npad;
+  } else {
+    at::Tensor s = blob(x, {nj, TQ}, kp);
+    at::mm_out(s, kp.narrow(0, j0, nj), qpad.narrow(0, i0, TQ).t());
+  }
+  tile_features<T>(x, ld, sc.c1.data(), sc.s1.data(), sc.feats.data(), nj, grid);
   if (ni < TQ) {  // padded queries add nothing
     const int64_t rows = nj * 2 * grid;
     for (int64_t e = 0; e < rows; ++e) std::fill(sc.feats.data() + e * TQ + ni, sc.feats.data() + (e + 1) * TQ, T(0));
   }
+  return {x, ld};
 }
 
 // acc[o, :] += sum_e feats[e, :] coef[e, o] for outputs [o0, o0 + OB): OB accumulator rows stay in registers
@@ -175,7 +200,7 @@ void rotate_block(const T* dyt, const T* c, int64_t ne, int64_t r, int64_t o0, T
 
 // logits[j, :] = sum_m feats[j, m, :] (coef_rot[j, m] . dy): the gradient of the loss at the (scaled) logits.
 template <typename T>
-void logit_grads(Scratch<T>& sc, const T* c, int64_t nj, int64_t m, int64_t r) {
+void logit_grads(Scratch<T>& sc, const T* c, int64_t nj, int64_t m, int64_t r, T* out, int64_t ld) {
   constexpr int ob = sizeof(T) == 4 ? 6 : 3;
   T* grads = sc.grads.data();
   int64_t o = 0;
@@ -190,38 +215,46 @@ void logit_grads(Scratch<T>& sc, const T* c, int64_t nj, int64_t m, int64_t r) {
 #pragma omp simd
       for (int64_t i = 0; i < TQ; ++i) ds[i] += fe[i] * ge[i];
     }
-    for (int64_t i = 0; i < TQ; ++i) sc.logits[j * TQ + i] = ds[i];
+    for (int64_t i = 0; i < TQ; ++i) out[j * ld + i] = ds[i];
   }
 }
 
 }  // namespace
 
-// q (B,H,N,d), k (B,H,Nk,d), coef (H,Nk,2G,r) -> hidden (B,H,N,r).
+// q (B,H,N,d), k (B,H,Nk,d), coef (H,Nk,2G,r) -> hidden (B,H,N,r). Keys go in tiles of tk; a (batch, head)
+// pair with at most whole_limit (padded) logits gets them all from one GEMM (fewer, larger calls), a larger one
+// from one GEMM per tile (a small buffer).
 at::Tensor fourier_reduce_forward(at::Tensor q, at::Tensor k, at::Tensor coef, double scale, int64_t grid,
-                                  int64_t tq, int64_t tk) {
-  q = q.contiguous();
-  k = k.contiguous();
+                                  int64_t tk, int64_t whole_limit) {
+  q = rows(q);
+  k = rows(k);
   coef = coef.contiguous();
   const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2), d = q.size(3), nk = k.size(2);
-  const int64_t r = coef.size(3), m = 2 * grid;
+  const int64_t r = coef.size(3), m = 2 * grid, npad = (n + TQ - 1) / TQ * TQ;
+  const bool whole = nk * npad <= whole_limit;
   at::Tensor out = at::zeros({batch, heads, n, r}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fourier_reduce_forward", [&] {
     at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-      Scratch<scalar_t> sc(tk, m, d, r);
-      at::Tensor qt = blob(sc.qt.data(), {TQ, d}, q);
+      Scratch<scalar_t> sc(tk, m, d, r, npad, whole ? nk * npad : 0);
+      at::Tensor qpad = blob(sc.qt.data(), {npad, d}, q);
+      const Logits<scalar_t> lg{whole ? sc.whole.data() : nullptr, npad};
       std::vector<scalar_t> acc(r * TQ);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t b = p / heads, h = p % heads;
         at::Tensor kp = k[b][h];
         const scalar_t* cp = coef[h].data_ptr<scalar_t>();
         scalar_t* op = out[b][h].data_ptr<scalar_t>();
+        load_queries<scalar_t>(sc, q[b][h], n, d, scale);
+        if (whole) {
+          at::Tensor all = blob(lg.whole, {nk, npad}, q);
+          at::mm_out(all, kp, qpad.t());
+        }
         for (int64_t i0 = 0; i0 < n; i0 += TQ) {
           const int64_t ni = std::min(TQ, n - i0);
-          load_queries<scalar_t>(sc, q[b][h].data_ptr<scalar_t>(), i0, ni, d, scale);
           std::fill(acc.begin(), acc.end(), scalar_t(0));
           for (int64_t j0 = 0; j0 < nk; j0 += tk) {
             const int64_t nj = std::min(tk, nk - j0);
-            logits_and_features<scalar_t>(sc, qt, kp, j0, nj, ni, grid);
+            logits_and_features<scalar_t>(sc, lg, qpad, kp, i0, j0, nj, ni, grid);
             contract<scalar_t>(sc.feats.data(), cp + j0 * m * r, nj * m, r, acc.data());
           }
           for (int64_t i = 0; i < ni; ++i)
@@ -236,49 +269,59 @@ at::Tensor fourier_reduce_forward(at::Tensor q, at::Tensor k, at::Tensor coef, d
 // Gradients of fourier_reduce_forward: dy (B,H,N,r); coef_rot (H,Nk,2G,r) holds row m = scale_m coef[perm(m)]
 // (the derivative map dB_m/dx = scale_m B_perm(m)), so dL/dx = sum_m (dy coef_rot^T)_m B_m needs no new sin/cos.
 std::vector<at::Tensor> fourier_reduce_backward(at::Tensor dy, at::Tensor q, at::Tensor k, at::Tensor coef_rot,
-                                                double scale, int64_t grid, int64_t tq, int64_t tk) {
-  q = q.contiguous();
-  k = k.contiguous();
+                                                double scale, int64_t grid, int64_t tk, int64_t whole_limit) {
+  q = rows(q);
+  k = rows(k);
   dy = dy.contiguous();
   coef_rot = coef_rot.contiguous();
   const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2), d = q.size(3), nk = k.size(2);
-  const int64_t r = coef_rot.size(3), m = 2 * grid;
-  at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k);
+  const int64_t r = coef_rot.size(3), m = 2 * grid, npad = (n + TQ - 1) / TQ * TQ;
+  const bool whole = nk * npad <= whole_limit;
+  at::Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options());
   const int64_t threads = at::get_num_threads();
   at::Tensor dcoef_parts = at::zeros({threads, heads, nk * m, r}, q.options());  // one per thread: no races
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fourier_reduce_backward", [&] {
     at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-      Scratch<scalar_t> sc(tk, m, d, r);
-      at::Tensor qt = blob(sc.qt.data(), {TQ, d}, q);
+      Scratch<scalar_t> sc(tk, m, d, r, npad, whole ? nk * npad : 0);
+      at::Tensor qpad = blob(sc.qt.data(), {npad, d}, q);
+      const Logits<scalar_t> lg{whole ? sc.whole.data() : nullptr, npad};
       at::Tensor dyt = blob(sc.dyt.data(), {r, TQ}, q);
       at::Tensor dqt = blob(sc.dq.data(), {TQ, d}, q);
       at::Tensor dcoef_t = dcoef_parts[at::get_thread_num()];
+      const scalar_t s = static_cast<scalar_t>(scale);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t b = p / heads, h = p % heads;
-        at::Tensor kp = k[b][h], dkp = dk[b][h], dcoef = dcoef_t[h];
+        at::Tensor kp = k[b][h], dkp = dk[b][h], dqp = dq[b][h], dcoef = dcoef_t[h];
         const scalar_t* crot = coef_rot[h].data_ptr<scalar_t>();
         const scalar_t* dyp = dy[b][h].data_ptr<scalar_t>();
-        scalar_t* dqp = dq[b][h].data_ptr<scalar_t>();
+        load_queries<scalar_t>(sc, q[b][h], n, d, scale);
+        at::Tensor all = whole ? blob(lg.whole, {nk, npad}, q) : at::Tensor();
+        if (whole) at::mm_out(all, kp, qpad.t());
         for (int64_t i0 = 0; i0 < n; i0 += TQ) {
           const int64_t ni = std::min(TQ, n - i0);
-          load_queries<scalar_t>(sc, q[b][h].data_ptr<scalar_t>(), i0, ni, d, scale);
           std::fill(sc.dyt.begin(), sc.dyt.end(), scalar_t(0));
           for (int64_t i = 0; i < ni; ++i)
             for (int64_t o = 0; o < r; ++o) sc.dyt[o * TQ + i] = dyp[(i0 + i) * r + o];
-          dqt.zero_();
+          if (!whole) dqt.zero_();
+          at::Tensor qt = qpad.narrow(0, i0, TQ);
           for (int64_t j0 = 0; j0 < nk; j0 += tk) {
             const int64_t nj = std::min(tk, nk - j0);
-            logits_and_features<scalar_t>(sc, qt, kp, j0, nj, ni, grid);
+            auto [x, ld] = logits_and_features<scalar_t>(sc, lg, qpad, kp, i0, j0, nj, ni, grid);
             at::Tensor feats = blob(sc.feats.data(), {nj * m, TQ}, q);
             dcoef.narrow(0, j0 * m, nj * m).addmm_(feats, dyt.t());
-            // dL/dlogit[j, i] = sum_m feats[j, m, i] sum_o dy[i, o] coef_rot[j, m, o], over the logits buffer
-            logit_grads<scalar_t>(sc, crot + j0 * m * r, nj, m, r);
-            at::Tensor dst = blob(sc.logits.data(), {nj, TQ}, q);
-            dqt.addmm_(dst.t(), kp.narrow(0, j0, nj));
-            dkp.narrow(0, j0, nj).addmm_(dst, qt);  // qt holds scale * q: dk = ds^T (scale q)
+            // dL/dlogit[j, i] = sum_m feats[j, m, i] sum_o dy[i, o] coef_rot[j, m, o], over the logits just used
+            logit_grads<scalar_t>(sc, crot + j0 * m * r, nj, m, r, x, ld);
+            if (!whole) {
+              at::Tensor dst = blob(x, {nj, TQ}, q);
+              dqt.addmm_(dst.t(), kp.narrow(0, j0, nj));
+              dkp.narrow(0, j0, nj).addmm_(dst, qt);  // qt holds scale * q: dk = ds^T (scale q)
+            }
           }
-          const scalar_t s = static_cast<scalar_t>(scale);
-          for (int64_t i = 0; i < ni * d; ++i) dqp[i0 * d + i] += s * sc.dq[i];
+          if (!whole) dqp.narrow(0, i0, ni).add_(dqt.narrow(0, 0, ni), s);
+        }
+        if (whole) {  // all logit gradients of the pair at once: padded queries have zero gradients
+          dqp.add_(at::mm(all.t(), kp).narrow(0, 0, n), s);
+          dkp.addmm_(all, qpad);
         }
       }
     });
