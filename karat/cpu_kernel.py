@@ -14,6 +14,7 @@ False after one warning and ``karat.efficient`` keeps its PyTorch path; ``KARAT_
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -43,6 +44,7 @@ def _cache_dir() -> Path:
 def _build() -> Any:
     from torch.utils.cpp_extension import load
 
+    logging.getLogger(__name__).info("karat: building the fused CPU kernel (once per machine, about a minute)")
     return load(name="karat_fourier_cpu", sources=[str(SOURCE)], build_directory=str(_cache_dir()),
                 extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"],
                 extra_ldflags=["-fopenmp"], verbose=False)

@@ -88,3 +88,20 @@ def test_without_a_compiler_the_pytorch_path_serves_with_one_warning(monkeypatch
         eff(q, k, v)  # no second warning
     torch.testing.assert_close(out, ref(q, k, v), rtol=1e-4, atol=1e-5)
     assert not efficient._fused_cpu(eff.operator.phi, q, k, None, None)
+
+
+@needs_kernel
+def test_two_threads_with_grad_enabled():
+    """The tiles run on OpenMP workers, whose autograd state is not the caller's: inputs that require grad
+    must not reach an ATen out= call there."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q, k = torch.randn(2, 2, 40, 8, requires_grad=True), torch.randn(2, 2, 40, 8, requires_grad=True)
+        coef = torch.randn(2, 40, 4, 3, requires_grad=True)
+        out = cpu_kernel.fourier_reduce(q, k, coef, 0.5, 2)
+        out.square().sum().backward()
+        torch.testing.assert_close(out, _plain(q, k, coef, 0.5, 2), rtol=1e-4, atol=1e-4)
+        assert q.grad is not None and coef.grad is not None
+    finally:
+        torch.set_num_threads(before)

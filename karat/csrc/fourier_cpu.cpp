@@ -226,15 +226,17 @@ void logit_grads(Scratch<T>& sc, const T* c, int64_t nj, int64_t m, int64_t r, T
 // from one GEMM per tile (a small buffer).
 at::Tensor fourier_reduce_forward(at::Tensor q, at::Tensor k, at::Tensor coef, double scale, int64_t grid,
                                   int64_t tk, int64_t whole_limit) {
-  q = rows(q);
-  k = rows(k);
-  coef = coef.contiguous();
+  // Detached: the tiles below run on worker threads, where autograd's thread-local state does not follow.
+  q = rows(q.detach());
+  k = rows(k.detach());
+  coef = coef.detach().contiguous();
   const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2), d = q.size(3), nk = k.size(2);
   const int64_t r = coef.size(3), m = 2 * grid, npad = (n + TQ - 1) / TQ * TQ;
   const bool whole = nk * npad <= whole_limit;
   at::Tensor out = at::zeros({batch, heads, n, r}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fourier_reduce_forward", [&] {
     at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+      at::NoGradGuard no_grad;
       Scratch<scalar_t> sc(tk, m, d, r, npad, whole ? nk * npad : 0);
       at::Tensor qpad = blob(sc.qt.data(), {npad, d}, q);
       const Logits<scalar_t> lg{whole ? sc.whole.data() : nullptr, npad};
@@ -270,10 +272,10 @@ at::Tensor fourier_reduce_forward(at::Tensor q, at::Tensor k, at::Tensor coef, d
 // (the derivative map dB_m/dx = scale_m B_perm(m)), so dL/dx = sum_m (dy coef_rot^T)_m B_m needs no new sin/cos.
 std::vector<at::Tensor> fourier_reduce_backward(at::Tensor dy, at::Tensor q, at::Tensor k, at::Tensor coef_rot,
                                                 double scale, int64_t grid, int64_t tk, int64_t whole_limit) {
-  q = rows(q);
-  k = rows(k);
-  dy = dy.contiguous();
-  coef_rot = coef_rot.contiguous();
+  q = rows(q.detach());
+  k = rows(k.detach());
+  dy = dy.detach().contiguous();
+  coef_rot = coef_rot.detach().contiguous();
   const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2), d = q.size(3), nk = k.size(2);
   const int64_t r = coef_rot.size(3), m = 2 * grid, npad = (n + TQ - 1) / TQ * TQ;
   const bool whole = nk * npad <= whole_limit;
@@ -282,6 +284,7 @@ std::vector<at::Tensor> fourier_reduce_backward(at::Tensor dy, at::Tensor q, at:
   at::Tensor dcoef_parts = at::zeros({threads, heads, nk * m, r}, q.options());  // one per thread: no races
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fourier_reduce_backward", [&] {
     at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+      at::NoGradGuard no_grad;
       Scratch<scalar_t> sc(tk, m, d, r, npad, whole ? nk * npad : 0);
       at::Tensor qpad = blob(sc.qt.data(), {npad, d}, q);
       const Logits<scalar_t> lg{whole ? sc.whole.data() : nullptr, npad};
