@@ -8,6 +8,7 @@
 // memory. Backward recomputes the tile the same way (the logits are never stored).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <cmath>
@@ -61,6 +62,7 @@ constexpr int64_t TQ = 32;  // queries per tile: the innermost, vectorised axis 
 // contiguous, so that the recurrence and both contractions below run along full vectors of queries.
 template <typename T>
 void tile_features(const T* x, int64_t ld, T* c1, T* s1, T* feats, int64_t nj, int64_t grid) {
+  RECORD_FUNCTION("karat::tile_features", std::vector<c10::IValue>());  // torch.profiler sees the breakdown
   for (int64_t j = 0; j < nj; ++j) {
     const T* xj = x + j * ld;
     sincos_block(xj, c1 + j * TQ, s1 + j * TQ, TQ);
@@ -172,6 +174,7 @@ void contract_block(const T* f, const T* c, int64_t ne, int64_t r, int64_t o0, T
 // acc (r, TQ) += coef^T feats for a feature tile (ne = keys x 2G rows of TQ queries), coef (ne, r).
 template <typename T>
 void contract(const T* f, const T* c, int64_t ne, int64_t r, T* acc) {
+  RECORD_FUNCTION("karat::contract_coefficients", std::vector<c10::IValue>());
   constexpr int ob = sizeof(T) == 4 ? 6 : 3;
   int64_t o = 0;
   for (; o + ob <= r; o += ob) contract_block<T, ob>(f, c, ne, r, o, acc);
@@ -201,6 +204,7 @@ void rotate_block(const T* dyt, const T* c, int64_t ne, int64_t r, int64_t o0, T
 // logits[j, :] = sum_m feats[j, m, :] (coef_rot[j, m] . dy): the gradient of the loss at the (scaled) logits.
 template <typename T>
 void logit_grads(Scratch<T>& sc, const T* c, int64_t nj, int64_t m, int64_t r, T* out, int64_t ld) {
+  RECORD_FUNCTION("karat::logit_grads", std::vector<c10::IValue>());
   constexpr int ob = sizeof(T) == 4 ? 6 : 3;
   T* grads = sc.grads.data();
   int64_t o = 0;
