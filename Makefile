@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: env demo test test-fast clean-env
+.PHONY: env demo test test-fast clean-env wheelhouse
 
 env:
 	VENV=$(abspath $(VENV)) bash tools/setup_env.sh
@@ -23,3 +23,10 @@ test-fast: env
 
 clean-env:
 	rm -rf $(VENV)
+
+# Offline wheelhouse (tools/wheelhouse.py): every package beyond torch in one folder for `pip --no-index`
+# (tools/install_offline.sh DIR installs it). For the GPU node: make wheelhouse WHEELHOUSE_ARGS=--gpu-node
+WHEELHOUSE ?= wheelhouse
+WHEELHOUSE_ARGS ?= --provided scipy
+wheelhouse: env
+	$(PY) tools/wheelhouse.py --dest $(WHEELHOUSE) $(WHEELHOUSE_ARGS)

@@ -36,6 +36,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-pin-mem", action="store_false", dest="pin_mem")
     g.add_argument("--run_name", default=None, help="Weights & Biases run name (W&B is used only when given)")
     g.add_argument("--run_id", default=None, help="Weights & Biases run id to resume")
+    g.add_argument("--keep-every", type=int, default=0, metavar="K",
+                   help="also keep every K-th epoch's weights as checkpoint-epochNNN.pth (for the optimizer-path "
+                        "analysis, python -m tools.analyze); 0: keep only checkpoint.pth")
     g.add_argument("--amp", type=str2bool, default=None,
                    help="mixed precision: fp16 autocast + GradScaler on CUDA (the default there), bf16 autocast on "
                         "CPU (only when given: --amp True)")

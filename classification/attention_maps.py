@@ -1,52 +1,15 @@
-"""Attention maps of a timm ViT, softmax or KArAt, and a figure that puts them side by side.
-
-For KArAt blocks the map is the operator's ``sigma(S)`` (exported through the reference path); for softmax
-blocks it is ``softmax(q k^T / sqrt(d))``, recomputed from the block's input by a forward hook (timm's
-attention uses fused SDPA and never forms it).
-"""
+"""The demo's attention-map figure; the maps themselves come from ``karat.analysis`` (softmax and KArAt heads,
+rollout and the rest of the analyses live there, see ``python -m tools.analyze``)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Dict, List, Sequence
 
 import torch
-import torch.nn as nn
 
-from karat import KArAtAttention
+from karat.analysis.attention import attention_maps
 
-
-@torch.no_grad()
-def attention_maps(model: nn.Module, images: torch.Tensor) -> List[torch.Tensor]:
-    """Per block, a ``(B, H, N, N)`` tensor of attention weights (KArAt heads only for mixed-head blocks)."""
-    maps: Dict[int, torch.Tensor] = {}
-    hooks = []
-    karat_cores = []
-    for i, block in enumerate(model.blocks):
-        attn = block.attn
-        if isinstance(attn, KArAtAttention):
-            attn.karat.export_attention = True
-            karat_cores.append((i, attn.karat))
-        else:
-            def hook(mod, args, _out, _i=i):
-                x = args[0]
-                b, n, _ = x.shape
-                qkv = mod.qkv(x).reshape(b, n, 3, mod.num_heads, mod.head_dim).permute(2, 0, 3, 1, 4)
-                q, k = mod.q_norm(qkv[0]), mod.k_norm(qkv[1])
-                maps[_i] = ((q * mod.scale) @ k.transpose(-2, -1)).softmax(-1)
-            hooks.append(attn.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        model(images)
-        for i, core in karat_cores:
-            maps[i] = core.last_attention
-    finally:
-        for h in hooks:
-            h.remove()
-        for _, core in karat_cores:
-            core.export_attention, core.last_attention = False, None
-        model.train(was_training)
-    return [maps[i] for i in sorted(maps)]
+__all__ = ["attention_maps", "plot_attention"]
 
 
 def plot_attention(named_maps: Dict[str, List[torch.Tensor]], image: torch.Tensor, grid: Sequence[int],

@@ -15,7 +15,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
-from .digits import NUM_CLASSES, load_digits_split
+from karat.digits import NUM_CLASSES, load_digits_split
 
 LAYOUTS = {
     "CIFAR10": "<data-path>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta} (CIFAR-10, python version)",

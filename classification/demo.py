@@ -17,7 +17,7 @@ from karat import load_checkpoint
 
 from .args import get_args_parser
 from .attention_maps import attention_maps, plot_attention
-from .digits import IMG_SIZE, load_digits_split
+from karat.digits import IMG_SIZE, load_digits_split
 from .main import main as train_classifier
 
 _logger = logging.getLogger(__name__)
@@ -45,6 +45,9 @@ class DemoSettings:
     clip_grad: float | None = 1.0
     seed: int = 0
     train_limit: int | None = None  # use only the first n training images (tests)
+    keep_every: int | None = None  # epochs between the weights kept for the optimizer path (None: epochs // 4)
+    analysis: bool = True  # run karat.analysis (all six families) on the two classifiers
+    analysis_quick: bool = False  # the smallest landscape grid and image set (smoke tests)
 
     def command_line(self, out_dir: Path) -> List[str]:
         """The classification.main flags of this recipe (the model's own flags come from DEMO_MODELS)."""
@@ -60,6 +63,7 @@ class DemoSettings:
             args += ["--attn_lr", str(self.attn_lr)]
         if self.train_limit:
             args += ["--train-subset", str(self.train_limit)]
+        args += ["--keep-every", str(self.keep_every or max(1, self.epochs // 4))]
         return args
 
 
@@ -123,4 +127,21 @@ def run(out_dir: Path, settings: DemoSettings) -> List[Dict[str, Any]]:
     table = summary_table(results)
     (out_dir / "summary.md").write_text(table + "\n")
     plot_curves(results, out_dir / "learning_curves.png")
+    if settings.analysis:
+        run_analysis(out_dir, settings.analysis_quick)
     return results
+
+
+def run_analysis(out_dir: Path, quick: bool = False) -> Dict[str, Any]:
+    """``python -m tools.analyze karat/checkpoint.pth --compare softmax/checkpoint.pth --out analysis`` (defaults:
+    the held-out digits, the small landscape grid; ``quick``: a 3 x 3 grid on 16 images)."""
+    from karat.analysis.cli import main as analyze
+
+    argv = [str(out_dir / "karat" / "checkpoint.pth"), "--compare", str(out_dir / "softmax" / "checkpoint.pth"),
+            "--out", str(out_dir / "analysis")]
+    if quick:
+        argv += ["--points", "3", "--grid", "3", "--batches", "1", "--batch-size", "16", "--num-images", "16"]
+    _logger.info("analysis: python -m tools.analyze %s", " ".join(argv))
+    if analyze(argv) != 0:
+        raise RuntimeError("the analysis of the demo's classifiers failed (see the error above)")
+    return json.loads((out_dir / "analysis" / "analysis.json").read_text())

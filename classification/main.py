@@ -158,7 +158,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         load_finetune(model, args.finetune)
     model.to(device)
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
-    model_ddp = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    # Every trainable KArAt parameter takes part in each forward (tests/test_ddp.py): no unused-parameter search.
+    model_ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False) if distributed else model
 
     optimizer = create_optimizer_v2(param_groups(model, args.weight_decay, args.attn_lr), opt=args.opt, lr=args.lr,
                                     weight_decay=args.weight_decay, momentum=args.momentum, eps=args.opt_eps,
@@ -240,6 +241,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             if model_ema is not None:
                 state["model_ema"] = model_ema.state_dict()
             save_checkpoint(_plain(state), out_dir / "checkpoint.pth")
+            keep_epoch_weights(state, out_dir, epoch, args.keep_every)
             for key, value in last.items():
                 writer.add_scalar(key, value, epoch)
             if wandb_run is not None:
@@ -260,6 +262,14 @@ def prepare_output_dir(args: argparse.Namespace, distributed: bool) -> None:
         check_output_dir(args.output_dir, args.resume)
     if distributed:
         dist.barrier()
+
+
+def keep_epoch_weights(state: Dict[str, Any], out_dir: Path, epoch: int, every: int) -> None:
+    """``--keep-every K``: every K-th epoch's weights (with what rebuilds the model) as ``checkpoint-epochNNN.pth``,
+    the optimizer path that ``python -m tools.analyze`` draws."""
+    if every > 0 and (epoch + 1) % every == 0:
+        keep = {k: state[k] for k in ("model", "epoch", "model_name", "model_kwargs", "args")}
+        save_checkpoint(_plain(keep), out_dir / f"checkpoint-epoch{epoch:03d}.pth")
 
 
 def _plain(obj: Any) -> Any:

@@ -9,6 +9,7 @@ from .config import KArAtConfig
 from .kan import KANLayer
 from .operator import KArAtOperator, OperatorProvider
 from .optim import karat_parameter_names, param_groups
+from .params import drop_unused_base_weights, paper_param_count
 from .resample import TokenLayout, resample_karat_state_dict
 from .simplex import project_to_simplex
 from . import models  # noqa: F401  (registers timm models)
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KArAtAttention", "KArAtConfig", "KArAtCore", "KArAtOperator", "KANLayer", "OperatorProvider", "ZeroModule", "is_karat_key",
-    "karat_parameter_names", "load_checkpoint", "mask_to_keep", "param_groups", "project_to_simplex",
+    "drop_unused_base_weights", "karat_parameter_names", "load_checkpoint", "mask_to_keep",
+    "paper_param_count", "param_groups", "project_to_simplex",
     "save_checkpoint", "TokenLayout", "resample_karat_state_dict",
 ]

@@ -13,12 +13,14 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_function, register_notrace_module
 
 from . import efficient, fused
 from .config import KArAtConfig
 from .flops import trace_core_call
 from .operator import KArAtOperator, OperatorProvider
 from .precision import full_precision_attention
+from .resample import TokenLayout, resample_operator
 
 OperatorFactory = Callable[[int, int], KArAtOperator]
 
@@ -49,6 +51,9 @@ def mask_to_keep(attn_mask: Optional[torch.Tensor]) -> tuple[Optional[torch.Tens
     return (None if bool(keep.all()) else keep), attn_mask.masked_fill(~keep, 0.0)
 
 
+# torch.fx sees the core as one leaf call (timm's way for modules whose forward branches on shapes and flags:
+# token-count check, impl choice, mixed heads), so timm's fx feature extraction traces every host around it.
+@register_notrace_module
 class KArAtCore(nn.Module):
     """Per-head attention output ``sigma(S) V`` for the first ``k`` heads and ``softmax(S) V`` for the rest.
 
@@ -91,6 +96,12 @@ class KArAtCore(nn.Module):
             return out_karat
         out_soft = self._softmax(q[:, h:], k[:, h:], v[:, h:], _heads(bias, h, None), _heads(key_mask, h, None), scale)
         return torch.cat([out_karat, out_soft], dim=1)
+
+    def resample_(self, src: TokenLayout, dst: TokenLayout) -> None:
+        """Move to another token layout in place (a new window or image size): the operator's weights are
+        resampled with ``karat.resample`` (spec section 6), the way timm resizes its position tables."""
+        self.operator = resample_operator(self.operator, src, dst)
+        self.num_tokens = dst.num_tokens
 
     def resolve_impl(self, q: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                      key_mask: Optional[torch.Tensor] = None) -> str:
@@ -164,6 +175,15 @@ def _heads(t: Optional[torch.Tensor], start: int, stop: Optional[int]) -> Option
     return t[:, start:stop]
 
 
+@register_notrace_function  # fx: which branch depends on the mask's type and values (timm passes them as inputs)
+def split_attn_mask(attn_mask: Optional[torch.Tensor], is_causal: bool = False
+                    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """timm's attention-mask arguments as (bool keep-mask, additive bias), see :func:`mask_to_keep`."""
+    if is_causal:
+        raise ValueError("KArAt attention has no causal mode; pass a boolean attn_mask instead")
+    return mask_to_keep(attn_mask)
+
+
 class KArAtAttention(nn.Module):
     """Drop-in ``attn_layer`` for ``timm.models.vision_transformer.VisionTransformer``.
 
@@ -210,13 +230,11 @@ class KArAtAttention(nn.Module):
         return BoundKArAtAttention
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        if is_causal:
-            raise ValueError("KArAt attention has no causal mode; pass a boolean attn_mask instead")
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        keep, bias = mask_to_keep(attn_mask)
+        keep, bias = split_attn_mask(attn_mask, is_causal)
         x = self.karat(q, k, v, bias=bias, key_mask=keep, scale=self.scale)
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
         x = self.norm(x)

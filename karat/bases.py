@@ -20,15 +20,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
+from .activations import ZeroModule  # noqa: F401  (its home is activations.py; importable from here as before)
 from .config import KArAtConfig
 from .precision import upcast
-
-
-class ZeroModule(nn.Module):
-    """The default base activation: no base term (``b(x) = 0``)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(x)
 
 
 # Which edges to evaluate: (input slice, output slice). Efficient paths evaluate a layer block by block.

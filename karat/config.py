@@ -12,6 +12,8 @@ from typing import Any, Mapping, Optional, Tuple
 
 import torch.nn as nn
 
+from .activations import ZeroModule
+
 BASIS_TYPES = ("FourierBasis", "SplineBasis", "WaveletBasis", "RationalBasis")
 WAVELET_TYPES = ("mexican_hat", "morlet", "dog", "meyer", "shannon")
 MODULAR_MODES = ("phi1_w2", "w1_phi2")
@@ -27,8 +29,6 @@ def _fail(option: str, value: Any, allowed: str) -> None:
 
 def resolve_base_fn(name: str) -> type[nn.Module]:
     """Map a base-function name (``ZeroModule``, ``nn.SiLU``, ``SiLU``, ``torch.nn.GELU``) to a class."""
-    from .bases import ZeroModule  # local: bases imports this module
-
     short = name.split(".")[-1] if isinstance(name, str) else ""
     if short == "ZeroModule":
         return ZeroModule

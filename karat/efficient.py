@@ -149,6 +149,8 @@ class _ReduceKeysFromQK(torch.autograd.Function):
 def _head_major(t: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """``scale * t`` as a contiguous ``(H, B, ...)`` tensor: one copy instead of one per key block."""
     t = t.transpose(0, 1)
+    if torch.compiler.is_compiling():  # torch.compile / torch.export trace no out= tensors
+        return (t * scale).contiguous()
     out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
     return torch.mul(t, scale, out=out) if scale != 1.0 else out.copy_(t)
 
@@ -165,7 +167,7 @@ def _block_features(layer, qh, kh, bh, mh, j, return_logits: bool = False):
 
 def _features(layer: KANLayer, s: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """Features of a shared-feature KAN layer at ``s``, the base activation as one extra feature, masked."""
-    feats = layer.basis.fast_features(s)
+    feats = layer.basis.features(s) if torch.compiler.is_compiling() else layer.basis.fast_features(s)
     if layer.has_base:
         feats = torch.cat([feats, layer.base_fn(s).unsqueeze(-1)], dim=-1)
     if mask is not None:

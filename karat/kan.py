@@ -25,14 +25,15 @@ class KANLayer(nn.Module):
         self.num_heads, self.in_features, self.out_features = num_heads, in_features, out_features
         self.base_fn = resolve_base_fn(cfg.base_fn)()
         shape = (num_heads, in_features, out_features)
-        self.base_weight = nn.Parameter(torch.randn(shape) * (init_scale / math.sqrt(in_features)))
+        self.has_base = not isinstance(self.base_fn, ZeroModule)
+        base_init = torch.randn(shape) * (init_scale / math.sqrt(in_features))  # drawn either way: same seeds
+        # The zero base has no w_b: a parameter the forward ignores gets no gradient, which fails timm's tests
+        # and DDP without find_unused_parameters. karat.paper_param_count adds it back to compare with the paper.
+        self.base_weight: Optional[nn.Parameter] = None
+        if self.has_base:
+            self.base_weight = nn.Parameter(base_init, requires_grad=not cfg.base_not_trainable)
         self.basis_scale = nn.Parameter(torch.ones(shape))
         self.basis: Basis = build_basis(cfg, num_heads, in_features, out_features, init_scale)
-        # With the zero base, w_b has an identically zero gradient; freezing it keeps DDP (no unused
-        # parameters) and optimizers quiet while the parameter (and the paper's count) stays.
-        self.has_base = not isinstance(self.base_fn, ZeroModule)
-        if not self.has_base or cfg.base_not_trainable:
-            self.base_weight.requires_grad_(False)
         if cfg.basis_not_trainable:
             self.basis_scale.requires_grad_(False)
             for p in self.basis.parameters():
@@ -54,6 +55,12 @@ class KANLayer(nn.Module):
                 base = base * input_mask.to(base.dtype)
             y = y + torch.einsum("bhri,hio->bhro", base, self.base_weight[:, i, o].to(base.dtype))
         return y
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Checkpoints written before the zero base stopped storing w_b hold an unused one: dropped on load.
+        if not self.has_base:
+            state_dict.pop(prefix + "base_weight", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, in={self.in_features}, out={self.out_features}, "

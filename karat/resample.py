@@ -80,6 +80,31 @@ def resample_operator_state(state: Dict[str, torch.Tensor], axes: Dict[str, Tupl
     return out
 
 
+def resample_operator(op: KArAtOperator, src: TokenLayout, dst: TokenLayout) -> KArAtOperator:
+    """A new operator for ``dst``'s token count holding ``op``'s weights resampled from ``src``, on the same device
+    and dtype with the same ``requires_grad`` flags: what a host's ``set_input_size`` / ``set_window_size`` swaps in,
+    as timm swaps in resized position tables. An operator shared by several blocks (universal) is resampled once per
+    target, so every block that held it gets the same new one."""
+    if src.num_tokens != op.num_tokens:
+        raise ValueError(f"Source layout {_describe(src)} does not match the operator, "
+                         f"built for {op.num_tokens} tokens.")
+    if src == dst:
+        return op
+    done: Dict[TokenLayout, KArAtOperator] = op.__dict__.setdefault("_resampled_to", {})
+    if dst in done:
+        return done[dst]
+    ref = next(op.parameters())
+    with torch.device(ref.device), torch.random.fork_rng(devices=[]):  # its random init is overwritten below
+        new = KArAtOperator(op.num_heads, dst.num_tokens, op.cfg).to(ref.dtype)
+    with torch.no_grad():
+        new.load_state_dict(resample_operator_state(op.state_dict(), op.key_axes(), src, dst))
+    flags = {name: p.requires_grad for name, p in op.named_parameters()}
+    for name, p in new.named_parameters():
+        p.requires_grad_(flags[name])
+    done[dst] = new.train(op.training)
+    return new
+
+
 LayoutFn = Callable[[str, KArAtOperator], TokenLayout]
 
 

@@ -20,6 +20,7 @@ import torch.nn as nn
 from .attention import is_karat_key
 from .checkpoint import load_checkpoint
 from .config import KArAtConfig
+from .params import drop_unused_base_weights
 from .resample import TokenLayout
 
 TIMM_PREFIX = "timm:"
@@ -101,6 +102,8 @@ def load_vit_source(source: str, num_heads: Optional[int] = None) -> ViTSource:
         num_heads = model.blocks[0].attn.num_heads
         layout = TokenLayout(model.num_prefix_tokens, tuple(model.patch_embed.grid_size))
         karat_cfg = getattr(model, "karat_cfg", None)
+        body, unused = drop_unused_base_weights(body, model)  # a checkpoint from before the zero base lost w_b
+        dropped += unused
         karat_kwargs = dataclasses.asdict(karat_cfg) if karat_cfg is not None else None
     else:
         if has_karat:

@@ -1,7 +1,8 @@
 """KArAt backbones for OpenMMLab, registered in mmseg's and mmdet's ``MODELS`` registries.
 
-Configs load this module with ``custom_imports = dict(imports=['mmseg_configs.backbones'],
-allow_failed_imports=False)``. The core ``karat`` package never imports OpenMMLab; this adapter does.
+Configs load the package, ``custom_imports = dict(imports=['mmseg_configs'], allow_failed_imports=False)``,
+whose ``__init__`` imports this module (``imports=['mmseg_configs.backbones']`` loads the same). The core
+``karat`` package never imports OpenMMLab; this adapter does. This module registers the models only.
 
 * ``KArAtVisionTransformer``: mmseg's ``VisionTransformer`` (all its options) whose attentions evaluate
   ``sigma(S) V`` with ``karat.KArAtCore``. Parameter names stay mmseg's (``layers.{i}.attn.attn.in_proj_weight``,
@@ -34,9 +35,7 @@ from mmseg.registry import MODELS as SEG_MODELS
 from karat import KArAtConfig, KArAtCore, OperatorProvider
 from karat.attention import OperatorFactory
 
-from . import compat  # noqa: F401  (mmengine resume checkpoints under torch >= 2.6)
 from . import convert
-from . import data  # noqa: F401  (registers CheckedADE20KDataset in mmseg's DATASETS)
 
 try:  # mmdet is optional for segmentation users; when it is installed the backbones are registered there too
     from mmdet.registry import MODELS as DET_MODELS
@@ -342,4 +341,3 @@ def _swin_output_norms(model: SwinTransformer) -> Sequence[str]:
 if DET_MODELS is not None:
     DET_MODELS.register_module(module=KArAtVisionTransformer)
     DET_MODELS.register_module(module=KArAtSwinTransformer)
-    from . import necks  # noqa: F401,E402  (registers the simple feature pyramid in mmdet)

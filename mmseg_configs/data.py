@@ -5,14 +5,14 @@
 ``reduce_zero_label=True``), so mmseg's own ``ADE20KDataset`` reads it. The scenes are coloured shapes of a few
 classes on textured background; a thin ignored frame exercises the ignore label. Same seed, same bytes.
 
-``CheckedADE20KDataset`` (registered in mmseg's ``DATASETS``) is ``ADE20KDataset`` that checks the folder
+``CheckedADE20KDataset`` (``mmseg_configs.datasets``) is ``ADE20KDataset`` that checks the folder
 first, so a wrong ``data_root`` fails with what is missing and how to fix it instead of an empty dataset.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -99,32 +99,6 @@ def check_ade20k_layout(data_root: Union[str, Path], splits: Tuple[str, ...] = S
         if lacking:
             raise ValueError(f"{len(lacking)} images in {images} have no label .png in {annotations} "
                              f"(e.g. {lacking[0]}). {hint}")
-
-
-def _register() -> None:
-    from mmseg.datasets import ADE20KDataset
-    from mmseg.registry import DATASETS
-
-    @DATASETS.register_module(force=True)  # also when run as `python -m mmseg_configs.data` and imported
-    class CheckedADE20KDataset(ADE20KDataset):
-        """mmseg's ``ADE20KDataset`` that checks the ADE20K folder layout before reading it."""
-
-        def __init__(self, data_root: Optional[str] = None, data_prefix: Optional[Dict[str, Any]] = None,
-                     **kwargs: Any) -> None:
-            prefix = dict(data_prefix or {})
-            img = Path(str(prefix.get("img_path", "images/training")))
-            split = img.name if img.parent.name == "images" else None
-            if data_root is not None and split is not None:
-                check_ade20k_layout(data_root, splits=(split,))
-            super().__init__(data_root=data_root, data_prefix=prefix or dict(img_path="", seg_map_path=""), **kwargs)
-
-    globals()["CheckedADE20KDataset"] = CheckedADE20KDataset
-
-
-try:
-    _register()
-except ImportError:  # pragma: no cover - mmseg missing: the generator and the check still work
-    pass
 
 
 def main(argv: Optional[List[str]] = None) -> int:

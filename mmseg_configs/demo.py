@@ -81,7 +81,7 @@ def run_stage(out_dir: Path, checkpoints: Dict[str, Path], quick: bool = False) 
 def _run_stage(out_dir: Path, checkpoints: Dict[str, Path], quick: bool) -> List[Dict[str, Any]]:
     from mmengine.runner import Runner
 
-    from .convert import convert_classifier
+    from .export import convert_classifier
 
     unknown = sorted(set(checkpoints) - set(NAMES))
     if unknown:

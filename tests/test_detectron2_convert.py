@@ -101,7 +101,7 @@ def test_softmax_source_into_karat_config_reports_new_operators(tmp_path):
     _classifier(tmp_path / "cls.pth", karat_on=False)
     conv = convert_file(str(tmp_path / "cls.pth"), KARAT_CFG, tmp_path / "out.pth", KARAT_NET)
     new_ops = [k for k in conv.report.new if ".karat.operator." in k]
-    assert len(new_ops) == 2 * 4  # two blocks x (weight, base_weight, basis_scale, coefficients)
+    assert len(new_ops) == 2 * 3  # two blocks x (weight, basis_scale, coefficients); the zero base has no w_b
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):
@@ -163,8 +163,9 @@ def test_vit_base_classifier_to_the_coco_config(tmp_path):
     conv = convert_file(str(tmp_path / "cls.pth"), str(ROOT / "configs/COCO/mask_rcnn_vitdet_karat_b_blockwise_100ep.py"),
                         tmp_path / "out.pth")
     text = conv.describe()
-    assert "Resampled 32 KArAt tensors from 197 tokens (1 prefix + 14x14) to 196 tokens (0 prefix + 14x14)" in text
-    assert "Resampled 16 KArAt tensors from 197 tokens (1 prefix + 14x14) to 4096 tokens (0 prefix + 64x64)" in text
+    # 3 tensors per operator (weight, w_s, coefficients; the zero base has no w_b): 8 windowed + 4 global blocks
+    assert "Resampled 24 KArAt tensors from 197 tokens (1 prefix + 14x14) to 196 tokens (0 prefix + 14x14)" in text
+    assert "Resampled 12 KArAt tensors from 197 tokens (1 prefix + 14x14) to 4096 tokens (0 prefix + 64x64)" in text
     assert conv.state_dict["backbone.net.blocks.2.attn.karat.operator.weight"].shape == (12, 4096, 12)
     assert conv.state_dict["backbone.net.pos_embed"].shape == (1, 197, 768)  # pretrain_img_size 224, class token
     assert all(".rel_pos_" in k for k in conv.report.new) and len(conv.report.new) == 24

@@ -36,7 +36,7 @@ def test_run_stage_quick(tmp_path):
         assert not math.isnan(row["box_ap"]) and not math.isnan(row["mask_ap"])  # COCOEvaluator ran both tasks
         assert row["seconds"] > 0 and row["iterations"] == 2
     karat_row = rows[0]
-    assert karat_row["resampled"] == 1 + 4 * 4  # patch embedding (gray -> RGB) + 4 global blocks' operators
+    assert karat_row["resampled"] == 1 + 4 * 3  # patch embedding (gray -> RGB) + 4 global blocks' operators (3 tensors)
     report = (tmp_path / "demo" / "karat" / "transfer_report.txt").read_text()
     assert "from 16 tokens (0 prefix + 4x4) to 256 tokens (0 prefix + 16x16)" in report
     assert "| karat |" in summary_table(rows)

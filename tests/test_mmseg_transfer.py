@@ -63,7 +63,7 @@ def test_convert_cli_report_and_overwrite(adapter, tmp_path, capsys):
 
 
 def test_converted_checkpoint_loads_with_init_cfg_and_load_from(adapter, tmp_path):
-    from mmseg_configs.convert import convert_classifier
+    from mmseg_configs.export import convert_classifier
 
     from karat.checkpoint import load_checkpoint
 
@@ -95,7 +95,7 @@ def test_converted_checkpoint_loads_with_init_cfg_and_load_from(adapter, tmp_pat
 
 def test_convert_with_class_token_to_512px(adapter, tmp_path):
     """The segmentation token count of the configs: 32 x 32 patches + class token at 512 px."""
-    from mmseg_configs.convert import convert_classifier
+    from mmseg_configs.export import convert_classifier
 
     src = classifier(tmp_path, karat=True, class_token=True, global_pool="token", img_size=32, patch_size=16,
                      in_chans=3)

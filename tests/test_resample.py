@@ -97,4 +97,4 @@ def test_timm_checkpoint_at_another_image_size(tmp_path):
     # the class-token key keeps its weight; the grid part is resampled and rescaled by 16 / 64
     torch.testing.assert_close(w[:, 0], src_model.blocks[0].attn.karat.operator.weight[:, 0])
     sd, report = resample_karat_state_dict(src_model.state_dict(), model, TokenLayout(1, (8, 8)))
-    assert len(report.resampled) == 2 * 4 and "from 17 tokens" in str(report)
+    assert len(report.resampled) == 2 * 3 and "from 17 tokens" in str(report)  # weight, w_s, coefficients

@@ -18,6 +18,7 @@ def n_params(model: torch.nn.Module) -> float:
 
 # The spec's table says "10-class head"; its Tiny and Base rows fit that, but its Small row is the
 # count with timm's 1000-class head (with 10 classes Small gives 21.67 / 23.20 / 21.80 M).
+# The paper counts the zero base's unused w_b, which our models do not hold: karat.paper_param_count adds it.
 @pytest.mark.parametrize("name, classes, grid, softmax, blockwise, universal", [
     ("tiny", 10, 3, 5.53, 6.29, 5.59),
     ("small", 1000, 3, 22.05, 23.58, 22.18),
@@ -30,11 +31,30 @@ def test_parameter_counts_match_the_paper(name, classes, grid, softmax, blockwis
         blk = timm.create_model(f"vit_{name}_patch16_224_karat", blockwise=True, **kw)
         uni = timm.create_model(f"vit_{name}_patch16_224_karat", universal=True, **kw)
     assert round(n_params(base), 2) == softmax
-    assert round(n_params(blk), 2) == blockwise
-    assert round(n_params(uni), 2) == universal
-    karat_blk = n_params(blk) - n_params(base)
-    karat_uni = n_params(uni) - n_params(base)
+    assert round(karat.paper_param_count(blk) / 1e6, 2) == blockwise
+    assert round(karat.paper_param_count(uni) / 1e6, 2) == universal
+    assert karat.paper_param_count(base) == sum(p.numel() for p in base.parameters())  # nothing to add to softmax
+    karat_blk = karat.paper_param_count(blk) / 1e6 - n_params(base)
+    karat_uni = karat.paper_param_count(uni) / 1e6 - n_params(base)
     assert karat_uni == pytest.approx(karat_blk / 12)  # universal is exactly 1/depth of blockwise
+    # what the paper adds is w_b: heads x N x r for each phi1_w2 operator (N = 197 tokens, r = 12)
+    heads = blk.blocks[0].attn.karat.operator.num_heads
+    assert karat.paper_param_count(blk) - sum(p.numel() for p in blk.parameters()) == 12 * heads * 197 * 12
+
+
+def test_zero_base_holds_no_unused_parameter_and_old_checkpoints_load():
+    model = timm.create_model("vit_tiny_patch16_224_karat", **SMALL)
+    assert not [n for n, _ in model.named_parameters() if n.endswith("base_weight")]
+    old = dict(model.state_dict())  # a checkpoint written while the zero base still stored w_b
+    for i, blk in enumerate(model.blocks):
+        phi = blk.attn.karat.operator.phi
+        old[f"blocks.{i}.attn.karat.operator.phi.base_weight"] = torch.randn(phi.num_heads, 17, 12)
+    fresh = timm.create_model("vit_tiny_patch16_224_karat", **SMALL)
+    result = fresh.load_state_dict(old, strict=True)  # strict: an unexpected key would raise
+    assert not result.missing_keys and not result.unexpected_keys
+    torch.testing.assert_close(fresh.state_dict(), model.state_dict())
+    silu = timm.create_model("vit_tiny_patch16_224_karat", base_fn="nn.SiLU", **SMALL)
+    assert all(b.attn.karat.operator.phi.base_weight.requires_grad for b in silu.blocks)  # a real base keeps w_b
 
 
 def test_universal_shares_one_operator_per_head_index():

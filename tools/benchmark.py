@@ -198,14 +198,33 @@ def main(argv: List[str] | None = None) -> int:
         return 0
     if args.json and args.json.exists():
         sys.exit(f"error: {args.json} exists; choose another --json path")
-    warmup = args.warmup
     impls = args.impl or [i for i in IMPLS if i != "fused" or args.device.startswith("cuda")]
-    tokens = args.tokens if args.level == "attention" else [197]
-    cases = [dict(level=args.level, model=size, tokens=n, batch=args.batch, impl=impl, grid=args.grid,
-                  device=args.device, repeat=args.repeat, warmup=warmup, profile=args.profile)
-             for size in args.model for n in tokens for impl in impls]
+    cases = make_cases(args.level, args.model, args.tokens, args.batch, impls, args.grid, args.device, args.repeat,
+                       args.warmup, args.profile)
+    results = run_rounds(cases, args.rounds)
+    meta = environment(args.device)
+    print()
+    print(table(results))
+    print_profiles(results)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+    return 0
+
+
+def make_cases(level: str, models: List[str], tokens: List[int], batch: int, impls: List[str], grid: int | None,
+               device: str, repeat: int, warmup: int, profile: int = 0) -> List[Dict[str, Any]]:
+    """One case per (model size, token count, implementation); the model level always has 197 tokens."""
+    tokens = tokens if level == "attention" else [197]
+    return [dict(level=level, model=size, tokens=n, batch=batch, impl=impl, grid=grid, device=device,
+                 repeat=repeat, warmup=warmup, profile=profile)
+            for size in models for n in tokens for impl in impls]
+
+
+def run_rounds(cases: List[Dict[str, Any]], rounds: int) -> List[Dict[str, Any]]:
+    """Every case ``rounds`` times, interleaved, each in a fresh process; the fastest round of each is kept."""
     best: Dict[int, Dict[str, Any]] = {}
-    for rnd in range(args.rounds):
+    for rnd in range(rounds):
         for i, case in enumerate(cases):
             r = spawn(case)
             prev = best.get(i)
@@ -216,23 +235,26 @@ def main(argv: List[str] | None = None) -> int:
             print(f"  round {rnd + 1} {case['model']:5s} N={case['tokens']:5d} {case['impl']:9s} "
                   + (f"{1000 * r['seconds']:9.1f} ms  {r['peak_mb']:9.1f} MB" if "error" not in r
                      else f"error: {r['error']}"), flush=True)
-    results = [best[i] for i in range(len(cases))]
-    import torch
+    return [best[i] for i in range(len(cases))]
 
-    meta = dict(date=time.strftime("%Y-%m-%d"), machine=platform.machine(), processor=platform.processor(),
-                cpus=__import__("os").cpu_count(), torch=torch.__version__, command=" ".join(sys.argv),
-                device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu")
-    print()
-    print(table(results))
+
+def print_profiles(results: List[Dict[str, Any]]) -> None:
+    """The ``--profile`` breakdowns, one markdown table per case."""
     for r in results:
         if r.get("profile"):
-            print(f"\nprofile: {r['level']} {r['model']} N={r.get('tokens', 197)} {r['impl']} (one step, self CPU time)\n")
+            print(f"\nprofile: {r['level']} {r['model']} N={r.get('tokens', 197)} {r['impl']} "
+                  "(one step, self CPU time)\n")
             print("| op | calls | self ms | share |\n|---|---|---|---|")
             print("\n".join("| " + " | ".join(str(x) for x in row) + " |" for row in r["profile"]))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
-    return 0
+
+
+def environment(device: str) -> Dict[str, Any]:
+    """Date, machine, torch and device of a run, stored beside its numbers."""
+    import torch
+
+    return dict(date=time.strftime("%Y-%m-%d"), machine=platform.machine(), processor=platform.processor(),
+                cpus=__import__("os").cpu_count(), torch=torch.__version__, command=" ".join(sys.argv),
+                device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-heads", type=int, default=None, help="heads of a plain state dict (default: dim / 64)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = p.parse_args(argv)
-    from mmseg_configs.convert import convert_classifier
+    from mmseg_configs.export import convert_classifier
 
     try:
         report = convert_classifier(args.source, args.output, img_size=args.img_size, with_cls_token=args.cls_token,

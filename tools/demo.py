@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", nargs="+", choices=list(TRANSFER_STAGES), default=list(TRANSFER_STAGES),
                    help="transfer stages to run after classification (default: all)")
     p.add_argument("--no-transfer", action="store_true", help="run the classification stage only")
-    p.add_argument("--quick", action="store_true", help="a few iterations per transfer stage (a smoke test)")
+    p.add_argument("--quick", action="store_true", help="a few iterations per transfer stage and the smallest analysis (a smoke test)")
     p.add_argument("--epochs", type=int, default=defaults.epochs)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--lr", type=float, default=defaults.lr)
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = [] if args.no_transfer else args.stages
     total = 1 + len(stages)
     settings = DemoSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, attn_lr=args.attn_lr,
-                            seed=args.seed, train_limit=args.train_limit)
+                            seed=args.seed, train_limit=args.train_limit, analysis_quick=args.quick)
     print(f"KArAt demo -> {out}")
     print(f"Stage 1/{total}: classification on scikit-learn digits (8x8, 10 classes), ViT-Tiny, patch 2")
     start = time.time()
@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + report + "\n")
     print(f"learning curves: {out / 'classification' / 'learning_curves.png'}")
     print(f"attention maps:  {out / 'classification' / 'attention_maps.png'}")
+    print(f"analysis:        {out / 'classification' / 'analysis'} (learned functions, attention, spectra, weights, "
+          f"loss landscape, optimizer path)")
     print(f"summary:         {out / 'summary.md'}")
     print(f"TensorBoard:     tensorboard --logdir {out}")
     return 0

@@ -59,10 +59,15 @@ class KArAtMHSA(_WithKArAtCore, MHSA):
         return self.proj_drop(self.proj(x))
 
 
-def karatize_convit(model: ConVit, cfg: KArAtConfig) -> ConVit:
-    """Swap GPSA (patch tokens) and MHSA (patch tokens + class token) modules for their KArAt versions."""
+def karatize_convit(model: nn.Module, cfg: KArAtConfig) -> nn.Module:
+    """Swap GPSA (patch tokens) and MHSA (patch tokens + class token) modules for their KArAt versions, in a
+    ``ConVit`` or a features wrapper of one (``features_only=True`` gives timm's ``FeatureGetterNet``)."""
     provider = OperatorProvider(cfg)
-    patches = model.patch_embed.num_patches
+    convit = next((m for m in model.modules() if isinstance(m, ConVit)), None)
+    if convit is None:
+        raise TypeError(f"karatize_convit takes a timm ConVit (or a features wrapper of one), "
+                        f"not {type(model).__name__}")
+    patches = convit.patch_embed.num_patches
 
     def common(old: nn.Module) -> dict:
         return dict(dim=old.proj.in_features, num_heads=old.num_heads, attn_drop=old.attn_drop.p,

@@ -19,6 +19,7 @@ from timm.models.swin_transformer import _cfg as _swin_cfg
 from ..attention import KArAtCore, OperatorFactory
 from ..config import KArAtConfig
 from ..operator import OperatorProvider
+from ..resample import TokenLayout
 from ._swap import swap_modules
 
 
@@ -31,8 +32,11 @@ class KArAtWindowAttention(WindowAttention):
         self.karat = KArAtCore(self.num_heads, self.window_area, karat_cfg, operator_factory, self.attn_drop.p)
 
     def set_window_size(self, window_size) -> None:
-        raise ValueError("KArAt weights are indexed by position in the window; changing Swin's window size needs "
-                         "the KArAt weights resampled (karat.resample), not done in place.")
+        """timm's in-place window change (``SwinTransformer.set_input_size``): timm resizes the bias table, and the
+        KArAt operator, indexed by position in the window, is resampled to the new window with ``karat.resample``."""
+        old = tuple(self.window_size)
+        super().set_window_size(window_size)
+        self.karat.resample_(TokenLayout(0, old), TokenLayout(0, tuple(self.window_size)))
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: ``(B * num_windows, N, C)``; mask: ``(num_windows, N, N)``, 0 where attention is allowed."""

@@ -22,6 +22,7 @@ from timm.layers import to_2tuple
 from ..attention import KArAtAttention, is_karat_key
 from ..config import KArAtConfig
 from ..operator import OperatorProvider
+from ..params import drop_unused_base_weights
 from ..resample import TokenLayout, resample_karat_state_dict
 
 _logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def karat_vit_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTransf
     """timm's ViT checkpoint filter (position embedding resampling, ...), KArAt weights resampled to this
     model's token count (spec section 6), and a check that everything except KArAt parameters is present,
     so a wrong checkpoint fails loudly despite non-strict loading."""
-    out = checkpoint_filter_fn(state_dict, model, **kwargs)
+    out, _ = drop_unused_base_weights(checkpoint_filter_fn(state_dict, model, **kwargs), model)
     _check_vit_shapes(out, model)
     layout = TokenLayout(model.num_prefix_tokens, tuple(model.patch_embed.grid_size))
     out, report = resample_karat_state_dict(out, model, layout)

@@ -1,24 +1,23 @@
 # Mask R-CNN with a KArAt ViT-Base/16 backbone and a simple feature pyramid (ViTDet's plain-backbone design),
 # COCO instance segmentation at 1024 x 1024, mmdet's 1x schedule. mmdet's own base configs; the backbone is
-# the KArAt ViT registered in mmdet's registry by mmseg_configs.backbones (64 x 64 = 4096 tokens, no class token;
+# the KArAt ViT registered in mmdet's registry by mmseg_configs (64 x 64 = 4096 tokens, no class token;
 # smaller padded batches are padded to 1024 with the padded keys masked).
 _base_ = [
     'mmdet::_base_/models/mask-rcnn_r50_fpn.py', 'mmdet::_base_/datasets/coco_instance.py',
-    'mmdet::_base_/schedules/schedule_1x.py', 'mmdet::_base_/default_runtime.py'
+    'mmdet::_base_/schedules/schedule_1x.py', 'mmdet::_base_/default_runtime.py', '../_base_/models/karat.py'
 ]
-custom_imports = dict(imports=['mmseg_configs.backbones'], allow_failed_imports=False)
+custom_imports = dict(imports=['mmseg_configs'], allow_failed_imports=False)
 image_size = (1024, 1024)
 embed_dims = 768
 model = dict(
     backbone=dict(
+        _base_.karat_options,
         _delete_=True,
         type='KArAtVisionTransformer',
         img_size=image_size, patch_size=16, embed_dims=embed_dims, num_layers=12, num_heads=12,
         with_cls_token=False, out_indices=(11, ), final_norm=False, patch_bias=True, drop_path_rate=0.1,
         norm_cfg=dict(type='LN', eps=1e-6),
-        # KArAt (paper's Base setting: Fourier, G = 1, phi1_w2 rank 12, blockwise)
-        basis_type='FourierBasis', grid=1, hidden_dim=12, modular_attn=True, modular_mode='phi1_w2',
-        blockwise=True, base_fn='ZeroModule',
+        grid=1,  # KArAt: the paper's Base setting (karat_options with G = 1)
         init_cfg=None),
     neck=dict(
         _delete_=True,

@@ -2,7 +2,7 @@
 _base_ = [
     'mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py',
 ]
-custom_imports = dict(imports=['mmseg_configs.backbones'], allow_failed_imports=False)
+custom_imports = dict(imports=['mmseg_configs'], allow_failed_imports=False)
 train_dataloader = dict(dataset=dict(type='CheckedADE20KDataset'))
 val_dataloader = dict(dataset=dict(type='CheckedADE20KDataset'))
 test_dataloader = dict(dataset=dict(type='CheckedADE20KDataset'))

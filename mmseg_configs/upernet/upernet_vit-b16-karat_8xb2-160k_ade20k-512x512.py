@@ -1,9 +1,4 @@
 # KArAt ViT-Base/16 + UperNet, ADE20K 512x512, 160k iterations: the softmax baseline with KArAt attention
 # (Fourier basis, G = 1, phi1_w2 with rank 12, blockwise; 32 x 32 patches + class token = 1025 tokens).
-_base_ = ['./upernet_vit-b16_8xb2-160k_ade20k-512x512.py']
-custom_imports = dict(imports=['mmseg_configs.backbones'], allow_failed_imports=False)
-model = dict(
-    backbone=dict(
-        type='KArAtVisionTransformer',
-        basis_type='FourierBasis', grid=1, hidden_dim=12, modular_attn=True, modular_mode='phi1_w2',
-        blockwise=True, base_fn='ZeroModule'))
+_base_ = ['./upernet_vit-b16_8xb2-160k_ade20k-512x512.py', '../_base_/models/karat.py']
+model = dict(backbone=dict(_base_.karat_options, type='KArAtVisionTransformer', grid=1))

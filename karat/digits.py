@@ -1,4 +1,6 @@
-"""The embedded default dataset: scikit-learn's real 8x8 handwritten digits (1,797 images, no download)."""
+"""The embedded default dataset: scikit-learn's real 8x8 handwritten digits (1,797 images, no download).
+
+It lives in the core because the classification entry point, the demo and `karat.analysis` all use it."""
 from __future__ import annotations
 
 from typing import Tuple

@@ -1,0 +1,185 @@
+"""The fused Triton kernels (``impl="fused"``) against a float64 reference on a CUDA device: every variant
+``karat.fused.supports`` accepts, in float32, bfloat16 and float16 (autocast, as in training), forward and every
+gradient (q, k, v, the basis coefficients and their scalers, the rank weights).
+
+Marked ``gpu`` (left out of ``make test``); run it by hand on a CUDA machine with
+``pytest -m gpu tests/test_gpu_fused.py``, or through ``python tools/gpu_suite.py --stage tests``. With
+``TRITON_INTERPRET=1`` and no GPU it runs the smaller cases on the CPU through Triton's interpreter (what
+``gpu_suite.py --cpu`` does in CI). ``KARAT_GPU_TEST_REPORT=path.json`` writes every measured error there. The kernels are also compiled by Triton
+for the GPU (an H100, sm_90, where there is none), which needs no device.
+
+Error measure: ``max |fused - reference_float64| / max |reference_float64|`` per tensor, with the float64
+reference computed from the same (rounded) inputs and parameters, so only the computation is judged. Tolerances:
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+
+from karat import KArAtConfig, KArAtCore, fused
+
+pytestmark = pytest.mark.gpu
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+if DEVICE == "cpu" and not INTERPRET:
+    pytest.skip("needs a CUDA device (or TRITON_INTERPRET=1 for the CPU interpreter)", allow_module_level=True)
+if fused.triton is None:
+    pytest.skip("Triton is not installed", allow_module_level=True)
+
+# float32: the coefficient products run as TF32 tensor-core dots on CUDA (10-bit mantissa; q k^T itself is
+# IEEE fp32); the interpreter computes in fp32 throughout. bf16 / fp16: inputs, the kernel's output Phi(S)
+# and the following products are rounded to 8 / 11 bits.
+TOLERANCE = {torch.float32: 5e-3 if DEVICE == "cuda" else 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+__doc__ += "".join(f"\n* {str(k)[6:]}: {v:g}" for k, v in TOLERANCE.items())
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# (batch, heads, N, head_dim, grid G, rank r, extra options): what a ViT meets (197 tokens, head_dim 64, G = 3 or
+# the Base model's G = 1), ragged N (not a multiple of the 32-token blocks), r not a power of two (padded) and one
+# that is, the smallest and largest head_dim, frozen basis coefficients, mixed heads (KArAt for the first heads,
+# softmax for the rest) and longer sequences.
+VARIANTS = {
+    "vit-t": (2, 3, 197, 64, 3, 12, {}),
+    "vit-b-g1": (1, 12, 197, 64, 1, 12, {}),
+    "ragged-d16-r5": (2, 2, 37, 16, 2, 5, {}),
+    "d128-r16": (1, 2, 64, 128, 2, 16, {}),
+    "frozen-basis": (2, 2, 50, 32, 3, 12, dict(basis_not_trainable=True)),
+    "mixed-head": (2, 3, 65, 32, 3, 12, dict(mixed_head=True, num_attention=1)),
+    "n1025": (1, 2, 1025, 64, 3, 12, {}),
+    "n4096": (1, 1, 4096, 64, 3, 12, {}),
+}
+TINY = {"ragged-d16-r5", "frozen-basis", "mixed-head"}  # the interpreter runs these (seconds, not minutes)
+
+_RESULTS: List[Dict] = []
+_COMPILED: List[Dict] = []
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report():
+    yield
+    path = os.environ.get("KARAT_GPU_TEST_REPORT")
+    if path:
+        Path(path).write_text(json.dumps(dict(device=DEVICE, interpreted=INTERPRET,
+                                              tolerance={str(k)[6:]: v for k, v in TOLERANCE.items()},
+                                              cases=_RESULTS, compiled=_COMPILED), indent=1))
+
+
+def _cores(heads: int, n: int, grid: int, r: int, extra: dict):
+    cfg = KArAtConfig(grid=grid, hidden_dim=r, **extra)
+    ref = KArAtCore(heads, n, cfg.replace(impl="reference")).to(DEVICE)
+    fus = KArAtCore(heads, n, cfg.replace(impl="fused"), operator_factory=lambda *_: ref.operator).to(DEVICE)
+    ref64 = copy.deepcopy(ref).double()
+    return ref, fus, ref64
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if DEVICE == "cuda" or v in TINY])
+def test_fused_matches_float64_reference(variant, dtype):
+    batch, heads, n, d, grid, r, extra = VARIANTS[variant]
+    torch.manual_seed(0)
+    ref, fus, ref64 = _cores(heads, n, grid, r, extra)
+    with torch.no_grad():  # trained-looking coefficients, not the small initial ones
+        for p, p64 in zip(ref.operator.parameters(), ref64.operator.parameters()):
+            p.mul_(4.0)
+            p64.copy_(p)
+    q, k, v = (torch.randn(batch, heads, n, d, device=DEVICE).to(dtype).requires_grad_() for _ in range(3))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+
+    assert fus.resolve_impl(q[:, :fus.num_karat_heads]) == "fused"
+    with torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32):
+        out = fus(q, k, v)
+    out64 = ref64(q64, k64, v64)
+    g = torch.randn_like(out64)
+    params = [p for p in ref.operator.parameters() if p.requires_grad]
+    params64 = [p for p in ref64.operator.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out, [q, k, v, *params], g.to(out.dtype))
+    grads64 = torch.autograd.grad(out64, [q64, k64, v64, *params64], g)
+
+    names = ["out", "dq", "dk", "dv"] + [n for n, p in ref.operator.named_parameters() if p.requires_grad]
+    errors = {name: _rel_err(a, b) for name, a, b in zip(names, (out, *grads), (out64, *grads64))}
+    tol = TOLERANCE[dtype]
+    _RESULTS.append(dict(variant=variant, dtype=str(dtype)[6:], shape=[batch, heads, n, d], grid=grid, rank=r,
+                         options=extra, tolerance=tol, errors=errors))
+    assert out.dtype == (dtype if dtype != torch.float32 else torch.float32)
+    if extra.get("basis_not_trainable"):
+        assert not any("coefficients" in n for n in names)
+    assert all(torch.isfinite(t).all() for t in (out, *grads))
+    bad = {name: err for name, err in errors.items() if err > tol}
+    assert not bad, f"{variant} {dtype}: relative error over {tol:g}: {bad}"
+
+
+def test_universal_model_step_matches_reference():
+    """A whole timm KArAt ViT whose blocks share one operator per head (universal): a training step's loss and
+    every parameter gradient with the fused kernels equal the reference path's (float32)."""
+    import timm
+
+    kw = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=5, grid=2, hidden_dim=8,
+              universal=True, blockwise=False)
+    torch.manual_seed(0)
+    fus = timm.create_model("vit_tiny_patch16_224_karat", impl="fused", **kw).to(DEVICE)
+    ref = timm.create_model("vit_tiny_patch16_224_karat", impl="reference", **kw).to(DEVICE)
+    ref.load_state_dict(fus.state_dict())
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    losses = []
+    for model in (fus, ref):
+        loss = model(x).square().mean()
+        loss.backward()
+        losses.append(loss.item())
+    assert abs(losses[0] - losses[1]) <= TOLERANCE[torch.float32] * abs(losses[1]) + 1e-6
+    compared = 0
+    for (name, a), (_, b) in zip(fus.named_parameters(), ref.named_parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if b.grad is not None and b.grad.abs().max() > 0:
+            assert _rel_err(a.grad, b.grad) <= TOLERANCE[torch.float32] * 2, name
+            compared += "karat" in name
+    assert compared >= 2  # the shared operator's tensors got gradients from both blocks
+
+
+COMPILE = """
+import json
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from karat import fused
+
+major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)  # H100 by default
+target = GPUTarget("cuda", major * 10 + minor, 32)
+limit = 232448 if major >= 9 else 101376  # shared memory per block (H100: 227 KiB)
+pointers = {"Q", "K", "C", "Hout", "DH", "DQ", "DK", "DC"}
+for d, g, r, dtype in [(64, 3, 12, "fp32"), (128, 3, 16, "bf16"), (16, 1, 5, "fp16"), (64, 1, 12, "bf16")]:
+    const = dict(D=d, G=g, RP=fused._pad_r(r), BM=32, BN=32)
+    for kernel in (fused._phi_fwd_kernel, fused._phi_bwd_dq_kernel, fused._phi_bwd_dk_kernel):
+        sig = {a: "constexpr" if a in const else (f"*{dtype}" if a in ("Q", "K") else "*fp32") if a in pointers
+               else "i32" for a in kernel.arg_names}
+        src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(k),): v for k, v in const.items()})
+        compiled = triton.compile(src, target=target)
+        shared = compiled.metadata.shared
+        assert "cubin" in compiled.asm and shared <= limit, (kernel.fn.__name__, d, g, dtype, shared)
+        print(json.dumps(dict(kernel=kernel.fn.__name__, D=d, G=g, r=r, dtype=dtype, arch=f"sm_{major}{minor}",
+                              shared_bytes=shared)))
+"""
+
+
+def test_kernels_compile_for_the_gpu():
+    """Triton compiles every kernel (forward, dq, dk) for this GPU, or for an H100 (sm_90) where there is none,
+    with the shared memory within the device's limit: compile errors show up without the device."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    compiled = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(compiled) == 12
+    _COMPILED.extend(compiled)
