@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <mutex>
 #include <vector>
 
 namespace {
@@ -284,8 +285,10 @@ std::vector<at::Tensor> fourier_reduce_backward(at::Tensor dy, at::Tensor q, at:
   const int64_t r = coef_rot.size(3), m = 2 * grid, npad = (n + TQ - 1) / TQ * TQ;
   const bool whole = nk * npad <= whole_limit;
   at::Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options());
-  const int64_t threads = at::get_num_threads();
-  at::Tensor dcoef_parts = at::zeros({threads, heads, nk * m, r}, q.options());  // one per thread: no races
+  // Pairs run head-major (p = h * batch + b) in contiguous ranges per thread, so a thread accumulates the
+  // coefficient gradient of one head at a time in its own buffer and adds it in when the head changes.
+  at::Tensor dcoef_all = at::zeros({heads, nk * m, r}, q.options());
+  std::mutex dcoef_lock;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fourier_reduce_backward", [&] {
     at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
       at::NoGradGuard no_grad;
@@ -294,11 +297,22 @@ std::vector<at::Tensor> fourier_reduce_backward(at::Tensor dy, at::Tensor q, at:
       const Logits<scalar_t> lg{whole ? sc.whole.data() : nullptr, npad};
       at::Tensor dyt = blob(sc.dyt.data(), {r, TQ}, q);
       at::Tensor dqt = blob(sc.dq.data(), {TQ, d}, q);
-      at::Tensor dcoef_t = dcoef_parts[at::get_thread_num()];
+      at::Tensor dcoef = at::zeros({nk * m, r}, q.options());
+      int64_t dcoef_head = -1;
+      auto flush = [&] {
+        if (dcoef_head < 0) return;
+        std::lock_guard<std::mutex> guard(dcoef_lock);
+        dcoef_all[dcoef_head].add_(dcoef);
+      };
       const scalar_t s = static_cast<scalar_t>(scale);
       for (int64_t p = begin; p < end; ++p) {
-        const int64_t b = p / heads, h = p % heads;
-        at::Tensor kp = k[b][h], dkp = dk[b][h], dqp = dq[b][h], dcoef = dcoef_t[h];
+        const int64_t h = p / batch, b = p % batch;
+        at::Tensor kp = k[b][h], dkp = dk[b][h], dqp = dq[b][h];
+        if (h != dcoef_head) {
+          flush();
+          dcoef.zero_();
+          dcoef_head = h;
+        }
         const scalar_t* crot = coef_rot[h].data_ptr<scalar_t>();
         const scalar_t* dyp = dy[b][h].data_ptr<scalar_t>();
         load_queries<scalar_t>(sc, q[b][h], n, d, scale);
@@ -331,9 +345,10 @@ std::vector<at::Tensor> fourier_reduce_backward(at::Tensor dy, at::Tensor q, at:
           dkp.addmm_(all, qpad);
         }
       }
+      flush();
     });
   });
-  return {dq, dk, dcoef_parts.sum(0).view({heads, nk, m, r})};
+  return {dq, dk, dcoef_all.view({heads, nk, m, r})};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
