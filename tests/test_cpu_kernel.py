@@ -7,7 +7,16 @@ import torch
 
 from karat import KArAtConfig, KArAtCore, cpu_kernel, efficient
 
-needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="the CPU kernel could not be built here")
+
+
+@pytest.fixture
+def kernel():
+    """Skip where the kernel cannot be built; built here (once, cached) rather than at collection."""
+    if not cpu_kernel.available():
+        pytest.skip("the CPU kernel could not be built here")
+
+
+needs_kernel = pytest.mark.usefixtures("kernel")
 
 
 def _plain(q, k, coef, scale, grid):
@@ -77,6 +86,7 @@ def test_without_a_compiler_the_pytorch_path_serves_with_one_warning(monkeypatch
     def broken():
         raise RuntimeError("no compiler")
 
+    monkeypatch.delenv("KARAT_CPU_KERNEL", raising=False)
     monkeypatch.setattr(cpu_kernel, "_build", broken)
     monkeypatch.setattr(cpu_kernel, "_state", {})
     ref, eff = _cores()
