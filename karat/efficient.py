@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .bases import SharedFeatureBasis
+from . import cpu_kernel
+from .bases import FourierBasis, SharedFeatureBasis
 from .kan import KANLayer
 from .operator import KArAtOperator
 from .precision import autocast_off, full_precision_attention
@@ -195,11 +196,22 @@ def _layer_coefficients(layer: KANLayer) -> torch.Tensor:
     return coef.transpose(-1, -2).contiguous()
 
 
+def _fused_cpu(layer: KANLayer, q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor],
+               key_mask: Optional[torch.Tensor]) -> bool:
+    """Whether the fused CPU kernel (``karat.cpu_kernel``) serves this call: Fourier, no base, bias or mask."""
+    return (q.device.type == "cpu" and isinstance(layer.basis, FourierBasis) and not layer.has_base
+            and bias is None and key_mask is None and q.dtype == k.dtype and q.dtype in (torch.float32, torch.float64)
+            and cpu_kernel.available())
+
+
 def reduce_keys_qk(layer: KANLayer, q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor],
                    key_mask: Optional[torch.Tensor], scale: float = 1.0, block: Optional[int] = None) -> torch.Tensor:
     """``Phi(scale q k^T + bias)`` without storing the logits or their features (shared-feature bases)."""
     if bias is not None and bias.dim() < 4:
         bias = bias.expand(*([1] * (4 - bias.dim())), *bias.shape)
+    if _fused_cpu(layer, q, k, bias, key_mask):
+        coef = _layer_coefficients(layer).to(q.dtype)
+        return cpu_kernel.fourier_reduce(q, k, coef, float(scale), layer.basis.grid)
     width = layer.basis.num_functions + int(layer.has_base)
     block = block or block_size(q.shape[0] * q.shape[1] * q.shape[2], width, k.shape[-2], q.device)
     coef = _layer_coefficients(layer).to(q.dtype)

@@ -44,6 +44,19 @@ def cpu_peak_mb(step) -> float:
     return peak / 2 ** 20
 
 
+def profile_ops(step, top: int) -> List[List[Any]]:
+    """``[op, calls, self CPU ms, share]`` of the ``top`` operators by self CPU time over one ``step()``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    ops = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ops) or 1
+    ops = sorted(ops, key=lambda e: -e.self_cpu_time_total)[:top]
+    return [[e.key, e.count, round(e.self_cpu_time_total / 1000, 1), f"{100 * e.self_cpu_time_total / total:.0f}%"]
+            for e in ops]
+
+
 def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
     """One measurement, in this (fresh) process."""
     import torch
@@ -109,6 +122,8 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
         peak = cpu_peak_mb(step)
     best = min(times)
     result = dict(case, seconds=best, items_per_s=items / best, peak_mb=peak)
+    if case.get("profile"):
+        result["profile"] = profile_ops(step, case["profile"])
     if case["level"] == "model":
         model.eval()
         with torch.no_grad():
@@ -174,6 +189,8 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3,
                    help="run every case this many times, interleaved, keeping the best: machine drift hits all alike")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--profile", type=int, default=0, metavar="TOP",
+                   help="also print the TOP operators by self CPU time of one step (torch.profiler), per case")
     p.add_argument("--json", type=Path, help="write the results here (refuses to overwrite an existing file)")
     args = p.parse_args(argv)
     if args.case:
@@ -183,11 +200,12 @@ def main(argv: List[str] | None = None) -> int:
         sys.exit(f"error: {args.json} exists; choose another --json path")
     impls = args.impl or [i for i in IMPLS if i != "fused" or args.device.startswith("cuda")]
     cases = make_cases(args.level, args.model, args.tokens, args.batch, impls, args.grid, args.device, args.repeat,
-                       args.warmup)
+                       args.warmup, args.profile)
     results = run_rounds(cases, args.rounds)
     meta = environment(args.device)
     print()
     print(table(results))
+    print_profiles(results)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
@@ -195,11 +213,11 @@ def main(argv: List[str] | None = None) -> int:
 
 
 def make_cases(level: str, models: List[str], tokens: List[int], batch: int, impls: List[str], grid: int | None,
-               device: str, repeat: int, warmup: int) -> List[Dict[str, Any]]:
+               device: str, repeat: int, warmup: int, profile: int = 0) -> List[Dict[str, Any]]:
     """One case per (model size, token count, implementation); the model level always has 197 tokens."""
     tokens = tokens if level == "attention" else [197]
     return [dict(level=level, model=size, tokens=n, batch=batch, impl=impl, grid=grid, device=device,
-                 repeat=repeat, warmup=warmup)
+                 repeat=repeat, warmup=warmup, profile=profile)
             for size in models for n in tokens for impl in impls]
 
 
@@ -218,6 +236,16 @@ def run_rounds(cases: List[Dict[str, Any]], rounds: int) -> List[Dict[str, Any]]
                   + (f"{1000 * r['seconds']:9.1f} ms  {r['peak_mb']:9.1f} MB" if "error" not in r
                      else f"error: {r['error']}"), flush=True)
     return [best[i] for i in range(len(cases))]
+
+
+def print_profiles(results: List[Dict[str, Any]]) -> None:
+    """The ``--profile`` breakdowns, one markdown table per case."""
+    for r in results:
+        if r.get("profile"):
+            print(f"\nprofile: {r['level']} {r['model']} N={r.get('tokens', 197)} {r['impl']} "
+                  "(one step, self CPU time)\n")
+            print("| op | calls | self ms | share |\n|---|---|---|---|")
+            print("\n".join("| " + " | ".join(str(x) for x in row) + " |" for row in r["profile"]))
 
 
 def environment(device: str) -> Dict[str, Any]:

@@ -1,0 +1,120 @@
+"""A fused CPU kernel for the Fourier ``phi1_w2`` key reduction, JIT-built with the machine's C++ compiler.
+
+The PyTorch path (``karat.efficient``) evaluates each key block as separate passes: logits, then 2G feature
+planes, then a GEMM. On a CPU those elementwise passes over ``N x N x 2G`` entries dominate. The kernel in
+``csrc/fourier_cpu.cpp`` instead walks each (batch, head) pair in (query tile, key tile) steps that stay in cache:
+one GEMM for the logits, one sin/cos per logit plus the angle-addition recurrence, one GEMM against the
+coefficients; backward recomputes the tile. It is registered with ``torch.library`` as ``karat::fourier_reduce``
+(with autograd and a fake kernel), so autograd, ``torch.compile``, ``torch.export`` and fx see one operator.
+
+The build is cached under ``~/.cache/karat`` (``KARAT_CACHE`` overrides) and keyed by the CPU's instruction set
+(it is built with ``-march=native``). Without a compiler, or if the build fails, :func:`available` returns
+False after one warning and ``karat.efficient`` keeps its PyTorch path; ``KARAT_CPU_KERNEL=0`` disables it.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Tuple
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "fourier_cpu.cpp"
+TILE_KEYS = 256  # keys per tile (32 queries each): about 200 kB of features at G = 3, evaluated in cache
+WHOLE_PAIR_LOGITS = 1 << 20  # up to this many logits per (batch, head), one GEMM computes them all (4 MB fp32)
+_state: dict = {}
+
+
+def _cache_dir() -> Path:
+    root = Path(os.environ.get("KARAT_CACHE", Path.home() / ".cache" / "karat"))
+    flags = ""
+    try:  # -march=native code must not be reused on a CPU with other instructions
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        pass
+    key = hashlib.sha1(f"{flags}|{torch.__version__}".encode()).hexdigest()[:12]
+    path = root / f"cpu_kernel_{key}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _build() -> Any:
+    from torch.utils.cpp_extension import load
+
+    logging.getLogger(__name__).info("karat: building the fused CPU kernel (once per machine, about a minute)")
+    return load(name="karat_fourier_cpu", sources=[str(SOURCE)], build_directory=str(_cache_dir()),
+                extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"],
+                extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def extension() -> Optional[Any]:
+    """The compiled extension, building it on first use; None (after one warning) where it cannot be built."""
+    if "ext" not in _state:
+        _state["ext"] = None
+        if os.environ.get("KARAT_CPU_KERNEL", "1") != "0":
+            try:
+                _state["ext"] = _build()
+            except Exception as exc:  # noqa: BLE001 - any build failure means: use the PyTorch path
+                warnings.warn(f"karat: the fused CPU kernel could not be built ({type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}); using the "
+                              f"slower PyTorch path. Install a C++ compiler (g++) to enable it.", stacklevel=3)
+    return _state["ext"]
+
+
+def available() -> bool:
+    """Whether the fused kernel is built (building it now if needed)."""
+    return extension() is not None
+
+
+@torch.library.custom_op("karat::fourier_reduce", mutates_args=(), device_types="cpu")
+def fourier_reduce(q: torch.Tensor, k: torch.Tensor, coef: torch.Tensor, scale: float, grid: int) -> torch.Tensor:
+    """``(B, H, N, r)``: ``sum_j sum_m B_m(scale q_i . k_j) coef[h, j, m]``, Fourier features ``B`` of order ``grid``.
+
+    q ``(B, H, N, d)``, k ``(B, H, N_k, d)``, coef ``(H, N_k, 2 grid, r)``, all fp32 or all float64."""
+    ext = extension()
+    if ext is None:
+        raise RuntimeError("karat::fourier_reduce needs the fused CPU kernel, which could not be built")
+    return ext.forward(q, k, coef, scale, grid, TILE_KEYS, WHOLE_PAIR_LOGITS)
+
+
+@fourier_reduce.register_fake
+def _(q, k, coef, scale, grid):
+    return q.new_empty(*q.shape[:-1], coef.shape[-1])
+
+
+@torch.library.custom_op("karat::fourier_reduce_backward", mutates_args=(), device_types="cpu")
+def fourier_reduce_backward(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, coef: torch.Tensor, scale: float,
+                            grid: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dcoef)`` of :func:`fourier_reduce`, recomputing each tile (nothing N x N is kept)."""
+    ext = extension()
+    if ext is None:
+        raise RuntimeError("karat::fourier_reduce_backward needs the fused CPU kernel, which could not be built")
+    # d cos(gx)/dx = -g sin(gx), d sin(gx)/dx = g cos(gx): row m of coef_rot is scale_m * coef[perm(m)]
+    freq = torch.arange(1, grid + 1, dtype=coef.dtype)
+    perm = torch.cat([torch.arange(grid, 2 * grid), torch.arange(grid)])
+    coef_rot = coef[:, :, perm] * torch.cat([freq, -freq])[:, None]
+    dq, dk, dcoef = ext.backward(dy, q, k, coef_rot, scale, grid, TILE_KEYS, WHOLE_PAIR_LOGITS)
+    return dq, dk, dcoef
+
+
+@fourier_reduce_backward.register_fake
+def _(dy, q, k, coef, scale, grid):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(coef)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, coef, scale, grid = inputs
+    ctx.save_for_backward(q, k, coef)
+    ctx.scale, ctx.grid = scale, grid
+
+
+def _backward(ctx, dy):
+    q, k, coef = ctx.saved_tensors
+    dq, dk, dcoef = fourier_reduce_backward(dy, q, k, coef, ctx.scale, ctx.grid)
+    return dq, dk, dcoef, None, None
+
+
+fourier_reduce.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,120 @@
+"""The fused CPU kernel (karat/cpu_kernel.py) computes the Fourier key reduction exactly, gradients included,
+serves the efficient path, and its absence only costs speed."""
+import warnings
+
+import pytest
+import torch
+
+from karat import KArAtConfig, KArAtCore, cpu_kernel, efficient
+
+
+
+@pytest.fixture
+def kernel():
+    """Skip where the kernel cannot be built; built here (once, cached) rather than at collection."""
+    if not cpu_kernel.available():
+        pytest.skip("the CPU kernel could not be built here")
+
+
+needs_kernel = pytest.mark.usefixtures("kernel")
+
+
+def _plain(q, k, coef, scale, grid):
+    """The same function written the plain way: all features materialised, one einsum."""
+    kx = (scale * q @ k.transpose(-1, -2)).unsqueeze(-1) * torch.arange(1, grid + 1, dtype=q.dtype)
+    return torch.einsum("bhijm,hjmr->bhir", torch.cat([kx.cos(), kx.sin()], -1), coef)
+
+
+@needs_kernel
+@pytest.mark.parametrize("whole", [1 << 20, 0], ids=["logits-per-pair", "logits-per-tile"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_values_and_gradients_match_the_plain_formula(dtype, tol, whole, monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "TILE_KEYS", 8)  # several key tiles, and a partial query tile (N = 37)
+    monkeypatch.setattr(cpu_kernel, "WHOLE_PAIR_LOGITS", whole)
+    b, h, n, nk, d, grid, r = 2, 3, 37, 21, 5, 3, 4
+    q = torch.randn(b, h, n, d, dtype=dtype, requires_grad=True)
+    k = torch.randn(b, h, nk, d, dtype=dtype, requires_grad=True)
+    coef = torch.randn(h, nk, 2 * grid, r, dtype=dtype, requires_grad=True)
+    out = cpu_kernel.fourier_reduce(q, k, coef, 0.7, grid)
+    want = _plain(q, k, coef, 0.7, grid)
+    torch.testing.assert_close(out, want, rtol=tol, atol=tol * want.abs().max().item())
+    g = torch.randn_like(want)
+    for got, ref in zip(torch.autograd.grad(out, (q, k, coef), g), torch.autograd.grad(want, (q, k, coef), g)):
+        torch.testing.assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@needs_kernel
+@pytest.mark.parametrize("span", [50.0, 1e6], ids=["polynomial", "large-logits"])
+def test_sin_cos_are_accurate_over_the_whole_range(span):
+    """One query per x against a single key 1 with identity coefficients: the outputs are the features of x
+    (large logits take the library's sin/cos, the rest the vectorised polynomial)."""
+    x = torch.linspace(-span, span, 4001)
+    q, k, coef = x.view(1, 1, -1, 1), torch.ones(1, 1, 1, 1), torch.eye(6).view(1, 1, 6, 6)
+    feats = cpu_kernel.fourier_reduce(q, k, coef, 1.0, 3)[0, 0].double()
+    kx = x.double()[:, None] * torch.arange(1, 4, dtype=torch.float64)
+    assert (feats - torch.cat([kx.cos(), kx.sin()], -1)).abs().max() < 1e-5
+
+
+@needs_kernel
+def test_opcheck_registration():
+    """Schema, fake kernel and autograd registration, as torch.compile / torch.export / fx rely on them."""
+    q, k = torch.randn(1, 2, 5, 3, requires_grad=True), torch.randn(1, 2, 6, 3, requires_grad=True)
+    coef = torch.randn(2, 6, 4, 3, requires_grad=True)
+    torch.library.opcheck(cpu_kernel.fourier_reduce, (q, k, coef, 0.5, 2))
+
+
+def _cores(n=40):
+    cfg = KArAtConfig(basis_type="FourierBasis", grid=3, hidden_dim=4, impl="reference")
+    ref = KArAtCore(2, n, cfg)
+    eff = KArAtCore(2, n, cfg.replace(impl="efficient"), operator_factory=lambda *_: ref.operator)
+    return ref, eff
+
+
+@needs_kernel
+def test_efficient_path_runs_the_kernel_and_matches_the_reference():
+    ref, eff = _cores()
+    q, k, v = (torch.randn(2, 2, 40, 8, requires_grad=True) for _ in range(3))
+    with torch.profiler.profile() as prof:
+        out = eff(q, k, v)
+        out.sum().backward()
+    names = {e.name for e in prof.events()}
+    assert "karat::fourier_reduce" in names and "karat::fourier_reduce_backward" in names
+    torch.testing.assert_close(out, ref(q, k, v), rtol=1e-4, atol=1e-5)
+
+
+def test_without_a_compiler_the_pytorch_path_serves_with_one_warning(monkeypatch):
+    def broken():
+        raise RuntimeError("no compiler")
+
+    monkeypatch.delenv("KARAT_CPU_KERNEL", raising=False)
+    monkeypatch.setattr(cpu_kernel, "_build", broken)
+    monkeypatch.setattr(cpu_kernel, "_state", {})
+    ref, eff = _cores()
+    q, k, v = (torch.randn(1, 2, 40, 8) for _ in range(3))
+    with pytest.warns(UserWarning, match="PyTorch path"):
+        out = eff(q, k, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eff(q, k, v)  # no second warning
+    torch.testing.assert_close(out, ref(q, k, v), rtol=1e-4, atol=1e-5)
+    assert not efficient._fused_cpu(eff.operator.phi, q, k, None, None)
+
+
+@needs_kernel
+def test_two_threads_with_grad_enabled():
+    """The tiles run on OpenMP workers, whose autograd state is not the caller's: inputs that require grad
+    must not reach an ATen out= call there."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # 3 x 3 (batch, head) pairs over two threads: one head's pairs are split between them
+        q, k = torch.randn(3, 3, 40, 8, requires_grad=True), torch.randn(3, 3, 40, 8, requires_grad=True)
+        coef = torch.randn(3, 40, 4, 3, requires_grad=True)
+        out = cpu_kernel.fourier_reduce(q, k, coef, 0.5, 2)
+        want = _plain(q, k, coef, 0.5, 2)
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+        g = torch.randn_like(want)
+        for got, ref in zip(torch.autograd.grad(out, (q, k, coef), g), torch.autograd.grad(want, (q, k, coef), g)):
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    finally:
+        torch.set_num_threads(before)
