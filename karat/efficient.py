@@ -198,8 +198,11 @@ def _layer_coefficients(layer: KANLayer) -> torch.Tensor:
 
 def _fused_cpu(layer: KANLayer, q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor],
                key_mask: Optional[torch.Tensor]) -> bool:
-    """Whether the fused CPU kernel (``karat.cpu_kernel``) serves this call: Fourier, no base, bias or mask."""
+    """Whether the fused CPU kernel (``karat.cpu_kernel``) serves this call: Fourier, no base, bias or mask. Its
+    threads add their coefficient gradients in whatever order they finish, so ``torch.use_deterministic_algorithms``
+    keeps the PyTorch path."""
     return (q.device.type == "cpu" and isinstance(layer.basis, FourierBasis) and not layer.has_base
+            and not torch.are_deterministic_algorithms_enabled()
             and bias is None and key_mask is None and q.dtype == k.dtype and q.dtype in (torch.float32, torch.float64)
             and cpu_kernel.available())
 

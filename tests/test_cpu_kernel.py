@@ -82,6 +82,20 @@ def test_efficient_path_runs_the_kernel_and_matches_the_reference():
     torch.testing.assert_close(out, ref(q, k, v), rtol=1e-4, atol=1e-5)
 
 
+def test_deterministic_algorithms_keep_the_pytorch_path():
+    """The kernel's threads add coefficient gradients in finishing order; deterministic mode must not take it."""
+    _, eff = _cores()
+    q, k, v = (torch.randn(2, 2, 40, 8) for _ in range(3))
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with torch.profiler.profile() as prof:
+            eff(q, k, v)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert "karat::fourier_reduce" not in {e.name for e in prof.events()}
+
+
 def test_without_a_compiler_the_pytorch_path_serves_with_one_warning(monkeypatch):
     def broken():
         raise RuntimeError("no compiler")
