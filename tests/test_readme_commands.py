@@ -98,6 +98,8 @@ PLAN: Dict[str, Plan] = {
                                                                            BENCH_ATTENTION),
     "benchmark.py --level model --model tiny --batch 8": Plan("shorten", "one step, one impl", BENCH_MODEL),
     "benchmark.py --device cuda": Plan("dry", "a GPU"),
+    "--repeat 2 --rounds 1 --profile 8": Plan("shorten", "17 tokens, one round, with its profile tables",
+                                              BENCH_ATTENTION),
 }
 
 
