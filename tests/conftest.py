@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
+from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -24,3 +27,13 @@ def require(module: str) -> ModuleType:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def lazyconfig_train(argv: list) -> None:
+    """``tools/lazyconfig_train.py``'s entry point in this process (detectron2's launch() with one process)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import lazyconfig_train as launcher
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    return launcher.invoke_main(argv)

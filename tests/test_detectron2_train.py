@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require
+from conftest import lazyconfig_train, require
 
 require("detectron2")
 
@@ -77,28 +77,19 @@ def test_train_then_eval_only_reproduces_the_metrics(tmp_path, shapes):
     from detectron2_plugin.data import register_shapes
 
     register_shapes(shapes)
-    _main(["--config-file", CONFIG, "--eval-only", *SMALL, f"train.output_dir={tmp_path / 'eval'}",
+    lazyconfig_train(["--config-file", CONFIG, "--eval-only", *SMALL, f"train.output_dir={tmp_path / 'eval'}",
            f"train.init_checkpoint={out / 'model_final.pth'}"])
     evaluated = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
     assert json.dumps(evaluated, sort_keys=True) == json.dumps(trained, sort_keys=True)
 
-
-def _main(argv):
-    """tools/lazyconfig_train.py's entry point, in this process (detectron2's launch() with one process)."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import lazyconfig_train
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
-    return lazyconfig_train.invoke_main(argv)
 
 
 def test_launcher_errors(tmp_path):
     from detectron2_plugin.data import register_shapes
 
     with pytest.raises(ValueError, match="--eval-only needs the weights"):
-        _main(["--config-file", CONFIG, "--eval-only", *SMALL, f"train.output_dir={tmp_path}"])
+        lazyconfig_train(["--config-file", CONFIG, "--eval-only", *SMALL, f"train.output_dir={tmp_path}"])
     register_shapes(tmp_path / "missing", prefix="karat_shapes_gone")
     with pytest.raises(FileNotFoundError, match="KArAt shapes dataset is not at"):
-        _main(["--config-file", CONFIG, *SMALL, f"train.output_dir={tmp_path / 'x'}",
+        lazyconfig_train(["--config-file", CONFIG, *SMALL, f"train.output_dir={tmp_path / 'x'}",
                "dataloader.train.dataset.names=karat_shapes_gone_train"])

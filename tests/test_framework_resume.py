@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from conftest import require
+from conftest import lazyconfig_train, require
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,14 +102,6 @@ SMALL = ["model.backbone.net.depth=2", "model.backbone.net.window_block_indexes=
          "train.eval_period=100", "dataloader.train.total_batch_size=2", "train.max_iter=4", "train.seed=0"]
 
 
-def _launch(argv):
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import lazyconfig_train
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
-    return lazyconfig_train.invoke_main(argv)
-
 
 def _events(out: Path) -> dict:
     rows = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
@@ -132,11 +123,11 @@ def test_detectron2_resume_continues_the_iterations(tmp_path, monkeypatch):
     monkeypatch.setenv("KARAT_SHAPES_ROOT", str(shapes))
     register_shapes(shapes)
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    _launch(["--config-file", SHAPES_CONFIG, *SMALL, f"train.output_dir={full}"])
+    lazyconfig_train(["--config-file", SHAPES_CONFIG, *SMALL, f"train.output_dir={full}"])
     resumed.mkdir()
     shutil.copy(full / "model_0000001.pth", resumed / "model_0000001.pth")  # the run as it was after iteration 2 of 4
     (resumed / "last_checkpoint").write_text("model_0000001.pth")
-    _launch(["--config-file", SHAPES_CONFIG, "--resume", *SMALL, f"train.output_dir={resumed}"])
+    lazyconfig_train(["--config-file", SHAPES_CONFIG, "--resume", *SMALL, f"train.output_dir={resumed}"])
 
     a, b = _events(full), _events(resumed)
     assert sorted(a) == [0, 1, 2, 3] and sorted(b) == [2, 3]  # continued, not restarted

@@ -59,6 +59,13 @@ def test_paper_param_count_adds_only_the_zero_bases_w_b():
     assert n_silu - n_zero == 2 * 3 * 17 * 12  # two blocks x (3 heads x 17 keys x r = 12) unused w_b
 
 
+def save_old_classifier(kwargs: dict, path) -> None:
+    """A classification checkpoint as written before the zero base stopped storing ``w_b``."""
+    model = timm.create_model("vit_tiny_patch16_224_karat", **kwargs)
+    save_checkpoint(dict(model=with_old_base_weights(model.state_dict()), model_name="vit_tiny_patch16_224_karat",
+                         model_kwargs=kwargs), path)
+
+
 def test_detectron2_converter_and_loader_take_old_checkpoints(tmp_path):
     require("detectron2")
     from detectron2.checkpoint import DetectionCheckpointer
@@ -68,9 +75,7 @@ def test_detectron2_converter_and_loader_take_old_checkpoints(tmp_path):
     from test_detectron2_convert import CLS, KARAT, KARAT_CFG, KARAT_NET
 
     kwargs = dict(CLS, **KARAT)
-    model = timm.create_model("vit_tiny_patch16_224_karat", **kwargs)
-    save_checkpoint(dict(model=with_old_base_weights(model.state_dict()), model_name="vit_tiny_patch16_224_karat",
-                         model_kwargs=kwargs), tmp_path / "old_cls.pth")
+    save_old_classifier(kwargs, tmp_path / "old_cls.pth")
     conv = convert_file(str(tmp_path / "old_cls.pth"), KARAT_CFG, tmp_path / "vitdet.pth", KARAT_NET)
     assert sum(k.endswith("base_weight") for k in conv.report.dropped) == 2  # one per block, reported as dropped
     assert not [k for k in conv.state_dict if k.endswith("base_weight")]
@@ -98,9 +103,7 @@ def test_mmseg_converter_and_loaders_take_old_checkpoints(tmp_path):
     from test_mmseg_transfer import DIGITS, KARAT
 
     kwargs = dict(DIGITS, **KARAT)
-    model = timm.create_model("vit_tiny_patch16_224_karat", **kwargs)
-    save_checkpoint(dict(model=with_old_base_weights(model.state_dict()), model_name="vit_tiny_patch16_224_karat",
-                         model_kwargs=kwargs), tmp_path / "old_cls.pth")
+    save_old_classifier(kwargs, tmp_path / "old_cls.pth")
     out = tmp_path / "mmseg.pth"
     report = convert_classifier(str(tmp_path / "old_cls.pth"), out, img_size=(16, 16))
     assert sum(k.endswith("base_weight") for k in report.dropped) == 2
