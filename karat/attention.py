@@ -15,11 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_function, register_notrace_module
 
-from . import efficient, fused
+from . import kernels
 from .config import KArAtConfig
 from .flops import trace_core_call
 from .operator import KArAtOperator, OperatorProvider
-from .precision import full_precision_attention
 from .resample import TokenLayout, resample_operator
 
 OperatorFactory = Callable[[int, int], KArAtOperator]
@@ -31,10 +30,6 @@ KARAT_KEY = ".karat."
 def is_karat_key(name: str) -> bool:
     """Whether a parameter / state-dict name belongs to a KArAt core (``...attn.karat.operator.*``)."""
     return KARAT_KEY in f".{name}"
-
-# Up to this many keys ``auto`` materialises sigma(S): an N x N matrix this small costs less than the efficient
-# path's blocking and recomputation (spec section 5: small windows such as Swin's 49 tokens).
-REFERENCE_MAX_TOKENS = 64
 
 
 def mask_to_keep(attn_mask: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -103,59 +98,32 @@ class KArAtCore(nn.Module):
         self.operator = resample_operator(self.operator, src, dst)
         self.num_tokens = dst.num_tokens
 
+    def choose_path(self, q: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                    key_mask: Optional[torch.Tensor] = None) -> kernels.Choice:
+        """The evaluation path for this call (``karat.kernels.choose``), with why faster ones were passed over:
+        attention-map export and attention dropout while training need the materialised sigma(S)."""
+        needs_sigma = None
+        if self.export_attention:
+            needs_sigma = "exporting attention maps needs sigma(S) itself"
+        elif self.training and self.attn_drop.p > 0:
+            needs_sigma = "attention dropout acts on the entries of sigma(S)"
+        return kernels.choose(self.operator, self.cfg.impl, q, bias, key_mask, needs_sigma)
+
     def resolve_impl(self, q: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                      key_mask: Optional[torch.Tensor] = None) -> str:
-        """``reference`` (materialise sigma(S)), ``efficient`` or ``fused`` (spec section 5), from ``cfg.impl``.
-
-        ``auto`` takes the fused kernels on CUDA where they apply, else the efficient path, unless the matrix is
-        small (at most ``REFERENCE_MAX_TOKENS`` keys) or something needs it: ``project_l1``, a non-modular depth
-        other than 2, attention-map export, or attention dropout while training. An explicit impl that cannot
-        serve the call raises."""
-        reason = efficient.supports(self.operator)
-        if reason is None and self.export_attention:
-            reason = "exporting attention maps needs sigma(S) itself"
-        if reason is None and self.training and self.attn_drop.p > 0:
-            reason = "attention dropout acts on the entries of sigma(S)"
-        impl = self.cfg.impl
-        if impl in ("efficient", "fused") and reason is not None:
-            raise ValueError(f"impl='{impl}' cannot serve this configuration: {reason}. "
-                             f"Use impl='auto' (falls back to the reference path) or impl='reference'.")
-        if impl == "reference" or reason is not None:
-            return "reference"
-        if impl == "auto" and self.num_tokens <= REFERENCE_MAX_TOKENS:
-            return "reference"
-        if impl == "fused" or (impl == "auto" and q is not None and q.is_cuda):
-            why_not = fused.supports(self.operator, q, bias, key_mask) if q is not None else "no input given"
-            if why_not is None:
-                return "fused"
-            if impl == "fused":
-                raise ValueError(f"impl='fused' cannot serve this call: {why_not}. Use impl='auto' or 'efficient'.")
-        return "efficient"
+        """``reference``, ``efficient`` or ``fused``: the path :meth:`choose_path` picks from ``cfg.impl``."""
+        return self.choose_path(q, bias, key_mask).path
 
     def _karat(self, q, k, v, bias, key_mask, scale) -> torch.Tensor:
-        impl = self.resolve_impl(q, bias, key_mask)
-        if impl == "fused":
-            try:
-                return fused.attend(self.operator, q * scale, k, v)
-            except Exception as e:  # a kernel that fails to build here must not take `auto` users down
-                if self.cfg.impl == "fused":
-                    raise
-                fused.disable(f"{type(e).__name__}: {e}")
-                impl = "efficient"
-        if impl == "efficient":
-            return efficient.attend(self.operator, q, k, v, bias, key_mask, scale)
-        return self._reference(q, k, v, bias, key_mask, scale)
+        choice = self.choose_path(q, bias, key_mask)
+        if choice.path == "reference":
+            return kernels.reference.attend(self.operator, q, k, v, bias, key_mask, scale, on_sigma=self._on_sigma)
+        return kernels.attend(choice, self.operator, q, k, v, bias, key_mask, scale, strict=self.cfg.impl == "fused")
 
-    @full_precision_attention
-    def _reference(self, q, k, v, bias, key_mask, scale) -> torch.Tensor:
-        """``sigma(S) V`` through the materialised ``sigma(S)``, in fp32 like the other paths."""
-        logits = (q * scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias
-        sigma = self.operator(logits, key_mask)
+    def _on_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
         if self.export_attention:
             self.last_attention = sigma.detach()
-        return self.attn_drop(sigma) @ v
+        return self.attn_drop(sigma)
 
     def _softmax(self, q, k, v, bias, key_mask, scale) -> torch.Tensor:
         mask = bias

@@ -5,7 +5,8 @@ import warnings
 import pytest
 import torch
 
-from karat import KArAtConfig, KArAtCore, cpu_kernel, efficient
+from karat import KArAtConfig, KArAtCore
+from karat.kernels import efficient, fused_cpu as cpu_kernel
 
 
 

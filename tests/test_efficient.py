@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from karat import KArAtConfig, KArAtCore
-from karat.attention import REFERENCE_MAX_TOKENS
-from karat import efficient
+from karat.kernels import REFERENCE_MAX_TOKENS
+from karat.kernels import efficient
 
 BASES = [
     dict(basis_type="FourierBasis", grid=3),

@@ -11,7 +11,8 @@ import pytest
 
 CHECK = textwrap.dedent("""
     import torch
-    from karat import KArAtConfig, KArAtCore, fused
+    from karat import KArAtConfig, KArAtCore
+    from karat.kernels import fused_triton as fused
 
     torch.manual_seed(0)
     for n, grid, r in [(37, 2, 5), (20, 3, 12)]:
@@ -55,13 +56,14 @@ def test_fused_refuses_what_it_cannot_serve():
 def test_auto_falls_back_when_the_fused_kernels_fail(monkeypatch):
     import torch
 
-    from karat import KArAtConfig, KArAtCore, fused
+    from karat import KArAtConfig, KArAtCore, kernels
+    from karat.kernels import fused_triton as fused
 
     core = KArAtCore(2, 9, KArAtConfig(impl="auto"))
     q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
     expected = core(q, k, v)
     monkeypatch.setattr(fused, "_DISABLED", None)
-    monkeypatch.setattr(core, "resolve_impl", lambda *a: "fused")
+    monkeypatch.setattr(core, "choose_path", lambda *a: kernels.Choice("fused", "triton"))
 
     def broken(*args, **kwargs):
         raise RuntimeError("kernel failed to compile")

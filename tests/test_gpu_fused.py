@@ -1,6 +1,6 @@
 """The fused Triton kernels (``impl="fused"``) against a float64 reference on a CUDA device: every variant
-``karat.fused.supports`` accepts, in float32, bfloat16 and float16 (autocast, as in training), forward and every
-gradient (q, k, v, the basis coefficients and their scalers, the rank weights).
+``karat.kernels.fused_triton.supports`` accepts, in float32, bfloat16 and float16 (autocast, as in training),
+forward and every gradient (q, k, v, the basis coefficients and their scalers, the rank weights).
 
 Marked ``gpu`` (left out of ``make test``); run it by hand on a CUDA machine with
 ``pytest -m gpu tests/test_gpu_fused.py``, or through ``python tools/gpu_suite.py --stage tests``. With
@@ -23,7 +23,8 @@ from typing import Dict, List
 import pytest
 import torch
 
-from karat import KArAtConfig, KArAtCore, fused
+from karat import KArAtConfig, KArAtCore
+from karat.kernels import fused_triton as fused
 
 pytestmark = pytest.mark.gpu
 
@@ -152,7 +153,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from karat import fused
+from karat.kernels import fused_triton as fused
 
 major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)  # H100 by default
 target = GPUTarget("cuda", major * 10 + minor, 32)

@@ -1,6 +1,6 @@
 """A fused CPU kernel for the Fourier ``phi1_w2`` key reduction, JIT-built with the machine's C++ compiler.
 
-The PyTorch path (``karat.efficient``) evaluates each key block as separate passes: logits, then 2G feature
+The PyTorch path (``karat.kernels.efficient``) evaluates each key block as separate passes: logits, then 2G feature
 planes, then a GEMM. On a CPU those elementwise passes over ``N x N x 2G`` entries dominate. The kernel in
 ``csrc/fourier_cpu.cpp`` instead walks each (batch, head) pair in (query tile, key tile) steps that stay in cache:
 one GEMM for the logits, one sin/cos per logit plus the angle-addition recurrence, one GEMM against the
@@ -9,7 +9,7 @@ coefficients; backward recomputes the tile. It is registered with ``torch.librar
 
 The build is cached under ``~/.cache/karat`` (``KARAT_CACHE`` overrides) and keyed by the CPU's instruction set
 (it is built with ``-march=native``). Without a compiler, or if the build fails, :func:`available` returns
-False after one warning and ``karat.efficient`` keeps its PyTorch path; ``KARAT_CPU_KERNEL=0`` disables it.
+False after one warning and ``karat.kernels.efficient`` keeps its PyTorch path; ``KARAT_CPU_KERNEL=0`` disables it.
 """
 from __future__ import annotations
 

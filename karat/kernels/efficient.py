@@ -21,11 +21,11 @@ from typing import Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from . import cpu_kernel
-from .bases import FourierBasis, SharedFeatureBasis
-from .kan import KANLayer
-from .operator import KArAtOperator
-from .precision import autocast_off, full_precision_attention
+from . import fused_cpu
+from ..bases import FourierBasis, SharedFeatureBasis
+from ..kan import KANLayer
+from ..operator import KArAtOperator
+from ..precision import autocast_off, full_precision_attention
 
 KEY_BLOCK: Optional[int] = None  # keys per block; None sizes blocks to BLOCK_ELEMENTS
 BLOCK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 25}  # feature entries of one block (bounds the transient memory)
@@ -198,13 +198,23 @@ def _layer_coefficients(layer: KANLayer) -> torch.Tensor:
 
 def _fused_cpu(layer: KANLayer, q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor],
                key_mask: Optional[torch.Tensor]) -> bool:
-    """Whether the fused CPU kernel (``karat.cpu_kernel``) serves this call: Fourier, no base, bias or mask. Its
+    """Whether the fused CPU kernel (``karat.kernels.fused_cpu``) serves this call: Fourier, no base, bias or mask. Its
     threads add their coefficient gradients in whatever order they finish, so ``torch.use_deterministic_algorithms``
     keeps the PyTorch path."""
     return (q.device.type == "cpu" and isinstance(layer.basis, FourierBasis) and not layer.has_base
             and not torch.are_deterministic_algorithms_enabled()
             and bias is None and key_mask is None and q.dtype == k.dtype and q.dtype in (torch.float32, torch.float64)
-            and cpu_kernel.available())
+            and fused_cpu.available())
+
+
+def detail(op: KArAtOperator, q: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+           key_mask: Optional[torch.Tensor]) -> str:
+    """How this path evaluates the call: the C++ CPU kernel or PyTorch, blockwise."""
+    first = op.phi if op.mode == "phi1_w2" else op.layers[0] if op.mode == "depth" else None
+    if (q is not None and first is not None and isinstance(first.basis, SharedFeatureBasis)
+            and _fused_cpu(first, q, q, bias, key_mask)):
+        return "C++ CPU kernel"
+    return "PyTorch, blockwise"
 
 
 def reduce_keys_qk(layer: KANLayer, q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor],
@@ -214,7 +224,7 @@ def reduce_keys_qk(layer: KANLayer, q: torch.Tensor, k: torch.Tensor, bias: Opti
         bias = bias.expand(*([1] * (4 - bias.dim())), *bias.shape)
     if _fused_cpu(layer, q, k, bias, key_mask):
         coef = _layer_coefficients(layer).to(q.dtype)
-        return cpu_kernel.fourier_reduce(q, k, coef, float(scale), layer.basis.grid)
+        return fused_cpu.fourier_reduce(q, k, coef, float(scale), layer.basis.grid)
     width = layer.basis.num_functions + int(layer.has_base)
     block = block or block_size(q.shape[0] * q.shape[1] * q.shape[2], width, k.shape[-2], q.device)
     coef = _layer_coefficients(layer).to(q.dtype)

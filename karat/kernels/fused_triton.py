@@ -11,7 +11,7 @@ recurrence from one ``cos`` and one ``sin``). Memory is O(N (r + d)) per head.
   afterwards, so no gradient needs one atomic add per element.
 
 The kernels serve the zero base with neither mask nor bias (the plain ViT case); ``supports`` says what else
-falls back to ``karat.efficient``. Tested on the CPU with ``TRITON_INTERPRET=1``.
+falls back to ``karat.kernels.efficient``. Tested on the CPU with ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ try:  # Triton ships with CUDA builds of torch; the core works without it.
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
 
-from .bases import FourierBasis
-from .operator import KArAtOperator
-from .precision import autocast_off, output_dtype, upcast
+from ..bases import FourierBasis
+from ..operator import KArAtOperator
+from ..precision import autocast_off, output_dtype, upcast
 
 
 _DISABLED: Optional[str] = None
@@ -253,7 +253,8 @@ def phi_fused(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, block_m: int 
 
 
 def attend(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-           bias: Optional[torch.Tensor] = None, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+           bias: Optional[torch.Tensor] = None, key_mask: Optional[torch.Tensor] = None,
+           scale: float = 1.0) -> torch.Tensor:
     """``sigma(S) V = Phi(S) (W^T V)`` with ``Phi(S)`` from the fused kernels, in fp32 with autocast off; the
     output comes back in the autocast dtype under autocast, else in q's dtype (``karat.precision``)."""
     reason = supports(op, q, bias, key_mask)
@@ -261,5 +262,5 @@ def attend(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"impl='fused' cannot serve this call: {reason}. Use impl='auto' or 'efficient'.")
     dtype = output_dtype(q)
     with autocast_off(q.device.type):
-        hidden = phi_fused(op, q, k)
+        hidden = phi_fused(op, q * scale, k)
         return (hidden @ torch.einsum("hjr,bhjd->bhrd", op.weight.to(hidden.dtype), upcast(v))).to(dtype)

@@ -1,0 +1,92 @@
+"""Where ``sigma(S) V`` is evaluated: the evaluation paths behind one dispatch (spec section 5).
+
+=============  ==========================================================================================
+path           what it is
+=============  ==========================================================================================
+``fused``      Triton kernels on CUDA (``fused_triton``): tiles of ``S`` and their features stay in registers
+``efficient``  blockwise over keys, ``sigma(S)`` never materialised (``efficient``); on the CPU its Fourier key
+               reduction runs the C++ kernel (``fused_cpu``) where that applies
+``reference``  ``sigma(S)`` materialised (``reference``): the oracle, and what attention maps and dropout need
+=============  ==========================================================================================
+
+Every path module has ``supports(...) -> Optional[str]`` (None: it can serve the call, else the one-line reason)
+and ``attend(op, q, k, v, bias, key_mask, scale)``. :func:`choose` is the one place that turns ``cfg.impl``
+(``auto | reference | efficient | fused``) and a call into a path; ``KArAtCore`` and the benchmark use it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+
+from ..operator import KArAtOperator
+from . import efficient, fused_triton, reference
+
+PATHS = ("fused", "efficient", "reference")
+
+# Up to this many keys ``auto`` materialises sigma(S): an N x N matrix this small costs less than the efficient
+# path's blocking and recomputation (spec section 5: small windows such as Swin's 49 tokens).
+REFERENCE_MAX_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The path that serves a call, how (``detail``), and why each faster path was passed over."""
+
+    path: str
+    detail: str = ""
+    passed_over: Dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return self.path + (f" ({self.detail})" if self.detail else "")
+
+
+def choose(op: KArAtOperator, impl: str, q: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+           key_mask: Optional[torch.Tensor] = None, needs_sigma: Optional[str] = None) -> Choice:
+    """The path for ``impl`` and this call.
+
+    ``auto`` takes the fused kernels on CUDA where they apply, else the efficient path, unless the matrix is
+    small (at most ``REFERENCE_MAX_TOKENS`` keys) or the operator or the caller needs ``sigma(S)`` itself
+    (``needs_sigma`` says why: attention-map export, attention dropout). An explicit impl that cannot serve the
+    call raises ``ValueError`` with the reason."""
+    passed: Dict[str, str] = {}
+    reason = efficient.supports(op) or needs_sigma
+    if impl in ("efficient", "fused") and reason is not None:
+        raise ValueError(f"impl='{impl}' cannot serve this configuration: {reason}. "
+                         f"Use impl='auto' (falls back to the reference path) or impl='reference'.")
+    if impl == "reference":
+        return Choice("reference")
+    if reason is not None:
+        return Choice("reference", passed_over={"efficient": reason})
+    if impl == "auto" and op.num_tokens <= REFERENCE_MAX_TOKENS:
+        return Choice("reference", passed_over={"efficient": f"{op.num_tokens} keys <= {REFERENCE_MAX_TOKENS}: "
+                                                             "sigma(S) is cheaper to materialise"})
+    if impl == "fused" or (impl == "auto" and q is not None and q.is_cuda):
+        why_not = fused_triton.supports(op, q, bias, key_mask) if q is not None else "no input given"
+        if why_not is None:
+            return Choice("fused", "triton")
+        if impl == "fused":
+            raise ValueError(f"impl='fused' cannot serve this call: {why_not}. Use impl='auto' or 'efficient'.")
+        passed["fused"] = why_not
+    return Choice("efficient", efficient.detail(op, q, bias, key_mask), passed)
+
+
+def attend(choice: Choice, op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor], scale: float,
+           strict: bool = False) -> torch.Tensor:
+    """``sigma(S) V`` by the chosen (non-reference) path. A fused kernel that fails to build falls back to the
+    efficient path (and stays off in this process) unless ``strict`` (the user asked for ``impl='fused'``)."""
+    if choice.path == "fused":
+        try:
+            return fused_triton.attend(op, q, k, v, bias, key_mask, scale)
+        except Exception as e:  # a kernel that fails to build here must not take `auto` users down
+            if strict:
+                raise
+            fused_triton.disable(f"{type(e).__name__}: {e}")
+    if choice.path == "reference":
+        return reference.attend(op, q, k, v, bias, key_mask, scale)
+    return efficient.attend(op, q, k, v, bias, key_mask, scale)
+
+
+__all__ = ["Choice", "PATHS", "REFERENCE_MAX_TOKENS", "attend", "choose", "efficient", "fused_triton", "reference"]
