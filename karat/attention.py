@@ -19,6 +19,7 @@ from . import kernels
 from .config import KArAtConfig
 from .flops import trace_core_call
 from .operator import KArAtOperator, OperatorProvider
+from .relpos import Bias, DecomposedRelPos, dense_bias
 from .resample import TokenLayout, resample_operator
 
 OperatorFactory = Callable[[int, int], KArAtOperator]
@@ -71,9 +72,10 @@ class KArAtCore(nn.Module):
         self.export_attention = False  # set True to keep the last sigma(S) in ``last_attention``
         self.last_attention: Optional[torch.Tensor] = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[Bias] = None,
                 key_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
-        """q, k, v: ``(B, H, N, d)``; bias: additive, broadcastable to ``(B, H, N, N)``; key_mask: bool,
+        """q, k, v: ``(B, H, N, d)``; bias: additive, broadcastable to ``(B, H, N, N)``, or a
+        :class:`~karat.relpos.DecomposedRelPos` (the fused kernels add it in-kernel); key_mask: bool,
         broadcastable to ``(B, H, N, N)``, False where a key is masked. Returns ``(B, H, N, d)``."""
         if k.shape[-2] != self.num_tokens:
             raise ValueError(
@@ -81,7 +83,7 @@ class KArAtCore(nn.Module):
                 f"are tied to the token count: create the model with the input size you use (img_size=...) "
                 f"or resample the checkpoint with karat.resample_karat_state_dict.")
         if not torch.jit.is_scripting() and torch.jit.is_tracing():  # a FLOP counter sees one op per call
-            traced = trace_core_call(self, q, k, v, bias, key_mask, scale)
+            traced = trace_core_call(self, q, k, v, dense_bias(bias), key_mask, scale)
             if traced is not None:
                 return traced
         scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -89,7 +91,8 @@ class KArAtCore(nn.Module):
         out_karat = self._karat(q[:, :h], k[:, :h], v[:, :h], _heads(bias, 0, h), _heads(key_mask, 0, h), scale)
         if h == self.num_heads:
             return out_karat
-        out_soft = self._softmax(q[:, h:], k[:, h:], v[:, h:], _heads(bias, h, None), _heads(key_mask, h, None), scale)
+        out_soft = self._softmax(q[:, h:], k[:, h:], v[:, h:], dense_bias(_heads(bias, h, None)),
+                                 _heads(key_mask, h, None), scale)
         return torch.cat([out_karat, out_soft], dim=1)
 
     def resample_(self, src: TokenLayout, dst: TokenLayout) -> None:
@@ -117,7 +120,8 @@ class KArAtCore(nn.Module):
     def _karat(self, q, k, v, bias, key_mask, scale) -> torch.Tensor:
         choice = self.choose_path(q, bias, key_mask)
         if choice.path == "reference":
-            return kernels.reference.attend(self.operator, q, k, v, bias, key_mask, scale, on_sigma=self._on_sigma)
+            return kernels.reference.attend(self.operator, q, k, v, dense_bias(bias), key_mask, scale,
+                                            on_sigma=self._on_sigma)
         return kernels.attend(choice, self.operator, q, k, v, bias, key_mask, scale, strict=self.cfg.impl == "fused")
 
     def _on_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -137,8 +141,10 @@ class KArAtCore(nn.Module):
         return f"karat_heads={self.num_karat_heads}/{self.num_heads}, tokens={self.num_tokens}"
 
 
-def _heads(t: Optional[torch.Tensor], start: int, stop: Optional[int]) -> Optional[torch.Tensor]:
+def _heads(t: Optional[Bias], start: int, stop: Optional[int]) -> Optional[Bias]:
     """Slice the head axis of a ``(B, H, N, N)``-broadcastable tensor (left alone where it broadcasts)."""
+    if isinstance(t, DecomposedRelPos):
+        return t.heads(start, stop)
     if t is None or t.dim() < 4 or t.shape[1] == 1:
         return t
     return t[:, start:stop]

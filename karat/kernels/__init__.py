@@ -21,6 +21,7 @@ from typing import Dict, Optional
 import torch
 
 from ..operator import KArAtOperator
+from ..relpos import Bias, dense_bias
 from . import efficient, fused_triton, reference
 
 PATHS = ("fused", "efficient", "reference")
@@ -42,7 +43,7 @@ class Choice:
         return self.path + (f" ({self.detail})" if self.detail else "")
 
 
-def choose(op: KArAtOperator, impl: str, q: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+def choose(op: KArAtOperator, impl: str, q: Optional[torch.Tensor] = None, bias: Optional[Bias] = None,
            key_mask: Optional[torch.Tensor] = None, needs_sigma: Optional[str] = None) -> Choice:
     """The path for ``impl`` and this call.
 
@@ -69,11 +70,11 @@ def choose(op: KArAtOperator, impl: str, q: Optional[torch.Tensor] = None, bias:
         if impl == "fused":
             raise ValueError(f"impl='fused' cannot serve this call: {why_not}. Use impl='auto' or 'efficient'.")
         passed["fused"] = why_not
-    return Choice("efficient", efficient.detail(op, q, bias, key_mask), passed)
+    return Choice("efficient", efficient.detail(op, q, dense_bias(bias), key_mask), passed)
 
 
 def attend(choice: Choice, op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-           bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor], scale: float,
+           bias: Optional[Bias], key_mask: Optional[torch.Tensor], scale: float,
            strict: bool = False) -> torch.Tensor:
     """``sigma(S) V`` by the chosen (non-reference) path. A fused kernel that fails to build falls back to the
     efficient path (and stays off in this process) unless ``strict`` (the user asked for ``impl='fused'``)."""
@@ -85,8 +86,8 @@ def attend(choice: Choice, op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, 
                 raise
             fused_triton.disable(f"{type(e).__name__}: {e}")
     if choice.path == "reference":
-        return reference.attend(op, q, k, v, bias, key_mask, scale)
-    return efficient.attend(op, q, k, v, bias, key_mask, scale)
+        return reference.attend(op, q, k, v, dense_bias(bias), key_mask, scale)
+    return efficient.attend(op, q, k, v, dense_bias(bias), key_mask, scale)
 
 
 __all__ = ["Choice", "PATHS", "REFERENCE_MAX_TOKENS", "attend", "choose", "efficient", "fused_triton", "reference"]

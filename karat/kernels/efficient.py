@@ -321,6 +321,13 @@ def attend(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         hidden = reduce_keys(first, _logits(q * scale, k, bias), key_mask)
     if op.mode == "depth":
         return expand_to_keys(op.layers[1], hidden, v, key_mask)
+    return expand_rank(op, hidden, v, key_mask)
+
+
+def expand_rank(op: KArAtOperator, hidden: torch.Tensor, v: torch.Tensor,
+                key_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``phi1_w2``'s ``sigma V = ((H W^T) * mask) V`` from ``H = Phi(S)``: ``H (W^T V)``, linear in N, unless a
+    per-query mask needs the N x N product."""
     weight = op.weight.to(hidden.dtype)
     if _is_key_level(key_mask):
         return hidden @ torch.einsum("hjr,bhjd->bhrd", weight, _masked_rows(v, key_mask))

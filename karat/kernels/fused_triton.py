@@ -1,25 +1,43 @@
-"""Fused Triton kernels for ``phi1_w2`` with the Fourier basis (the paper's headline setting).
+"""Fused Triton kernels for ``phi1_w2`` with the Fourier basis: what every host runs on CUDA.
 
-Flash-attention style: tiles of ``S = q k^T`` are recomputed from ``q`` and ``k`` in registers and never
-written to memory, and so are their Fourier features (``cos kS``, ``sin kS`` by the angle-addition
-recurrence from one ``cos`` and one ``sin``). Memory is O(N (r + d)) per head.
+Flash-attention style: tiles of ``S = q k^T (+ bias)`` are recomputed from ``q`` and ``k`` in registers and never
+written to memory, and so are their features (``cos gS``, ``sin gS`` by the angle-addition recurrence from one
+``cos`` and one ``sin``, and ``SiLU(S)`` for a base function). Memory is O(N (r + d)) per head.
 
 * forward: one program per (query block, batch x head) accumulates ``H = Phi(S)`` (N x r);
-* backward, ``dq``: one program per (query block, batch x head) loops over key blocks;
+* backward, ``dq``: one program per (query block, batch x head) loops over key blocks; it also writes what the
+  bias needs: the decomposed terms' gradients, summed in-kernel, or ``dS`` tiles for a dense bias that needs one;
 * backward, ``dk`` and the coefficient gradient: one program per (key block, batch x head) loops over query
   blocks and writes its partial coefficient gradient for that batch element; the batch partials are summed
   afterwards, so no gradient needs one atomic add per element.
 
-The kernels serve the zero base with neither mask nor bias (the plain ViT case); ``supports`` says what else
-falls back to ``karat.kernels.efficient``. Tested on the CPU with ``TRITON_INTERPRET=1``.
+The same three kernels serve every variant through compile-time flags:
+
+* an additive bias: a dense tensor broadcastable to ``(B, H, N, N)`` (Swin's and mmseg's bias tables), loaded per
+  tile with zero strides where it broadcasts; or ViTDet's decomposed relative position
+  (:class:`karat.relpos.DecomposedRelPos`), added per tile from its ``N x k_h`` and ``N x k_w`` terms, never as
+  ``N x N``;
+* a boolean key mask broadcastable to ``(B, H, N, N)``: padding (one row for all queries) and shifted windows
+  (per query); a masked entry has zero features and zero gradient;
+* the SiLU base function as one more feature with its own coefficients;
+* bf16 / fp16 ``q, k`` (after autocast or ``model.half()``): loaded into fp32, every sum in fp32.
+
+Precision per product: ``q k^T`` is IEEE fp32 (its error would be multiplied by the frequencies ``g <= G``); the
+products with the coefficients and the gradient products run as TF32 on tensor cores (``DOT_PRECISION``,
+about 1.5e-3 relative error on an H100, benchmarks/gpu/suite.md); the one-hot sums of the decomposed bias
+gradient are IEEE. Offsets are 64-bit. Blocks shrink with the head dim and the feature count so that a program
+fits in shared memory; ``tests/test_fused_compile.py`` compiles every variant for sm_80 and sm_90 without a GPU.
+What the kernels do not serve, :func:`supports` names in one line; ``karat.kernels.choose`` then takes the
+efficient path. Tested on the CPU with ``TRITON_INTERPRET=1``, and on an H100 by ``tests/test_gpu_fused.py``.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+import torch.nn as nn
 
 try:  # Triton ships with CUDA builds of torch; the core works without it.
     import triton
@@ -30,8 +48,11 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 from ..bases import FourierBasis
 from ..operator import KArAtOperator
 from ..precision import autocast_off, output_dtype, upcast
+from ..relpos import Bias, DecomposedRelPos
+from . import efficient
 
-
+DOT_PRECISION = "tf32"  # feature x coefficient and gradient products (q k^T is always "ieee")
+MAX_HEAD_DIM = 256
 _DISABLED: Optional[str] = None
 
 
@@ -43,26 +64,38 @@ def disable(reason: str) -> None:
     _DISABLED = reason
 
 
-def supports(op: KArAtOperator, q: torch.Tensor, bias: Optional[torch.Tensor],
+def supports(op: KArAtOperator, q: torch.Tensor, bias: Optional[Bias],
              key_mask: Optional[torch.Tensor]) -> Optional[str]:
-    """None when the fused kernels can evaluate this call, else the reason."""
+    """None when the fused kernels can evaluate this call, else the reason (one line)."""
     if triton is None:
         return "Triton is not installed"
     if _DISABLED is not None:
         return f"the fused kernels failed earlier in this process ({_DISABLED})"
-    if op.mode != "phi1_w2" or not isinstance(op.phi.basis, FourierBasis):
-        return "the fused kernels cover phi1_w2 with the Fourier basis"
+    if op.mode == "w1_phi2":
+        return "w1_phi2 needs no kernel: the efficient path is linear in N (U = q (W k)^T)"
+    if op.mode != "phi1_w2":
+        return "the fused kernels cover phi1_w2 (a non-modular operator runs blockwise in the efficient path)"
+    if not isinstance(op.phi.basis, FourierBasis):
+        return (f"the fused kernels evaluate Fourier features; {type(op.phi.basis).__name__} runs blockwise in the "
+                "efficient path")
     if op.cfg.project_l1:
         return "project_l1 needs the materialised sigma(S)"
-    if op.phi.has_base:
-        return "the fused kernels cover the zero base (base_fn='ZeroModule')"
-    if bias is not None or key_mask is not None:
-        return "the fused kernels take neither a relative-position bias nor a mask"
-    if q.shape[-1] < 16 or q.shape[-1] & (q.shape[-1] - 1):
-        return f"head_dim {q.shape[-1]} must be a power of two >= 16"
+    if op.phi.has_base and not isinstance(op.phi.base_fn, nn.SiLU):
+        return f"the fused kernels evaluate the SiLU base function, not {type(op.phi.base_fn).__name__}"
+    d = q.shape[-1]
+    if d < 16 or d > MAX_HEAD_DIM or d & (d - 1):
+        return f"head_dim {d} must be a power of two from 16 to {MAX_HEAD_DIM}"
+    if isinstance(bias, DecomposedRelPos) and bias.num_keys != k_tokens(q):
+        return f"the decomposed bias covers {bias.num_keys} keys, not {k_tokens(q)}"
+    if key_mask is not None and key_mask.dtype != torch.bool:
+        return "the key mask must be boolean"
     if not (q.is_cuda or _interpreting()):
         return "the fused kernels run on CUDA (or under TRITON_INTERPRET=1)"
     return None
+
+
+def k_tokens(q: torch.Tensor) -> int:
+    return q.shape[-2]
 
 
 def _interpreting() -> bool:
@@ -86,10 +119,34 @@ if triton is not None:
                        other=0.0).to(tl.float32)
 
     @triton.jit
-    def _phi_fwd_kernel(Q, K, C, Hout, N, R, sqb, sqn, skb, skn, scj, scm, shb, shn, heads,
-                        D: tl.constexpr, G: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    def _logits(q, kt, bh, heads, offs_m, offs_n, N, BIAS, sbb, sbh, sbi, sbj, RELH, RELW, KH, KW,
+                MASK, smb, smh, smi, smj, HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, HAS_MASK: tl.constexpr):
+        """The (BM, BN) tile of S = q k^T (+ bias) and where it is valid (inside N, not masked)."""
+        s = tl.dot(q, kt, input_precision="ieee")
+        valid = (offs_m[:, None] < N) & (offs_n[None, :] < N)
+        b = bh // heads
+        h = bh % heads
+        if HAS_BIAS:
+            s += tl.load(BIAS + b * sbb + h * sbh + offs_m[:, None] * sbi + offs_n[None, :] * sbj, mask=valid,
+                         other=0.0).to(tl.float32)
+        if HAS_REL:
+            row = (bh * N + offs_m[:, None])
+            s += tl.load(RELH + row * KH + (offs_n // KW)[None, :], mask=valid, other=0.0)
+            s += tl.load(RELW + row * KW + (offs_n % KW)[None, :], mask=valid, other=0.0)
+        if HAS_MASK:
+            keep = tl.load(MASK + b * smb + h * smh + offs_m[:, None] * smi + offs_n[None, :] * smj, mask=valid,
+                           other=0)
+            valid = valid & (keep != 0)
+        return s, valid
+
+    @triton.jit
+    def _phi_fwd_kernel(Q, K, C, Hout, BIAS, RELH, RELW, MASK, N, R, sqb, sqn, skb, skn, scj, scm, shb, shn, heads,
+                        sbb, sbh, sbi, sbj, KH, KW, smb, smh, smi, smj,
+                        D: tl.constexpr, G: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, HAS_MASK: tl.constexpr,
+                        HAS_BASE: tl.constexpr, DOT: tl.constexpr):
         pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
+        bh = tl.program_id(1).to(tl.int64)
         h = bh % heads
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_d = tl.arange(0, D)
@@ -100,44 +157,57 @@ if triton is not None:
         for j0 in range(0, N, BN):
             offs_n = j0 + tl.arange(0, BN)
             kt = _cols(K, bh, skb, skn, offs_n, offs_d, N)
-            s = tl.dot(q, kt, input_precision="ieee")
-            c1 = tl.cos(s)
-            s1 = tl.sin(s)
+            s, valid = _logits(q, kt, bh, heads, offs_m, offs_n, N, BIAS, sbb, sbh, sbi, sbj, RELH, RELW, KH, KW,
+                               MASK, smb, smh, smi, smj, HAS_BIAS, HAS_REL, HAS_MASK)
+            c1 = tl.where(valid, tl.cos(s), 0.0)  # zero features where masked: the recurrence keeps them zero
+            s1 = tl.where(valid, tl.sin(s), 0.0)
             ck = c1
             sk = s1
+            coef = c_head + offs_n[:, None] * scj + offs_r[None, :]
             cmask = (offs_n[:, None] < N) & (offs_r[None, :] < R)
             for g in tl.static_range(G):
-                cc = tl.load(c_head + offs_n[:, None] * scj + g * scm + offs_r[None, :], mask=cmask, other=0.0)
-                cs = tl.load(c_head + offs_n[:, None] * scj + (G + g) * scm + offs_r[None, :], mask=cmask, other=0.0)
-                acc += tl.dot(ck, cc) + tl.dot(sk, cs)
+                cc = tl.load(coef + g * scm, mask=cmask, other=0.0)
+                cs = tl.load(coef + (G + g) * scm, mask=cmask, other=0.0)
+                acc += tl.dot(ck, cc, input_precision=DOT) + tl.dot(sk, cs, input_precision=DOT)
                 ck, sk = ck * c1 - sk * s1, sk * c1 + ck * s1
+            if HAS_BASE:
+                base = tl.where(valid, s * tl.sigmoid(s), 0.0)
+                acc += tl.dot(base, tl.load(coef + 2 * G * scm, mask=cmask, other=0.0), input_precision=DOT)
         tl.store(Hout + bh * shb + offs_m[:, None] * shn + offs_r[None, :], acc,
                  mask=(offs_m[:, None] < N) & (offs_r[None, :] < R))
 
     @triton.jit
-    def _dscore(q, kt, dh, c_head, offs_n, offs_r, N, R, scj, scm, G: tl.constexpr):
-        """Recompute the S tile of (query block, key block) and return dL/dS for it."""
-        s = tl.dot(q, kt, input_precision="ieee")
-        c1 = tl.cos(s)
-        s1 = tl.sin(s)
+    def _dscore(s, valid, dh, c_head, offs_n, offs_r, N, R, scj, scm, G: tl.constexpr, HAS_BASE: tl.constexpr,
+                DOT: tl.constexpr):
+        """dL/dS for one tile from dL/dH (``dh``, (BM, RP)); zero where the tile is not valid."""
+        c1 = tl.where(valid, tl.cos(s), 0.0)
+        s1 = tl.where(valid, tl.sin(s), 0.0)
         ck = c1
         sk = s1
         ds = tl.zeros_like(s)
+        coef_t = c_head + offs_n[None, :] * scj + offs_r[:, None]
         cmask = (offs_n[None, :] < N) & (offs_r[:, None] < R)
         for g in tl.static_range(G):
-            cct = tl.load(c_head + offs_n[None, :] * scj + g * scm + offs_r[:, None], mask=cmask, other=0.0)
-            cst = tl.load(c_head + offs_n[None, :] * scj + (G + g) * scm + offs_r[:, None], mask=cmask, other=0.0)
-            dfc = tl.dot(dh, cct)  # (BM, BN): sum_p dH_ip C[j, g, p]
-            dfs = tl.dot(dh, cst)
+            dfc = tl.dot(dh, tl.load(coef_t + g * scm, mask=cmask, other=0.0), input_precision=DOT)
+            dfs = tl.dot(dh, tl.load(coef_t + (G + g) * scm, mask=cmask, other=0.0), input_precision=DOT)
             ds += (g + 1.0) * (dfs * ck - dfc * sk)
             ck, sk = ck * c1 - sk * s1, sk * c1 + ck * s1
-        return ds
+        if HAS_BASE:
+            sig = tl.sigmoid(s)
+            dfb = tl.dot(dh, tl.load(coef_t + 2 * G * scm, mask=cmask, other=0.0), input_precision=DOT)
+            ds += dfb * (sig * (1.0 + s * (1.0 - sig)))
+        return tl.where(valid, ds, 0.0)
 
     @triton.jit
-    def _phi_bwd_dq_kernel(Q, K, C, DH, DQ, N, R, sqb, sqn, skb, skn, scj, scm, shb, shn, heads,
-                           D: tl.constexpr, G: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    def _phi_bwd_dq_kernel(Q, K, C, DH, DQ, BIAS, RELH, RELW, MASK, DB, DRELH, DRELW,
+                           N, R, sqb, sqn, skb, skn, scj, scm, shb, shn, heads,
+                           sbb, sbh, sbi, sbj, KH, KW, smb, smh, smi, smj,
+                           D: tl.constexpr, G: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, HAS_MASK: tl.constexpr,
+                           HAS_BASE: tl.constexpr, DOT: tl.constexpr, BIAS_GRAD: tl.constexpr,
+                           KHP: tl.constexpr, KWP: tl.constexpr):
         pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
+        bh = tl.program_id(1).to(tl.int64)
         h = bh % heads
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_d = tl.arange(0, D)
@@ -147,19 +217,41 @@ if triton is not None:
         dh = tl.load(DH + bh * shb + offs_m[:, None] * shn + offs_r[None, :], mask=mrow & (offs_r[None, :] < R),
                      other=0.0)
         dq = tl.zeros((BM, D), dtype=tl.float32)
+        drh = tl.zeros((BM, KHP), dtype=tl.float32)
+        drw = tl.zeros((BM, KWP), dtype=tl.float32)
         c_head = C + h * N * scj
         for j0 in range(0, N, BN):
             offs_n = j0 + tl.arange(0, BN)
             kt = _cols(K, bh, skb, skn, offs_n, offs_d, N)
-            ds = _dscore(q, kt, dh, c_head, offs_n, offs_r, N, R, scj, scm, G)
-            dq += tl.dot(ds, tl.trans(kt))
+            s, valid = _logits(q, kt, bh, heads, offs_m, offs_n, N, BIAS, sbb, sbh, sbi, sbj, RELH, RELW, KH, KW,
+                               MASK, smb, smh, smi, smj, HAS_BIAS, HAS_REL, HAS_MASK)
+            ds = _dscore(s, valid, dh, c_head, offs_n, offs_r, N, R, scj, scm, G, HAS_BASE, DOT)
+            dq += tl.dot(ds, tl.trans(kt), input_precision=DOT)
+            if BIAS_GRAD:
+                tl.store(DB + bh * N * N + offs_m[:, None] * N + offs_n[None, :], ds,
+                         mask=mrow & (offs_n[None, :] < N))
+            if HAS_REL:  # sum dS over the keys of each grid row / column: products with one-hot matrices
+                onehot_h = ((offs_n // KW)[:, None] == tl.arange(0, KHP)[None, :]).to(tl.float32)
+                onehot_w = ((offs_n % KW)[:, None] == tl.arange(0, KWP)[None, :]).to(tl.float32)
+                drh += tl.dot(ds, onehot_h, input_precision="ieee")
+                drw += tl.dot(ds, onehot_w, input_precision="ieee")
         tl.store(DQ + bh * sqb + offs_m[:, None] * sqn + offs_d[None, :], dq, mask=mrow)
+        if HAS_REL:
+            offs_kh = tl.arange(0, KHP)
+            offs_kw = tl.arange(0, KWP)
+            row = bh * N + offs_m[:, None]
+            tl.store(DRELH + row * KH + offs_kh[None, :], drh, mask=mrow & (offs_kh[None, :] < KH))
+            tl.store(DRELW + row * KW + offs_kw[None, :], drw, mask=mrow & (offs_kw[None, :] < KW))
 
     @triton.jit
-    def _phi_bwd_dk_kernel(Q, K, C, DH, DK, DC, N, R, sqb, sqn, skb, skn, scj, scm, shb, shn, sdb, sdj, sdm, heads,
-                           D: tl.constexpr, G: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    def _phi_bwd_dk_kernel(Q, K, C, DH, DK, DC, BIAS, RELH, RELW, MASK,
+                           N, R, sqb, sqn, skb, skn, scj, scm, shb, shn, sdb, sdj, sdm, heads,
+                           sbb, sbh, sbi, sbj, KH, KW, smb, smh, smi, smj,
+                           D: tl.constexpr, G: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, HAS_MASK: tl.constexpr,
+                           HAS_BASE: tl.constexpr, DOT: tl.constexpr):
         pid_n = tl.program_id(0)
-        bh = tl.program_id(1)
+        bh = tl.program_id(1).to(tl.int64)
         h = bh % heads
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_d = tl.arange(0, D)
@@ -167,6 +259,7 @@ if triton is not None:
         kt = _cols(K, bh, skb, skn, offs_n, offs_d, N)
         dk = tl.zeros((BN, D), dtype=tl.float32)
         c_head = C + h * N * scj
+        coef_t = c_head + offs_n[None, :] * scj + offs_r[:, None]
         cmask_t = (offs_n[None, :] < N) & (offs_r[:, None] < R)
         dmask = (offs_n[:, None] < N) & (offs_r[None, :] < R)
         dc_tile = DC + bh * sdb + offs_n[:, None] * sdj + offs_r[None, :]
@@ -176,91 +269,162 @@ if triton is not None:
             q = _rows(Q, bh, sqb, sqn, offs_m, offs_d, N)
             dh = tl.load(DH + bh * shb + offs_m[:, None] * shn + offs_r[None, :], mask=mrow & (offs_r[None, :] < R),
                          other=0.0)
-            s = tl.dot(q, kt, input_precision="ieee")
-            c1 = tl.cos(s)
-            s1 = tl.sin(s)
+            s, valid = _logits(q, kt, bh, heads, offs_m, offs_n, N, BIAS, sbb, sbh, sbi, sbj, RELH, RELW, KH, KW,
+                               MASK, smb, smh, smi, smj, HAS_BIAS, HAS_REL, HAS_MASK)
+            c1 = tl.where(valid, tl.cos(s), 0.0)  # zero on padded rows and masked entries
+            s1 = tl.where(valid, tl.sin(s), 0.0)
             ck = c1
             sk = s1
             ds = tl.zeros_like(s)
             for g in tl.static_range(G):
-                cct = tl.load(c_head + offs_n[None, :] * scj + g * scm + offs_r[:, None], mask=cmask_t, other=0.0)
-                cst = tl.load(c_head + offs_n[None, :] * scj + (G + g) * scm + offs_r[:, None], mask=cmask_t, other=0.0)
-                ds += (g + 1.0) * (tl.dot(dh, cst) * ck - tl.dot(dh, cct) * sk)
+                dfc = tl.dot(dh, tl.load(coef_t + g * scm, mask=cmask_t, other=0.0), input_precision=DOT)
+                dfs = tl.dot(dh, tl.load(coef_t + (G + g) * scm, mask=cmask_t, other=0.0), input_precision=DOT)
+                ds += (g + 1.0) * (dfs * ck - dfc * sk)
                 # this program owns its key block's coefficient-gradient rows: load, add, store (no atomics)
-                ckm = tl.where(mrow, ck, 0.0)
-                skm = tl.where(mrow, sk, 0.0)
-                tl.store(dc_tile + g * sdm,
-                         tl.load(dc_tile + g * sdm, mask=dmask, other=0.0) + tl.dot(tl.trans(ckm), dh), mask=dmask)
-                tl.store(dc_tile + (G + g) * sdm,
-                         tl.load(dc_tile + (G + g) * sdm, mask=dmask, other=0.0) + tl.dot(tl.trans(skm), dh),
-                         mask=dmask)
+                tl.store(dc_tile + g * sdm, tl.load(dc_tile + g * sdm, mask=dmask, other=0.0)
+                         + tl.dot(tl.trans(ck), dh, input_precision=DOT), mask=dmask)
+                tl.store(dc_tile + (G + g) * sdm, tl.load(dc_tile + (G + g) * sdm, mask=dmask, other=0.0)
+                         + tl.dot(tl.trans(sk), dh, input_precision=DOT), mask=dmask)
                 ck, sk = ck * c1 - sk * s1, sk * c1 + ck * s1
-            dk += tl.dot(tl.trans(ds), q)
+            if HAS_BASE:
+                sig = tl.sigmoid(s)
+                base = tl.where(valid, s * sig, 0.0)
+                dfb = tl.dot(dh, tl.load(coef_t + 2 * G * scm, mask=cmask_t, other=0.0), input_precision=DOT)
+                ds += dfb * (sig * (1.0 + s * (1.0 - sig)))
+                tl.store(dc_tile + 2 * G * sdm, tl.load(dc_tile + 2 * G * sdm, mask=dmask, other=0.0)
+                         + tl.dot(tl.trans(base), dh, input_precision=DOT), mask=dmask)
+            ds = tl.where(valid, ds, 0.0)
+            dk += tl.dot(tl.trans(ds), q, input_precision=DOT)
         tl.store(DK + bh * skb + offs_n[:, None] * skn + offs_d[None, :], dk, mask=offs_n[:, None] < N)
 
 
+def _pad(n: int, least: int = 16) -> int:
+    return max(least, 1 << math.ceil(math.log2(max(n, 1))))
+
+
 def _pad_r(r: int) -> int:
-    return max(16, 1 << math.ceil(math.log2(r)))
+    return _pad(r)
+
+
+def block_sizes(head_dim: int, features: int) -> Tuple[int, int]:
+    """(query block, key block): 32 x 32 up to head_dim 128, 16 x 16 beyond (a program's q, k tiles and feature
+    tiles must fit the shared memory of an A100 / H100 block, checked by tests/test_fused_compile.py)."""
+    return (32, 32) if head_dim <= 128 and features <= 33 else (16, 16)
+
+
+class _Extras:
+    """The optional kernel inputs (dense bias, decomposed bias, mask) as pointer and stride arguments, with
+    placeholders where absent (a compile-time flag keeps the kernels from touching them)."""
+
+    def __init__(self, q: torch.Tensor, bias: Optional[torch.Tensor], rel_h: Optional[torch.Tensor],
+                 rel_w: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> None:
+        b, h, n, _ = q.shape
+        self.flags = dict(HAS_BIAS=bias is not None, HAS_REL=rel_h is not None, HAS_MASK=mask is not None)
+        bias4 = bias.expand(b, h, n, n) if bias is not None else None
+        mask4 = mask.to(torch.uint8).expand(b, h, n, n) if mask is not None else None
+        self.kh, self.kw = (rel_h.shape[-1], rel_w.shape[-1]) if rel_h is not None else (1, 1)
+        self.pointers = (q if bias4 is None else bias4, q if rel_h is None else rel_h, q if rel_w is None else rel_w,
+                         q if mask4 is None else mask4)
+        self.scalars = ((*(bias4.stride() if bias4 is not None else (0,) * 4), self.kh, self.kw,
+                         *(mask4.stride() if mask4 is not None else (0,) * 4)))
 
 
 class _FusedPhi(torch.autograd.Function):
-    """``H = Phi(q k^T)`` for the Fourier basis without materialising S (forward and backward in Triton)."""
+    """``H = Phi(q k^T + bias)`` for the Fourier basis (and SiLU base) without materialising S, forward and
+    backward in Triton; a backward that fails to build falls back to the efficient path's recomputation."""
 
     @staticmethod
-    def forward(ctx, q, k, coef, grid, block_m, block_n):
-        # q, k: (B, H, N, D) (q pre-scaled); coef: (H, N, 2G, r) contiguous
+    def forward(ctx, q, k, coef, bias, rel_h, rel_w, mask, layer, grid):
+        # q (pre-scaled), k: (B, H, N, D); coef: (H, N, M, r) fp32, M = 2G (+1 for the base); bias: broadcastable
+        # to (B, H, N, N) or None; rel_h / rel_w: contiguous (B, H, N, k_h / k_w) or None; mask: bool or None
         b, h, n, d = q.shape
         r = coef.shape[-1]
         q, k, coef = q.contiguous(), k.contiguous(), coef.contiguous()
+        ex = _Extras(q, bias, rel_h, rel_w, mask)
+        bm, bn = block_sizes(d, coef.shape[2])
         out = torch.empty(b, h, n, r, device=q.device, dtype=torch.float32)
-        launch = (triton.cdiv(n, block_m), b * h)
-        _phi_fwd_kernel[launch](q, k, coef, out, n, r, q.stride(1), q.stride(2), k.stride(1), k.stride(2),
-                                coef.stride(1), coef.stride(2), out.stride(1), out.stride(2), h,
-                                D=d, G=grid, RP=_pad_r(r), BM=block_m, BN=block_n)
-        ctx.save_for_backward(q, k, coef)
-        ctx.grid, ctx.block_m, ctx.block_n = grid, block_m, block_n
-        return out.to(torch.promote_types(q.dtype, torch.float32))  # half-precision q, k: H stays fp32
+        _phi_fwd_kernel[(triton.cdiv(n, bm), b * h)](
+            q, k, coef, out, *ex.pointers, n, r, q.stride(1), q.stride(2), k.stride(1), k.stride(2),
+            coef.stride(1), coef.stride(2), out.stride(1), out.stride(2), h, *ex.scalars,
+            D=d, G=grid, RP=_pad_r(r), BM=bm, BN=bn, HAS_BASE=layer.has_base, DOT=DOT_PRECISION, **ex.flags)
+        ctx.save_for_backward(q, k, coef, bias, rel_h, rel_w, mask)
+        ctx.layer, ctx.grid = layer, grid
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dh):
-        q, k, coef = ctx.saved_tensors
+        try:
+            grads = _FusedPhi._kernels_backward(ctx, dh.contiguous().float())
+        except Exception as e:  # noqa: BLE001  a backward kernel that fails to build must not end the run
+            disable(f"backward: {type(e).__name__}: {e}")
+            grads = _FusedPhi._efficient_backward(ctx, dh.float())
+        return (*grads, None, None, None)
+
+    @staticmethod
+    def _kernels_backward(ctx, dh):
+        q, k, coef, bias, rel_h, rel_w, mask = ctx.saved_tensors
         b, h, n, d = q.shape
         r = coef.shape[-1]
-        dh = dh.contiguous().float()
+        ex = _Extras(q, bias, rel_h, rel_w, mask)
+        bm, bn = block_sizes(d, coef.shape[2])
+        need_bias = bias is not None and ctx.needs_input_grad[3]
         dq = torch.empty_like(q, dtype=torch.float32)
         dk = torch.empty_like(k, dtype=torch.float32)
         dc = torch.zeros(b, h, n, coef.shape[2], r, device=q.device, dtype=torch.float32)  # per-batch partials
-        common = dict(D=d, G=ctx.grid, RP=_pad_r(r), BM=ctx.block_m, BN=ctx.block_n)
-        _phi_bwd_dq_kernel[(triton.cdiv(n, ctx.block_m), b * h)](
-            q, k, coef, dh, dq, n, r, q.stride(1), q.stride(2), k.stride(1), k.stride(2),
-            coef.stride(1), coef.stride(2), dh.stride(1), dh.stride(2), h, **common)
-        _phi_bwd_dk_kernel[(triton.cdiv(n, ctx.block_n), b * h)](
-            q, k, coef, dh, dk, dc, n, r, q.stride(1), q.stride(2), k.stride(1), k.stride(2),
-            coef.stride(1), coef.stride(2), dh.stride(1), dh.stride(2),
-            dc.stride(1), dc.stride(2), dc.stride(3), h, **common)
-        return dq.to(q.dtype), dk.to(k.dtype), dc.sum(0).to(coef.dtype), None, None, None
+        db = torch.empty(b, h, n, n, device=q.device, dtype=torch.float32) if need_bias else q
+        drh = torch.empty_like(rel_h, dtype=torch.float32) if rel_h is not None else q
+        drw = torch.empty_like(rel_w, dtype=torch.float32) if rel_w is not None else q
+        common = dict(D=d, G=ctx.grid, RP=_pad_r(r), BM=bm, BN=bn, HAS_BASE=ctx.layer.has_base, DOT=DOT_PRECISION,
+                      **ex.flags)
+        strides = (q.stride(1), q.stride(2), k.stride(1), k.stride(2), coef.stride(1), coef.stride(2),
+                   dh.stride(1), dh.stride(2))
+        _phi_bwd_dq_kernel[(triton.cdiv(n, bm), b * h)](
+            q, k, coef, dh, dq, *ex.pointers, db, drh, drw, n, r, *strides, h, *ex.scalars,
+            BIAS_GRAD=need_bias, KHP=_pad(ex.kh), KWP=_pad(ex.kw), **common)
+        _phi_bwd_dk_kernel[(triton.cdiv(n, bn), b * h)](
+            q, k, coef, dh, dk, dc, *ex.pointers, n, r, *strides, dc.stride(1), dc.stride(2), dc.stride(3), h,
+            *ex.scalars, **common)
+        return (dq.to(q.dtype), dk.to(k.dtype), dc.sum(0).to(coef.dtype),
+                efficient._sum_to(db, bias.shape) if need_bias else None,
+                None if rel_h is None else drh.to(rel_h.dtype), None if rel_w is None else drw.to(rel_w.dtype))
+
+    @staticmethod
+    def _efficient_backward(ctx, dh):
+        """The same gradients through the efficient path's blockwise recomputation (autograd over it)."""
+        q, k, coef, bias, rel_h, rel_w, mask = ctx.saved_tensors
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_() if t is not None else None for t in (q, k, coef, bias, rel_h, rel_w)]
+            qd, kd, cd, bd, rh, rw = inputs
+            dense = bd if rh is None else (rh[..., :, None] + rw[..., None, :]).flatten(-2)
+            block = efficient.block_size(q.shape[0] * q.shape[1] * q.shape[2], coef.shape[2], q.shape[2], q.device)
+            hidden = efficient._ReduceKeysFromQK.apply(qd.float(), kd.float(), dense, cd, ctx.layer, mask, block, 1.0)
+            used = [t for t in inputs if t is not None]
+            grads = iter(torch.autograd.grad(hidden, used, dh, allow_unused=True))
+            return tuple(next(grads) if t is not None else None for t in inputs)
 
 
-def phi_fused(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, block_m: int = 32,
-              block_n: int = 32) -> torch.Tensor:
-    """``Phi(q k^T)`` (N x r per head) of a ``phi1_w2`` Fourier operator, q already scaled. q and k may be half
-    precision (the kernels load them as fp32); the coefficients go in, and H comes out, in fp32."""
-    from .efficient import _layer_coefficients
+def phi_fused(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, bias: Optional[Bias] = None,
+              key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``Phi(q k^T + bias)`` (N x r per head, fp32) of a ``phi1_w2`` Fourier operator, q already scaled. q and k
+    may be half precision (the kernels load them as fp32); the coefficients go in, and H comes out, in fp32."""
+    coef = efficient._layer_coefficients(op.phi).to(torch.float32)
+    rel_h = rel_w = dense = None
+    if isinstance(bias, DecomposedRelPos):
+        rel_h, rel_w = (upcast(t).contiguous() for t in (bias.rel_h, bias.rel_w))
+    elif bias is not None:
+        dense = upcast(bias)
+    return _FusedPhi.apply(q, k, coef, dense, rel_h, rel_w, key_mask, op.phi, op.cfg.grid)
 
-    coef = _layer_coefficients(op.phi).to(torch.float32)
-    return _FusedPhi.apply(q, k, coef, op.cfg.grid, block_m, block_n)
 
-
-def attend(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-           bias: Optional[torch.Tensor] = None, key_mask: Optional[torch.Tensor] = None,
-           scale: float = 1.0) -> torch.Tensor:
-    """``sigma(S) V = Phi(S) (W^T V)`` with ``Phi(S)`` from the fused kernels, in fp32 with autocast off; the
-    output comes back in the autocast dtype under autocast, else in q's dtype (``karat.precision``)."""
+def attend(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[Bias] = None,
+           key_mask: Optional[torch.Tensor] = None, scale: float = 1.0) -> torch.Tensor:
+    """``sigma(S) V = ((Phi(S) W^T) * mask) V`` with ``Phi(S)`` from the fused kernels, in fp32 with autocast off;
+    the output comes back in the autocast dtype under autocast, else in q's dtype (``karat.precision``)."""
     reason = supports(op, q, bias, key_mask)
     if reason is not None:
         raise ValueError(f"impl='fused' cannot serve this call: {reason}. Use impl='auto' or 'efficient'.")
     dtype = output_dtype(q)
     with autocast_off(q.device.type):
-        hidden = phi_fused(op, q * scale, k)
-        return (hidden @ torch.einsum("hjr,bhjd->bhrd", op.weight.to(hidden.dtype), upcast(v))).to(dtype)
+        hidden = phi_fused(op, q * scale, k, bias, key_mask)
+        return efficient.expand_rank(op, hidden, upcast(v), key_mask).to(dtype)
