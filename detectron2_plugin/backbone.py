@@ -21,8 +21,9 @@ from detectron2.modeling.backbone.vit import Block, ViT
 
 from karat import KArAtConfig, KArAtCore, OperatorProvider
 from karat.attention import OperatorFactory
+from karat.relpos import DecomposedRelPos
 
-__all__ = ["KArAtViT", "KArAtViTAttention", "KArAtBlock", "karat_config_from", "decomposed_rel_pos_bias",
+__all__ = ["KArAtViT", "KArAtViTAttention", "KArAtBlock", "karat_config_from", "decomposed_rel_pos", "decomposed_rel_pos_bias",
            "padded_window_key_mask"]
 
 
@@ -52,11 +53,12 @@ def karat_config_from(options: Optional[Mapping[str, Any]]) -> KArAtConfig:
     return cfg
 
 
-def decomposed_rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
-                            q_size: Tuple[int, int], k_size: Tuple[int, int]) -> torch.Tensor:
-    """detectron2's decomposed relative-position term (MViTv2) as a separate logits bias.
+def decomposed_rel_pos(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+                       q_size: Tuple[int, int], k_size: Tuple[int, int]) -> DecomposedRelPos:
+    """detectron2's decomposed relative-position term (MViTv2) as a logits bias kept in its two small terms, so
+    the fused kernels add it per tile and nothing builds it as N x N (other paths expand it).
 
-    q: ``(B, heads, q_h * q_w, d)`` (unscaled, as detectron2 uses it). Returns ``(B, heads, q_h*q_w, k_h*k_w)``,
+    q: ``(B, heads, q_h * q_w, d)`` (unscaled, as detectron2 uses it). Its :meth:`~DecomposedRelPos.dense` is
     what ``add_decomposed_rel_pos`` would add to the attention logits."""
     q_h, q_w = q_size
     k_h, k_w = k_size
@@ -64,10 +66,15 @@ def decomposed_rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w:
     rw = get_rel_pos(q_w, k_w, rel_pos_w)
     b, heads, _, dim = q.shape
     r_q = q.reshape(b, heads, q_h, q_w, dim)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw)
-    bias = rel_h[..., :, None] + rel_w[..., None, :]
-    return bias.reshape(b, heads, q_h * q_w, k_h * k_w)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh).reshape(b, heads, q_h * q_w, k_h)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw).reshape(b, heads, q_h * q_w, k_w)
+    return DecomposedRelPos(rel_h, rel_w)
+
+
+def decomposed_rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+                            q_size: Tuple[int, int], k_size: Tuple[int, int]) -> torch.Tensor:
+    """The same bias as one ``(B, heads, q_h*q_w, k_h*k_w)`` tensor."""
+    return decomposed_rel_pos(q, rel_pos_h, rel_pos_w, q_size, k_size).dense()
 
 
 def padded_window_key_mask(hw: Tuple[int, int], pad_hw: Tuple[int, int], window_size: int, batch: int,
@@ -119,7 +126,7 @@ class KArAtViTAttention(nn.Module):
                 f"checkpoint (tools/convert_to_detectron2.py).")
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, HW, d)
-        bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w)) if self.use_rel_pos else None
+        bias = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w)) if self.use_rel_pos else None
         out = self.karat(q, k, v, bias=bias, key_mask=key_mask, scale=self.scale)
         out = out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         return self.proj(out)

@@ -12,23 +12,48 @@ import pytest
 CHECK = textwrap.dedent("""
     import torch
     from karat import KArAtConfig, KArAtCore
-    from karat.kernels import fused_triton as fused
+    from karat.relpos import DecomposedRelPos
 
     torch.manual_seed(0)
-    for n, grid, r in [(37, 2, 5), (20, 3, 12)]:
-        cfg = KArAtConfig(grid=grid, hidden_dim=r)
-        ref = KArAtCore(2, n, cfg.replace(impl="reference"))
-        fus = KArAtCore(2, n, cfg.replace(impl="fused"), operator_factory=lambda *_: ref.operator)
-        q, k, v = (torch.randn(2, 2, n, 16, requires_grad=True) for _ in range(3))
-        assert fus.resolve_impl(q) == "fused", fus.resolve_impl(q)
-        out_ref, out_fus = ref(q, k, v), fus(q, k, v)
+
+    def check(n, grid, r, base="ZeroModule", bias=None, mask=None, relpos=None, heads=2, batch=2):
+        cfg = KArAtConfig(grid=grid, hidden_dim=r, base_fn=base)
+        ref = KArAtCore(heads, n, cfg.replace(impl="reference"))
+        with torch.no_grad():  # trained-looking coefficients, not the small initial ones
+            for p in ref.operator.parameters():
+                p.mul_(3.0)
+        fus = KArAtCore(heads, n, cfg.replace(impl="fused"), operator_factory=lambda *_: ref.operator)
+        q, k, v = (torch.randn(batch, heads, n, 16, requires_grad=True) for _ in range(3))
+        extra, b_ref, b_fus = [], None, None
+        if bias == "dense":  # a bias table shared by the batch, with its gradient
+            b_ref = b_fus = (torch.randn(1, heads, n, n) * 0.5).requires_grad_()
+            extra = [b_ref]
+        if relpos:  # ViTDet's decomposed rel-pos: the fused path gets the two terms, the reference the sum
+            rel = DecomposedRelPos(*((torch.randn(batch, heads, n, kk) * 0.5).requires_grad_() for kk in relpos))
+            b_ref, b_fus, extra = rel.dense(), rel, [rel.rel_h, rel.rel_w]
+        m = None
+        if mask == "key":  # padding: one row for every query
+            m = torch.rand(batch, 1, 1, n) > 0.3
+        elif mask == "query":  # shifted windows: per query
+            m = torch.rand(batch, 1, n, n) > 0.3
+        assert fus.resolve_impl(q, b_fus, m) == "fused", fus.choose_path(q, b_fus, m)
+        out_ref, out_fus = ref(q, k, v, bias=b_ref, key_mask=m), fus(q, k, v, bias=b_fus, key_mask=m)
         torch.testing.assert_close(out_fus, out_ref, atol=2e-4, rtol=2e-4)
         g = torch.randn_like(out_ref)
         params = [p for p in ref.operator.parameters() if p.requires_grad]
-        grads_ref = torch.autograd.grad(out_ref, [q, k, v, *params], g)
-        grads_fus = torch.autograd.grad(out_fus, [q, k, v, *params], g)
+        grads_ref = torch.autograd.grad(out_ref, [q, k, v, *extra, *params], g)
+        grads_fus = torch.autograd.grad(out_fus, [q, k, v, *extra, *params], g)
         for a, b in zip(grads_fus, grads_ref):
             torch.testing.assert_close(a, b, atol=5e-4, rtol=5e-4)
+
+    check(37, 2, 5)  # ragged N, r padded
+    check(20, 3, 12)
+    check(37, 2, 5, base="nn.SiLU")  # the base function as one more feature
+    check(36, 2, 5, bias="dense")  # Swin / mmseg bias table
+    check(36, 2, 5, mask="key")  # padded windows (ViTDet), padded images (mmseg)
+    check(36, 2, 5, mask="query", bias="dense")  # Swin's shifted windows
+    check(35, 2, 5, relpos=(5, 7), mask="key")  # ViTDet window block
+    check(35, 3, 12, relpos=(7, 5), base="nn.SiLU", mask="query")  # everything at once
     print("fused kernels match the reference")
 """)
 
@@ -45,12 +70,17 @@ def test_fused_kernels_match_reference_under_the_interpreter():
 def test_fused_refuses_what_it_cannot_serve():
     import torch
 
-    from karat import KArAtConfig, KArAtCore
+    from karat import KArAtConfig, KArAtCore, kernels
 
     core = KArAtCore(2, 9, KArAtConfig(impl="fused", basis_type="SplineBasis"))
     q = torch.randn(1, 2, 9, 16)
     with pytest.raises(ValueError, match="impl='fused' cannot serve.*Fourier"):
         core(q, q, q)
+    gelu = KArAtCore(2, 9, KArAtConfig(impl="fused", base_fn="nn.GELU"))
+    with pytest.raises(ValueError, match="SiLU base function, not GELU"):
+        gelu(q, q, q)
+    w1 = KArAtCore(2, 9, KArAtConfig(modular_mode="w1_phi2"))
+    assert "linear in N" in kernels.fused_triton.supports(w1.operator, q, None, None)
 
 
 def test_auto_falls_back_when_the_fused_kernels_fail(monkeypatch):
@@ -72,3 +102,46 @@ def test_auto_falls_back_when_the_fused_kernels_fail(monkeypatch):
     with pytest.warns(UserWarning, match="fused kernels disabled"):
         torch.testing.assert_close(core(q, k, v), expected)
     assert fused.supports(core.operator, q, None, None).startswith("the fused kernels failed earlier")
+
+
+BACKWARD_FALLBACK = textwrap.dedent("""
+    import warnings
+    import torch
+    from karat import KArAtConfig, KArAtCore
+    from karat.kernels import fused_triton
+    from karat.relpos import DecomposedRelPos
+
+    torch.manual_seed(0)
+    cfg = KArAtConfig(grid=2, hidden_dim=5, base_fn="nn.SiLU")
+    ref = KArAtCore(2, 35, cfg.replace(impl="reference"))
+    fus = KArAtCore(2, 35, cfg.replace(impl="fused"), operator_factory=lambda *_: ref.operator)
+    q, k, v = (torch.randn(2, 2, 35, 16, requires_grad=True) for _ in range(3))
+    rel = DecomposedRelPos(*((torch.randn(2, 2, 35, kk) * 0.5).requires_grad_() for kk in (5, 7)))
+    mask = torch.rand(2, 1, 1, 35) > 0.3
+    assert fus.choose_path(q, rel, mask).path == "fused"
+
+    def broken(ctx, dh):
+        raise RuntimeError("backward kernel failed to compile")
+
+    fused_triton._FusedPhi._kernels_backward = staticmethod(broken)
+    out = fus(q, k, v, bias=rel, key_mask=mask)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grads = torch.autograd.grad(out.square().sum(), [q, k, rel.rel_h, rel.rel_w, *ref.operator.parameters()])
+    assert any("fused kernels disabled" in str(w.message) for w in caught)
+    expected = torch.autograd.grad(ref(q, k, v, bias=rel.dense(), key_mask=mask).square().sum(),
+                                   [q, k, rel.rel_h, rel.rel_w, *ref.operator.parameters()])
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, atol=5e-4, rtol=5e-4)
+    assert "failed earlier" in fused_triton.supports(fus.operator, q, rel, mask)  # auto stays off them from now on
+    print("backward fell back")
+""")
+
+
+@pytest.mark.slow
+def test_a_backward_kernel_that_fails_falls_back_with_the_same_gradients():
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, "-c", BACKWARD_FALLBACK], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "backward fell back" in proc.stdout

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from karat import KArAtConfig, KArAtCore
+from karat.relpos import DecomposedRelPos
 from karat.kernels import fused_triton as fused
 
 pytestmark = pytest.mark.gpu
@@ -42,21 +43,29 @@ TOLERANCE = {torch.float32: 5e-3 if DEVICE == "cuda" else 1e-4, torch.bfloat16: 
 __doc__ += "".join(f"\n* {str(k)[6:]}: {v:g}" for k, v in TOLERANCE.items())
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
-# (batch, heads, N, head_dim, grid G, rank r, extra options): what a ViT meets (197 tokens, head_dim 64, G = 3 or
-# the Base model's G = 1), ragged N (not a multiple of the 32-token blocks), r not a power of two (padded) and one
-# that is, the smallest and largest head_dim, frozen basis coefficients, mixed heads (KArAt for the first heads,
-# softmax for the rest) and longer sequences.
+# (batch, heads, N, head_dim, grid G, rank r, extra options, host inputs): what a ViT meets (197 tokens,
+# head_dim 64, G = 3 or the Base model's G = 1), ragged N (not a multiple of the 32-token blocks), r not a power
+# of two (padded) and one that is, the smallest and largest head_dim, frozen basis coefficients, mixed heads (KArAt
+# for the first heads, softmax for the rest), longer sequences, and what the hosts pass: ViTDet's window block
+# (14 x 14 tokens, decomposed rel-pos, padded keys) and global block (32 x 32), a Swin-like window with its bias
+# table and shift mask, mmseg's padded images, and the SiLU base function.
 VARIANTS = {
-    "vit-t": (2, 3, 197, 64, 3, 12, {}),
-    "vit-b-g1": (1, 12, 197, 64, 1, 12, {}),
-    "ragged-d16-r5": (2, 2, 37, 16, 2, 5, {}),
-    "d128-r16": (1, 2, 64, 128, 2, 16, {}),
-    "frozen-basis": (2, 2, 50, 32, 3, 12, dict(basis_not_trainable=True)),
-    "mixed-head": (2, 3, 65, 32, 3, 12, dict(mixed_head=True, num_attention=1)),
-    "n1025": (1, 2, 1025, 64, 3, 12, {}),
-    "n4096": (1, 1, 4096, 64, 3, 12, {}),
+    "vit-t": (2, 3, 197, 64, 3, 12, {}, {}),
+    "vit-b-g1": (1, 12, 197, 64, 1, 12, {}, {}),
+    "ragged-d16-r5": (2, 2, 37, 16, 2, 5, {}, {}),
+    "d128-r16": (1, 2, 64, 128, 2, 16, {}, {}),
+    "frozen-basis": (2, 2, 50, 32, 3, 12, dict(basis_not_trainable=True), {}),
+    "mixed-head": (2, 3, 65, 32, 3, 12, dict(mixed_head=True, num_attention=1), {}),
+    "n1025": (1, 2, 1025, 64, 3, 12, {}, {}),
+    "n4096": (1, 1, 4096, 64, 3, 12, {}, {}),
+    "vitdet-window": (4, 3, 196, 64, 3, 12, {}, dict(relpos=(14, 14), mask="key")),
+    "vitdet-global": (1, 3, 1024, 64, 3, 12, {}, dict(relpos=(32, 32))),
+    "swin-window": (4, 3, 144, 32, 3, 12, {}, dict(bias="dense", mask="query")),
+    "silu-base-padded": (2, 3, 197, 64, 3, 12, dict(base_fn="nn.SiLU"), dict(mask="key")),
+    "small-everything": (2, 2, 35, 16, 2, 5, dict(base_fn="nn.SiLU"), dict(relpos=(5, 7), mask="query")),
 }
-TINY = {"ragged-d16-r5", "frozen-basis", "mixed-head"}  # the interpreter runs these (seconds, not minutes)
+# the interpreter runs these (seconds, not minutes)
+TINY = {"ragged-d16-r5", "frozen-basis", "mixed-head", "small-everything"}
 
 _RESULTS: List[Dict] = []
 _COMPILED: List[Dict] = []
@@ -76,6 +85,24 @@ def _report():
                                               cases=_RESULTS, compiled=_COMPILED), indent=1))
 
 
+def _host_inputs(batch: int, heads: int, n: int, inputs: dict):
+    """(bias for the fused core, the same bias dense, its leaf tensors, key mask) for a variant's host inputs."""
+    bias = dense = mask = None
+    leaves: List[torch.Tensor] = []
+    if inputs.get("bias") == "dense":  # a bias table shared by the batch, with its gradient
+        bias = dense = (torch.randn(1, heads, n, n, device=DEVICE) * 0.5).requires_grad_()
+        leaves = [bias]
+    if inputs.get("relpos"):
+        bias = DecomposedRelPos(*((torch.randn(batch, heads, n, kk, device=DEVICE) * 0.5).requires_grad_()
+                                  for kk in inputs["relpos"]))
+        dense, leaves = bias.dense(), [bias.rel_h, bias.rel_w]
+    if inputs.get("mask") == "key":
+        mask = torch.rand(batch, 1, 1, n, device=DEVICE) > 0.2
+    elif inputs.get("mask") == "query":
+        mask = torch.rand(batch, 1, n, n, device=DEVICE) > 0.2
+    return bias, dense, leaves, mask
+
+
 def _cores(heads: int, n: int, grid: int, r: int, extra: dict):
     cfg = KArAtConfig(grid=grid, hidden_dim=r, **extra)
     ref = KArAtCore(heads, n, cfg.replace(impl="reference")).to(DEVICE)
@@ -87,9 +114,16 @@ def _cores(heads: int, n: int, grid: int, r: int, extra: dict):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if DEVICE == "cuda" or v in TINY])
 def test_fused_matches_float64_reference(variant, dtype):
-    batch, heads, n, d, grid, r, extra = VARIANTS[variant]
+    batch, heads, n, d, grid, r, extra, inputs = VARIANTS[variant]
     torch.manual_seed(0)
     ref, fus, ref64 = _cores(heads, n, grid, r, extra)
+    bias, dense, leaves, mask = _host_inputs(batch, heads, n, inputs)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    dense64 = None
+    if inputs.get("relpos"):
+        dense64 = DecomposedRelPos(*leaves64).dense()
+    elif leaves64:
+        dense64 = leaves64[0]
     with torch.no_grad():  # trained-looking coefficients, not the small initial ones
         for p, p64 in zip(ref.operator.parameters(), ref64.operator.parameters()):
             p.mul_(4.0)
@@ -97,21 +131,22 @@ def test_fused_matches_float64_reference(variant, dtype):
     q, k, v = (torch.randn(batch, heads, n, d, device=DEVICE).to(dtype).requires_grad_() for _ in range(3))
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
 
-    assert fus.resolve_impl(q[:, :fus.num_karat_heads]) == "fused"
+    assert fus.resolve_impl(q[:, :fus.num_karat_heads], bias, mask) == "fused"
     with torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32):
-        out = fus(q, k, v)
-    out64 = ref64(q64, k64, v64)
+        out = fus(q, k, v, bias=bias, key_mask=mask)
+    out64 = ref64(q64, k64, v64, bias=dense64, key_mask=mask)
     g = torch.randn_like(out64)
     params = [p for p in ref.operator.parameters() if p.requires_grad]
     params64 = [p for p in ref64.operator.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(out, [q, k, v, *params], g.to(out.dtype))
-    grads64 = torch.autograd.grad(out64, [q64, k64, v64, *params64], g)
+    grads = torch.autograd.grad(out, [q, k, v, *leaves, *params], g.to(out.dtype))
+    grads64 = torch.autograd.grad(out64, [q64, k64, v64, *leaves64, *params64], g)
 
-    names = ["out", "dq", "dk", "dv"] + [n for n, p in ref.operator.named_parameters() if p.requires_grad]
+    bias_names = ["d_rel_h", "d_rel_w"] if inputs.get("relpos") else ["d_bias"] * len(leaves)
+    names = ["out", "dq", "dk", "dv", *bias_names] + [n for n, p in ref.operator.named_parameters() if p.requires_grad]
     errors = {name: _rel_err(a, b) for name, a, b in zip(names, (out, *grads), (out64, *grads64))}
     tol = TOLERANCE[dtype]
     _RESULTS.append(dict(variant=variant, dtype=str(dtype)[6:], shape=[batch, heads, n, d], grid=grid, rank=r,
-                         options=extra, tolerance=tol, errors=errors))
+                         options=dict(extra, **inputs), tolerance=tol, errors=errors))
     assert out.dtype == (dtype if dtype != torch.float32 else torch.float32)
     if extra.get("basis_not_trainable"):
         assert not any("coefficients" in n for n in names)
@@ -150,25 +185,15 @@ def test_universal_model_step_matches_reference():
 COMPILE = """
 import json
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from karat.kernels import fused_triton as fused
+from karat.kernels import fused_triton
 
 major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)  # H100 by default
-target = GPUTarget("cuda", major * 10 + minor, 32)
-limit = 232448 if major >= 9 else 101376  # shared memory per block (H100: 227 KiB)
-pointers = {"Q", "K", "C", "Hout", "DH", "DQ", "DK", "DC"}
-for d, g, r, dtype in [(64, 3, 12, "fp32"), (128, 3, 16, "bf16"), (16, 1, 5, "fp16"), (64, 1, 12, "bf16")]:
-    const = dict(D=d, G=g, RP=fused._pad_r(r), BM=32, BN=32)
-    for kernel in (fused._phi_fwd_kernel, fused._phi_bwd_dq_kernel, fused._phi_bwd_dk_kernel):
-        sig = {a: "constexpr" if a in const else (f"*{dtype}" if a in ("Q", "K") else "*fp32") if a in pointers
-               else "i32" for a in kernel.arg_names}
-        src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(k),): v for k, v in const.items()})
-        compiled = triton.compile(src, target=target)
-        shared = compiled.metadata.shared
-        assert "cubin" in compiled.asm and shared <= limit, (kernel.fn.__name__, d, g, dtype, shared)
-        print(json.dumps(dict(kernel=kernel.fn.__name__, D=d, G=g, r=r, dtype=dtype, arch=f"sm_{major}{minor}",
+arch = major * 10 + minor
+for d, g, r, dtype, flags in [(64, 3, 12, "fp32", {}), (128, 3, 16, "bf16", {}), (16, 1, 5, "fp16", {}),
+                              (64, 3, 12, "bf16", dict(bias=True, relpos=True, mask=True, base=True)),
+                              (256, 16, 16, "fp16", dict(bias=True, relpos=True, mask=True, base=True))]:
+    for kernel, shared in fused_triton.compile_offline(arch, d, g, r, dtype, **flags).items():
+        print(json.dumps(dict(kernel=kernel, D=d, G=g, r=r, dtype=dtype, arch=f"sm_{arch}", flags=sorted(flags),
                               shared_bytes=shared)))
 """
 
@@ -183,5 +208,5 @@ def test_kernels_compile_for_the_gpu():
     proc = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     compiled = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(compiled) == 12
+    assert len(compiled) == 15
     _COMPILED.extend(compiled)

@@ -105,7 +105,7 @@ def stage_tests(opts: argparse.Namespace) -> Dict[str, Any]:
     if opts.device == "cpu":
         env["TRITON_INTERPRET"] = "1"
         if opts.tiny:  # one shape in the three dtypes, and the whole-model check: enough to catch a typo
-            select = ["-k", "ragged or universal or compile"]
+            select = ["-k", "ragged or everything or universal or compile"]
     run = run_logged([sys.executable, "-m", "pytest", "tests/test_gpu_fused.py", "-m", "gpu", "-q", "-rfE",
                       "-p", "no:cacheprovider", f"--junitxml={junit}", *select], opts.out / "logs" / "tests.log",
                      env=env)
@@ -300,12 +300,13 @@ def markdown(suite: Dict[str, Any]) -> str:
         if fused.get("cases"):
             lines += [f"Device: {fused.get('device')}{' (Triton interpreter)' if fused.get('interpreted') else ''}; "
                       f"tolerances: {fused.get('tolerance')}", "",
-                      "| variant | dtype | B, H, N, d | G | r | worst error | tensor | tolerance |",
-                      "|---|---|---|---|---|---|---|---|"]
+                      "| variant | dtype | B, H, N, d | G | r | options, host inputs | worst error | tensor | tolerance |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             for c in fused["cases"]:
                 worst = max(c["errors"], key=c["errors"].get)
+                options = ", ".join(f"{k}={v}" for k, v in (c.get("options") or {}).items()) or "-"
                 lines.append(f"| {c['variant']} | {c['dtype']} | {', '.join(map(str, c['shape']))} | {c['grid']} | "
-                             f"{c['rank']} | {c['errors'][worst]:.2e} | {worst} | {c['tolerance']:g} |")
+                             f"{c['rank']} | {options} | {c['errors'][worst]:.2e} | {worst} | {c['tolerance']:g} |")
             lines.append("")
         if fused.get("compiled"):
             comp = fused["compiled"]

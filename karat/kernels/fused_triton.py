@@ -428,3 +428,42 @@ def attend(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     with autocast_off(q.device.type):
         hidden = phi_fused(op, q * scale, k, bias, key_mask)
         return efficient.expand_rank(op, hidden, upcast(v), key_mask).to(dtype)
+
+
+KERNELS = ("_phi_fwd_kernel", "_phi_bwd_dq_kernel", "_phi_bwd_dk_kernel")
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes per block (opt-in maximum)
+_POINTERS = {"Q": None, "K": None, "BIAS": "*fp32", "RELH": "*fp32", "RELW": "*fp32", "MASK": "*u8"}
+_FP32_POINTERS = ("C", "Hout", "DH", "DQ", "DK", "DC", "DB", "DRELH", "DRELW")
+
+
+def compile_offline(arch: int, head_dim: int, grid: int, rank: int, dtype: str = "fp32", *, bias: bool = False,
+                    relpos: bool = False, mask: bool = False, base: bool = False) -> dict:
+    """Compile the three kernels of one variant for ``sm_<arch>`` without a GPU (Triton's bundled ptxas):
+    ``{kernel name: shared memory bytes}``. Compile errors and shared-memory overruns show up on any machine.
+    ``dtype`` is that of q and k (``fp32``, ``bf16``, ``fp16``)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    flags = dict(HAS_BIAS=bias, HAS_REL=relpos, HAS_MASK=mask, HAS_BASE=base)
+    bm, bn = block_sizes(head_dim, 2 * grid + int(base))
+    const = dict(D=head_dim, G=grid, RP=_pad_r(rank), BM=bm, BN=bn, DOT=DOT_PRECISION, BIAS_GRAD=bias,
+                 KHP=64 if relpos else 16, KWP=64 if relpos else 16, **flags)
+    shared = {}
+    for name in KERNELS:
+        kernel = globals()[name]
+        sig = {}
+        for a in kernel.arg_names:
+            if a in const:
+                sig[a] = "constexpr"
+            elif a in _POINTERS:
+                sig[a] = _POINTERS[a] or f"*{dtype}"
+            else:
+                sig[a] = "*fp32" if a in _FP32_POINTERS else "i32"
+        consts = {(kernel.arg_names.index(k),): v for k, v in const.items() if k in kernel.arg_names}
+        compiled = triton.compile(ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32))
+        shared[name] = compiled.metadata.shared
+        limit = SHARED_MEMORY_LIMIT.get(arch, 101376)
+        if "cubin" not in compiled.asm or shared[name] > limit:
+            raise RuntimeError(f"{name} for sm_{arch} (head_dim {head_dim}, G {grid}, {dtype}, {flags}): "
+                               f"{shared[name]} bytes of shared memory, limit {limit}")
+    return shared
