@@ -23,8 +23,8 @@ from karat import KArAtConfig, KArAtCore, OperatorProvider
 from karat.attention import OperatorFactory
 from karat.relpos import DecomposedRelPos
 
-__all__ = ["KArAtViT", "KArAtViTAttention", "KArAtBlock", "karat_config_from", "decomposed_rel_pos", "decomposed_rel_pos_bias",
-           "padded_window_key_mask"]
+__all__ = ["KArAtViT", "KArAtViTAttention", "KArAtBlock", "karat_config_from", "decomposed_rel_pos",
+           "decomposed_rel_pos_bias", "padded_window_key_mask"]
 
 
 def karat_config_from(options: Optional[Mapping[str, Any]]) -> KArAtConfig:

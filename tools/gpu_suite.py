@@ -300,7 +300,7 @@ def markdown(suite: Dict[str, Any]) -> str:
         if fused.get("cases"):
             lines += [f"Device: {fused.get('device')}{' (Triton interpreter)' if fused.get('interpreted') else ''}; "
                       f"tolerances: {fused.get('tolerance')}", "",
-                      "| variant | dtype | B, H, N, d | G | r | options, host inputs | worst error | tensor | tolerance |",
+                      "| variant | dtype | B, H, N, d | G | r | options, inputs | worst error | tensor | tolerance |",
                       "|---|---|---|---|---|---|---|---|---|"]
             for c in fused["cases"]:
                 worst = max(c["errors"], key=c["errors"].get)
