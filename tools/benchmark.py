@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -69,11 +69,19 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
     device = torch.device(case["device"])
     cuda = device.type == "cuda"
     size, impl, batch = case["model"], case["impl"], case["batch"]
-    dim, heads = SIZES[size]["embed_dim"], SIZES[size]["num_heads"]
-    karat_kw = dict(basis_type="FourierBasis", grid=case.get("grid") or GRID[size], hidden_dim=12, blockwise=True)
+    karat_kw = dict(basis_type="FourierBasis", grid=case.get("grid") or GRID.get(size, 3), hidden_dim=12,
+                    blockwise=True)
 
-    if case["level"] == "attention":
+    if case["level"] == "host":
+        module, x = host_model(case["model"], impl, karat_kw, device, batch)
+
+        def step():
+            out = module(x)
+            (out["last_feat"] if isinstance(out, dict) else out).square().mean().backward()
+        items = batch
+    elif case["level"] == "attention":
         n = case["tokens"]
+        dim, heads = SIZES[size]["embed_dim"], SIZES[size]["num_heads"]
         if impl == "softmax":
             module = Attention(dim, num_heads=heads, qkv_bias=True)
         else:
@@ -104,7 +112,9 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
 
-    for _ in range(case["warmup"]):
+    with record_paths() as paths:  # which evaluation path served the KArAt calls (karat.kernels.choose)
+        step()
+    for _ in range(case["warmup"] - 1):
         step()
     sync()
     if cuda:
@@ -121,7 +131,8 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
     else:
         peak = cpu_peak_mb(step)
     best = min(times)
-    result = dict(case, seconds=best, items_per_s=items / best, peak_mb=peak)
+    result = dict(case, seconds=best, items_per_s=items / best, peak_mb=peak,
+                  path=" + ".join(sorted(set(paths))) if paths else "softmax")
     if case.get("profile"):
         result["profile"] = profile_ops(step, case["profile"])
     if case["level"] == "model":
@@ -137,6 +148,74 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
     return result
 
 
+# Host attentions against each host's own softmax model: detectron2's ViTDet ViT-Tiny backbone at 512 px (window
+# blocks of 14 x 14 tokens with the decomposed rel-pos and padded windows, global blocks of 32 x 32 tokens), and
+# timm's Swin-T (window attention with its bias table and shifted-window masks, 49 tokens), at 224 px.
+HOSTS = {
+    "vitdet": dict(tokens=1024, img=512),
+    "swin": dict(tokens=49, img=224),
+}
+
+
+def host_model(name: str, impl: str, karat_kw: Dict[str, Any], device, batch: int):
+    """(model, input) of a host case: the host's own softmax model, or its KArAt counterpart."""
+    import torch
+
+    x = torch.randn(batch, 3, HOSTS[name]["img"], HOSTS[name]["img"], device=device)
+    if name == "vitdet":
+        vit = dict(img_size=512, patch_size=16, embed_dim=192, depth=12, num_heads=3, window_size=14,
+                   window_block_indexes=[0, 1, 3, 4, 6, 7, 9, 10], use_rel_pos=True, mlp_ratio=4.0, qkv_bias=True)
+        if impl == "softmax":
+            from detectron2.modeling import ViT
+
+            return ViT(**vit).to(device), x
+        from detectron2_plugin.backbone import KArAtViT
+
+        return KArAtViT(**vit, karat=dict(impl=impl, **karat_kw)).to(device), x
+    import timm
+
+    kw = {} if impl == "softmax" else dict(impl=impl, **karat_kw)
+    name = "swin_tiny_patch4_window7_224" + ("" if impl == "softmax" else "_karat")
+    return timm.create_model(name, num_classes=1000, **kw).to(device), x
+
+
+class record_paths:
+    """Collects ``Choice.describe()`` of every ``karat.kernels.choose`` call made inside the ``with`` block."""
+
+    def __enter__(self) -> List[str]:
+        from karat import kernels
+
+        self.kernels, self.original, self.seen = kernels, kernels.choose, []
+
+        def choose(*args, **kwargs):
+            choice = self.original(*args, **kwargs)
+            self.seen.append(choice.describe())
+            return choice
+
+        kernels.choose = choose
+        return self.seen
+
+    def __exit__(self, *exc) -> None:
+        self.kernels.choose = self.original
+
+
+def run_in_process(case: Dict[str, Any]) -> Dict[str, Any]:
+    """One case in this process (CUDA: its peak memory is the allocator's high-water mark above what the case
+    started with, so earlier cases do not count; saves a process start per case)."""
+    import gc
+
+    import torch
+
+    try:
+        return run_case(case)
+    except Exception as e:  # noqa: BLE001  out of memory or a failing path: reported in the table, the run goes on
+        return dict(case, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def spawn(case: Dict[str, Any]) -> Dict[str, Any]:
     proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -149,14 +228,14 @@ def table(results: List[Dict[str, Any]]) -> str:
     softmax = {key(r): r for r in results if r["impl"] == "softmax" and "error" not in r}
     reference = {key(r): r for r in results if r["impl"] == "reference" and "error" not in r}
     model_level = any(r["level"] == "model" for r in results)
-    head = ("| level | model | N | batch | impl | time (ms) | items/s | peak MB | mem / softmax | speed / softmax "
-            "| mem / reference | speed / reference |")
+    head = ("| level | model | N | batch | impl | path | time (ms) | items/s | peak MB | mem / softmax "
+            "| speed / softmax | mem / reference | speed / reference |")
     if model_level:
         head += " infer items/s |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['level']} | {r['model']} | {r.get('tokens', 197)} | {r['batch']} | {r['impl']} | "
+            lines.append(f"| {r['level']} | {r['model']} | {r.get('tokens', 197)} | {r['batch']} | {r['impl']} | - | "
                          f"error: {r['error'][:60]} |")
             continue
         base = softmax.get(key(r))
@@ -166,6 +245,7 @@ def table(results: List[Dict[str, Any]]) -> str:
         ref_mem = f"{r['peak_mb'] / ref['peak_mb']:.2f}x" if ref and ref["peak_mb"] > 0 else "-"
         ref_speed = f"{r['items_per_s'] / ref['items_per_s']:.2f}x" if ref else "-"
         line = (f"| {r['level']} | {r['model']} | {r.get('tokens', 197)} | {r['batch']} | {r['impl']} | "
+                f"{r.get('path', '-')} | "
                 f"{1000 * r['seconds']:.1f} | {r['items_per_s']:.1f} | {r['peak_mb']:.1f} | {mem_ratio} | "
                 f"{speed_ratio} | {ref_mem} | {ref_speed} |")
         if model_level:
@@ -177,8 +257,9 @@ def table(results: List[Dict[str, Any]]) -> str:
 def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", help=argparse.SUPPRESS)
-    p.add_argument("--level", choices=("attention", "model"), default="attention")
-    p.add_argument("--model", nargs="+", default=["tiny"], choices=sorted(SIZES))
+    p.add_argument("--level", choices=("attention", "model", "host"), default="attention",
+                   help="one attention layer, a whole ViT training step, or a host's own model (--model vitdet swin)")
+    p.add_argument("--model", nargs="+", default=["tiny"], choices=sorted(SIZES) + sorted(HOSTS))
     p.add_argument("--tokens", nargs="+", type=int, default=[197])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--grid", type=int, default=None, help="Fourier G (default: 3 for Tiny/Small, 1 for Base)")
@@ -214,19 +295,26 @@ def main(argv: List[str] | None = None) -> int:
 
 def make_cases(level: str, models: List[str], tokens: List[int], batch: int, impls: List[str], grid: int | None,
                device: str, repeat: int, warmup: int, profile: int = 0) -> List[Dict[str, Any]]:
-    """One case per (model size, token count, implementation); the model level always has 197 tokens."""
-    tokens = tokens if level == "attention" else [197]
-    return [dict(level=level, model=size, tokens=n, batch=batch, impl=impl, grid=grid, device=device,
-                 repeat=repeat, warmup=warmup, profile=profile)
-            for size in models for n in tokens for impl in impls]
+    """One case per (model, token count, implementation); the model level always has 197 tokens, the host level
+    its host's (``HOSTS``)."""
+    def token_counts(model: str) -> List[int]:
+        return tokens if level == "attention" else [HOSTS[model]["tokens"]] if level == "host" else [197]
+
+    return [dict(level=level, model=model, tokens=n, batch=batch, impl=impl, grid=grid, device=device,
+                 repeat=repeat, warmup=max(1, warmup), profile=profile)
+            for model in models for n in token_counts(model) for impl in impls]
 
 
-def run_rounds(cases: List[Dict[str, Any]], rounds: int) -> List[Dict[str, Any]]:
-    """Every case ``rounds`` times, interleaved, each in a fresh process; the fastest round of each is kept."""
+def run_rounds(cases: List[Dict[str, Any]], rounds: int, in_process: bool = False,
+               on_result: Optional[Callable[[Dict[str, Any]], None]] = None) -> List[Dict[str, Any]]:
+    """Every case ``rounds`` times, interleaved, each in a fresh process (or in this one: ``in_process``); the
+    fastest round of each is kept. ``on_result`` sees every measurement as it is made."""
     best: Dict[int, Dict[str, Any]] = {}
     for rnd in range(rounds):
         for i, case in enumerate(cases):
-            r = spawn(case)
+            r = run_in_process(case) if in_process else spawn(case)
+            if on_result is not None:
+                on_result(r)
             prev = best.get(i)
             if prev is None or "error" in r or "error" in prev:
                 best[i] = r
