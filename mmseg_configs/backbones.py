@@ -34,6 +34,7 @@ from mmseg.registry import MODELS as SEG_MODELS
 
 from karat import KArAtConfig, KArAtCore, OperatorProvider
 from karat.attention import OperatorFactory
+from karat.config import pop_config
 
 from . import convert
 
@@ -44,11 +45,9 @@ except ImportError:  # pragma: no cover - exercised only without mmdet
 
 
 def _pop_karat_options(kwargs: Dict[str, Any], host: str) -> KArAtConfig:
-    """KArAt options out of a backbone's keywords, validated (``KArAtConfig`` names the bad option)."""
-    if "depth" in kwargs:
-        raise ValueError(f"{host}: `depth` is ambiguous here; give the number of blocks with the host's own "
-                         f"option (num_layers / depths) and the KAN depth of KArAt as `karat_depth`.")
-    return KArAtConfig.pop_from(kwargs)
+    """KArAt options out of a backbone's keywords, validated (``KArAtConfig`` names the bad option); the
+    backbone has no ``depth`` of its own to leave it to, so that name is refused with the KArAt one."""
+    return pop_config(kwargs, refuse_renamed=True, where=host)
 
 
 def _is_pretrained(init_cfg: Any) -> bool:
