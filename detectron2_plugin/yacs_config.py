@@ -7,8 +7,8 @@
     model = build_model(cfg)
 
 ``MODEL.VIT`` holds the ViTDet options (defaults: ViT-Base, 1024 px, windows of 14, global blocks 2, 5, 8, 11),
-``MODEL.KARAT`` the KArAt options (upper-case ``KArAtConfig`` field names; ``ENABLED=False`` gives detectron2's
-own softmax ``ViT`` with the same settings).
+``MODEL.KARAT`` the KArAt options (generated from ``KArAtConfig``: upper-case keyword names, ``KARAT_DEPTH``
+for the KAN depth; ``ENABLED=False`` gives detectron2's own softmax ``ViT`` with the same settings).
 
 detectron2's ``MODEL.DEVICE`` defaults to ``cuda``; on a machine without CUDA both ``add_karat_config`` and the
 builder switch it to ``cpu`` with a log line (as ``classification.main`` falls back to the CPU), so the snippet

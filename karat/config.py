@@ -163,6 +163,11 @@ def config_from_kwargs(kwargs: Mapping[str, Any], *, where: str = "") -> KArAtCo
     return options.from_kwargs(KArAtConfig, kwargs, where=where)
 
 
+def check_host_keywords(given: Any, host_keywords: Any, where: str) -> None:
+    """Keywords that neither a host's constructor nor KArAt takes fail with a 'did you mean' (see ``options``)."""
+    options.check_keywords(given, host_keywords, KArAtConfig, where)
+
+
 def add_argparse_arguments(parser: Any) -> None:
     """One ``--<option>`` flag per KArAt option (the paper's flag names) on a parser or argument group."""
     options.add_argparse_arguments(parser, KArAtConfig)

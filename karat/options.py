@@ -147,16 +147,26 @@ def kwargs_from_yacs(node: Mapping[str, Any], cls: type) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- keywords
-def unknown_option_error(unknown: Iterable[str], known: List[str], where: str = "") -> ValueError:
-    """``Unknown KArAt option(s) [...]`` with a 'did you mean' for each close miss, and the known names."""
+def unknown_option_error(unknown: Iterable[str], known: List[str], where: str = "", *, what: str = "KArAt option",
+                         listed: Optional[List[str]] = None) -> ValueError:
+    """``Unknown KArAt option(s) [...]`` with a 'did you mean' for each close miss, and the ``listed`` names."""
     unknown = sorted(unknown)
-    parts = [f"Unknown KArAt option(s) {unknown}" + (f" in {where}." if where else ".")]
+    parts = [f"Unknown {what}(s) {unknown}" + (f" in {where}." if where else ".")]
     for name in unknown:
         close = difflib.get_close_matches(name, known, n=1)
         if close:
             parts.append(f"{name!r}: did you mean {close[0]!r}?")
-    parts.append(f"Known options: {known}.")
+    parts.append(f"Known KArAt options: {known if listed is None else listed}.")
     return ValueError(" ".join(parts))
+
+
+def check_keywords(given: Iterable[str], host_keywords: Iterable[str], cls: type, where: str) -> None:
+    """Keywords that neither the host nor the options take fail here, with the closest name of either, instead
+    of as a ``TypeError`` inside the host's constructor."""
+    known = list(host_names(cls))
+    unknown = set(given) - set(host_keywords) - set(known)
+    if unknown:
+        raise unknown_option_error(unknown, known + sorted(host_keywords), where, what="keyword", listed=known)
 
 
 def renamed_error(names: Iterable[str], cls: type, where: str = "") -> ValueError:

@@ -112,6 +112,8 @@ def test_fake_option_is_an_mmseg_backbone_kwarg(fake, backbone):
                                            window_size=2, strides=(4,), out_indices=(0,)))[backbone]
     model = MODELS.build(dict(type=backbone, grid=1, hidden_dim=2, fake_gain=6.0, karat_fake_steps=7, **sizes))
     _reached(model, fake, 6.0, 7)
+    with pytest.raises(ValueError, match=f"keyword.*in {backbone}. 'fake_gian': did you mean 'fake_gain'"):
+        MODELS.build(dict(type=backbone, fake_gian=6.0, **sizes))  # a typo: not a TypeError inside mmseg
 
 
 def test_host_names_are_applied_in_one_place():
@@ -135,7 +137,7 @@ def test_host_names_are_applied_in_one_place():
 
 def test_unknown_option_is_a_clear_error():
     with pytest.raises(ValueError, match=r"Unknown KArAt option\(s\) \['gird'\] in here\. 'gird': did you mean "
-                                         r"'grid'\? Known options: \[.*'karat_depth'"):
+                                         r"'grid'\? Known KArAt options: \[.*'karat_depth'"):
         config_from_kwargs(dict(gird=3), where="here")
     with pytest.raises(ValueError, match="'hiden_dim': did you mean 'hidden_dim'"):
         pop_config(dict(karat_cfg=dict(hiden_dim=3)))
