@@ -85,14 +85,10 @@ class KArAtConfig:
         self._validate()
 
     def _validate(self) -> None:
-        if self.basis_type not in BASIS_TYPES:
-            _fail("basis_type", self.basis_type, f"choose one of {', '.join(BASIS_TYPES)}")
-        if self.wavelet_type not in WAVELET_TYPES:
-            _fail("wavelet_type", self.wavelet_type, f"choose one of {', '.join(WAVELET_TYPES)}")
-        if self.modular_mode not in MODULAR_MODES:
-            _fail("modular_mode", self.modular_mode, f"choose one of {', '.join(MODULAR_MODES)}")
-        if self.impl not in IMPLS:
-            _fail("impl", self.impl, f"choose one of {', '.join(IMPLS)}")
+        for f in fields(self):  # options with a closed set of values (their field metadata's choices)
+            allowed = f.metadata.get("choices")
+            if allowed and getattr(self, f.name) not in allowed:
+                _fail(f.name, getattr(self, f.name), f"choose one of {', '.join(allowed)}")
         for name in ("grid", "hidden_dim", "depth"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

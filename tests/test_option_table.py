@@ -53,6 +53,7 @@ def test_fake_option_is_a_classification_flag_and_reaches_the_model(fake):
                               "--hidden_dim", "2", "--model-kwargs", "depth=1", "--fake_gain", "2.5",
                               "--fake_steps", "4"])
     assert (args.fake_gain, args.fake_steps) == (2.5, 4)
+    assert karat.config.config_from_namespace(args) == fake(grid=1, hidden_dim=2, fake_gain=2.5, fake_steps=4)
     _reached(build_model(args, 10), fake, 2.5, 4)
     defaults = parser.parse_args([])
     assert (defaults.fake_gain, defaults.fake_steps) == (1.0, 1)
@@ -86,6 +87,7 @@ def test_fake_option_is_in_the_yacs_node_and_reaches_the_detectron2_backbone(fak
     cfg.merge_from_list(["MODEL.KARAT.FAKE_GAIN", 0.5, "MODEL.KARAT.KARAT_FAKE_STEPS", 3])
     backbone = BACKBONE_REGISTRY.get("build_karat_vitdet_backbone")(cfg, ShapeSpec(channels=3))
     _reached(backbone.net, fake, 0.5, 3)
+    assert karat.config.config_from_yacs(cfg.MODEL.KARAT) == backbone.net.karat_cfg
 
 
 def test_fake_option_is_a_detectron2_backbone_kwarg(fake):
