@@ -5,17 +5,10 @@ import argparse
 
 from timm.utils import ParseKwargs
 
-from karat.config import BASIS_TYPES, MODULAR_MODES, WAVELET_TYPES
+from karat.config import add_argparse_arguments, kwargs_from_namespace
+from karat.options import str2bool
 
 DATASETS = ("CIFAR10", "CIFAR100", "IMNET", "SVHN", "Flowers102", "STL10", "DIGITS")
-
-
-def str2bool(v: str) -> bool:
-    if v.lower() in ("1", "true", "yes", "y"):
-        return True
-    if v.lower() in ("0", "false", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -93,39 +86,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--download", action="store_true", help="let torchvision download the dataset when missing")
     g.add_argument("--train-subset", type=int, default=None, help="train on the first n images only (quick runs)")
     g = p.add_argument_group("KArAt")
-    g.add_argument("--base_fn", default="ZeroModule")
-    g.add_argument("--basis_type", default="FourierBasis", choices=BASIS_TYPES)
-    g.add_argument("--grid", type=int, default=None, help="default: the model's (3, or 1 for ViT-Base)")
-    g.add_argument("--order", type=int, default=3)
-    g.add_argument("--grid_range", type=float, nargs=2, default=[-1.0, 1.0])
-    g.add_argument("--wavelet_type", default="mexican_hat", choices=WAVELET_TYPES)
-    g.add_argument("--rational_order", type=int, nargs=2, default=[5, 4])
-    g.add_argument("--depth", type=int, default=2, help="KAN depth when not modular")
-    g.add_argument("--hidden_dim", type=int, default=12)
-    g.add_argument("--mixed_head", action="store_true")
-    g.add_argument("--num_attention", type=int, default=None)
-    g.add_argument("--universal", action="store_true")
-    g.add_argument("--blockwise", action="store_true")
-    g.add_argument("--modular_attn", type=str2bool, nargs="?", const=True, default=True)
-    g.add_argument("--modular_mode", default="phi1_w2", choices=MODULAR_MODES)
-    g.add_argument("--project_l1", action="store_true")
-    g.add_argument("--basis_not_trainable", action="store_true")
-    g.add_argument("--base_not_trainable", action="store_true")
+    add_argparse_arguments(g)  # one flag per KArAtConfig option, named and documented there
     g.add_argument("--attn_lr", type=float, default=None, help="learning rate of the KArAt parameters")
-    g.add_argument("--impl", default="auto", choices=("auto", "reference", "efficient", "fused"))
     return p
 
 
 def karat_kwargs(args: argparse.Namespace) -> dict:
     """``create_model`` keywords for a KArAt model from the parsed flags (``--depth`` is ``karat_depth``)."""
-    kw = dict(base_fn=args.base_fn, basis_type=args.basis_type, order=args.order, grid_range=tuple(args.grid_range),
-              wavelet_type=args.wavelet_type, rational_order=tuple(args.rational_order), karat_depth=args.depth,
-              hidden_dim=args.hidden_dim, mixed_head=args.mixed_head, universal=args.universal,
-              blockwise=args.blockwise, modular_attn=args.modular_attn, modular_mode=args.modular_mode,
-              project_l1=args.project_l1, basis_not_trainable=args.basis_not_trainable,
-              base_not_trainable=args.base_not_trainable, impl=args.impl)
-    if args.grid is not None:
-        kw["grid"] = args.grid
-    if args.num_attention is not None:
-        kw["num_attention"] = args.num_attention
-    return kw
+    return kwargs_from_namespace(args)

@@ -19,19 +19,18 @@ import torch
 import torch.distributed as dist
 
 from karat import load_checkpoint
+from karat.config import cli_flags, non_structural_options
 
 _logger = logging.getLogger("classification")
 
 CHECKPOINT = "checkpoint.pth"
 AUTO = "auto"
 # create_model keywords that change no parameter: a difference is reported, not refused.
-NON_STRUCTURAL = ("drop_rate", "drop_path_rate", "impl")
-# The flag that sets each create_model keyword (the rest come from --model-kwargs).
-FLAG_OF = {"karat_depth": "--depth", "img_size": "--input-size", "num_classes": "--data-set (its class count)",
+# KArAt's own (impl) are marked in KArAtConfig.
+NON_STRUCTURAL = ("drop_rate", "drop_path_rate")
+# The flag that sets each create_model keyword (the rest come from --model-kwargs); KArAt's are KArAtConfig's.
+FLAG_OF = {"img_size": "--input-size", "num_classes": "--data-set (its class count)",
            "drop_rate": "--drop", "drop_path_rate": "--drop-path"}
-KARAT_FLAGS = ("base_fn", "basis_type", "grid", "order", "grid_range", "wavelet_type", "rational_order", "hidden_dim",
-               "mixed_head", "num_attention", "universal", "blockwise", "modular_attn", "modular_mode", "project_l1",
-               "basis_not_trainable", "base_not_trainable", "impl")
 
 
 class ResumeError(ValueError):
@@ -183,9 +182,7 @@ def _plain(obj: Any) -> Any:
 
 
 def _flag(key: str) -> str:
-    if key in FLAG_OF:
-        return FLAG_OF[key]
-    return f"--{key}" if key in KARAT_FLAGS else f"--model-kwargs {key}=..."
+    return {**cli_flags(), **FLAG_OF}.get(key, f"--model-kwargs {key}=...")
 
 
 def check_architecture(ckpt: Mapping[str, Any], model_name: str, model_kwargs: Mapping[str, Any], path: str) -> None:
@@ -198,7 +195,7 @@ def check_architecture(ckpt: Mapping[str, Any], model_name: str, model_kwargs: M
                           f"resume with --model {ckpt['model_name']} (and the run's other flags).")
     saved, now = _plain(ckpt.get("model_kwargs") or {}), _plain(model_kwargs)
     differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    structural = [k for k in differ if k not in NON_STRUCTURAL]
+    structural = [k for k in differ if k not in NON_STRUCTURAL + non_structural_options()]
     if structural:
         lines = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {now.get(k)!r} (set by {_flag(k)})"
                           for k in structural)

@@ -21,6 +21,7 @@ from detectron2.modeling.backbone.vit import Block, ViT
 
 from karat import KArAtConfig, KArAtCore, OperatorProvider
 from karat.attention import OperatorFactory
+from karat.config import config_from_kwargs
 from karat.relpos import DecomposedRelPos
 
 __all__ = ["KArAtViT", "KArAtViTAttention", "KArAtBlock", "karat_config_from", "decomposed_rel_pos",
@@ -33,7 +34,7 @@ def karat_config_from(options: Optional[Mapping[str, Any]]) -> KArAtConfig:
     if isinstance(options, KArAtConfig):
         return options
     if options is None:
-        return KArAtConfig()
+        return config_from_kwargs({})
     try:
         from omegaconf import DictConfig, OmegaConf
 
@@ -43,14 +44,7 @@ def karat_config_from(options: Optional[Mapping[str, Any]]) -> KArAtConfig:
         pass
     if not isinstance(options, Mapping):
         raise TypeError(f"KArAt options must be a mapping of option names to values, got {type(options).__name__}.")
-    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(options).items()}
-    if "depth" in kwargs:
-        raise ValueError("In a ViT config, 'depth' is the number of blocks; the KAN depth of KArAt is 'karat_depth'.")
-    cfg = KArAtConfig.pop_from(kwargs)
-    if kwargs:
-        raise ValueError(f"Unknown KArAt option(s) {sorted(kwargs)} in the backbone's karat=...; known options: "
-                         f"{[n if n != 'depth' else 'karat_depth' for n in KArAtConfig.option_names()]}.")
-    return cfg
+    return config_from_kwargs(options, where="the backbone's karat=dict(...)")
 
 
 def decomposed_rel_pos(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,

@@ -7,8 +7,8 @@
     model = build_model(cfg)
 
 ``MODEL.VIT`` holds the ViTDet options (defaults: ViT-Base, 1024 px, windows of 14, global blocks 2, 5, 8, 11),
-``MODEL.KARAT`` the KArAt options (upper-case ``KArAtConfig`` field names; ``ENABLED=False`` gives detectron2's
-own softmax ``ViT`` with the same settings).
+``MODEL.KARAT`` the KArAt options (generated from ``KArAtConfig``: upper-case keyword names, ``KARAT_DEPTH``
+for the KAN depth; ``ENABLED=False`` gives detectron2's own softmax ``ViT`` with the same settings).
 
 detectron2's ``MODEL.DEVICE`` defaults to ``cuda``; on a machine without CUDA both ``add_karat_config`` and the
 builder switch it to ``cpu`` with a log line (as ``classification.main`` falls back to the CPU), so the snippet
@@ -16,7 +16,6 @@ runs anywhere. An explicit non-CUDA device is left alone.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from functools import partial
 from typing import Any, Dict
@@ -29,7 +28,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, SimpleFeaturePyramid, ViT
 from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-from karat import KArAtConfig
+from karat.config import kwargs_from_yacs, yacs_node
 
 from .backbone import KArAtViT
 
@@ -72,30 +71,14 @@ def add_karat_config(cfg: CN) -> CN:
     v.OUT_CHANNELS = 256
     v.SCALE_FACTORS = [4.0, 2.0, 1.0, 0.5]
     v.SQUARE_PAD = 1024
-    cfg.MODEL.KARAT = CN()
-    k = cfg.MODEL.KARAT
-    k.ENABLED = True
-    for f in dataclasses.fields(KArAtConfig):
-        value = f.default
-        name = "KARAT_DEPTH" if f.name == "depth" else f.name.upper()
-        if isinstance(value, tuple):
-            value = list(value)
-        if value is None:  # yacs needs a typed default: 0 means "the config's default" for NUM_ATTENTION
-            value = 0
-        setattr(k, name, value)
+    cfg.MODEL.KARAT = yacs_node(CN)  # one upper-case key per KArAtConfig option (KARAT_DEPTH: the KAN depth)
+    cfg.MODEL.KARAT.ENABLED = True
     return cfg
 
 
 def karat_options_from_cfg(cfg: CN) -> Dict[str, Any]:
     """``MODEL.KARAT`` as keyword options for :class:`KArAtViT` (``karat=...``)."""
-    out: Dict[str, Any] = {}
-    for f in dataclasses.fields(KArAtConfig):
-        name = "KARAT_DEPTH" if f.name == "depth" else f.name.upper()
-        value = cfg.MODEL.KARAT[name]
-        if f.name == "num_attention" and value == 0:
-            value = None
-        out["karat_depth" if f.name == "depth" else f.name] = tuple(value) if isinstance(value, list) else value
-    return out
+    return kwargs_from_yacs(cfg.MODEL.KARAT)
 
 
 def vit_options_from_cfg(cfg: CN) -> Dict[str, Any]:

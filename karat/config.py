@@ -7,20 +7,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, fields
-from typing import Any, Mapping, Optional, Tuple
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch.nn as nn
 
+from . import options
 from .activations import ZeroModule
 
 BASIS_TYPES = ("FourierBasis", "SplineBasis", "WaveletBasis", "RationalBasis")
 WAVELET_TYPES = ("mexican_hat", "morlet", "dog", "meyer", "shannon")
 MODULAR_MODES = ("phi1_w2", "w1_phi2")
 IMPLS = ("auto", "reference", "efficient", "fused")
-# Keyword names that mean something else to a host model: timm's ``depth`` is the number of blocks.
-HOST_OWNED = ("depth",)
-KWARG_ALIASES = {"karat_depth": "depth"}
+
+
+def _opt(default: Any, help: str, **meta: Any) -> Any:
+    """A field with its option metadata (see ``karat.options``: help, choices, host_name, model_decides, ...)."""
+    return field(default=default, metadata=dict(help=help, **meta))
 
 
 def _fail(option: str, value: Any, allowed: str) -> None:
@@ -52,25 +55,28 @@ class KArAtConfig:
     rank 12, blockwise (every head of every block owns its operator).
     """
 
-    base_fn: str = "ZeroModule"
-    basis_type: str = "FourierBasis"
-    grid: int = 3
-    order: int = 3
-    grid_range: Tuple[float, float] = (-1.0, 1.0)
-    wavelet_type: str = "mexican_hat"
-    rational_order: Tuple[int, int] = (5, 4)
-    depth: int = 2
-    hidden_dim: int = 12
-    mixed_head: bool = False
-    num_attention: Optional[int] = None
-    universal: bool = False
-    blockwise: bool = False
-    modular_attn: bool = True
-    modular_mode: str = "phi1_w2"
-    project_l1: bool = False
-    basis_not_trainable: bool = False
-    base_not_trainable: bool = False
-    impl: str = "auto"
+    base_fn: str = _opt("ZeroModule", "base activation b(x) of each KAN edge: ZeroModule (none) or a torch.nn "
+                        "activation by name, e.g. nn.SiLU")
+    basis_type: str = _opt("FourierBasis", "basis of the learnable edge functions", choices=BASIS_TYPES)
+    grid: int = _opt(3, "G: Fourier frequencies 1..G, or B-spline intervals", model_decides=True)
+    order: int = _opt(3, "B-spline order (SplineBasis)")
+    grid_range: Tuple[float, float] = _opt((-1.0, 1.0), "low and high end of the B-spline grid (SplineBasis)")
+    wavelet_type: str = _opt("mexican_hat", "mother wavelet (WaveletBasis)", choices=WAVELET_TYPES)
+    rational_order: Tuple[int, int] = _opt((5, 4), "numerator and denominator orders m n (RationalBasis)")
+    depth: int = _opt(2, "KAN depth when not modular", host_name="karat_depth")
+    hidden_dim: int = _opt(12, "rank r of the modular operator (hidden width of the KAN)")
+    mixed_head: bool = _opt(False, "only --num_attention heads per block use KArAt, the rest keep softmax")
+    num_attention: Optional[int] = _opt(None, "KArAt heads per block with --mixed_head (default: the model's)")
+    universal: bool = _opt(False, "one operator per head index, shared by all blocks")
+    blockwise: bool = _opt(False, "every head of every block owns its operator (the default sharing)")
+    modular_attn: bool = _opt(True, "modular operator (depth 2, rank --hidden_dim) instead of a --depth KAN")
+    modular_mode: str = _opt("phi1_w2", "order of the modular operator's KAN layer and projection",
+                             choices=MODULAR_MODES)
+    project_l1: bool = _opt(False, "project each attention row onto the probability simplex")
+    basis_not_trainable: bool = _opt(False, "freeze the basis coefficients")
+    base_not_trainable: bool = _opt(False, "freeze the base term")
+    impl: str = _opt("auto", "evaluation path (the same numbers; speed and memory differ)", choices=IMPLS,
+                     structural=False)
 
     def __post_init__(self) -> None:
         # Normalise list inputs (argparse nargs, YAML/JSON configs) into tuples; keeps the dataclass hashable.
@@ -79,14 +85,10 @@ class KArAtConfig:
         self._validate()
 
     def _validate(self) -> None:
-        if self.basis_type not in BASIS_TYPES:
-            _fail("basis_type", self.basis_type, f"choose one of {', '.join(BASIS_TYPES)}")
-        if self.wavelet_type not in WAVELET_TYPES:
-            _fail("wavelet_type", self.wavelet_type, f"choose one of {', '.join(WAVELET_TYPES)}")
-        if self.modular_mode not in MODULAR_MODES:
-            _fail("modular_mode", self.modular_mode, f"choose one of {', '.join(MODULAR_MODES)}")
-        if self.impl not in IMPLS:
-            _fail("impl", self.impl, f"choose one of {', '.join(IMPLS)}")
+        for f in fields(self):  # options with a closed set of values (their field metadata's choices)
+            allowed = f.metadata.get("choices")
+            if allowed and getattr(self, f.name) not in allowed:
+                _fail(f.name, getattr(self, f.name), f"choose one of {', '.join(allowed)}")
         for name in ("grid", "hidden_dim", "depth"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -138,21 +140,68 @@ class KArAtConfig:
         """Take the KArAt options out of a keyword dict (e.g. ``create_model`` kwargs) and build a config.
 
         ``depth`` belongs to the host model (number of blocks), so the KAN depth is ``karat_depth`` there.
-        A ready ``karat_cfg`` (a ``KArAtConfig`` or a mapping) may be passed too; explicit keywords win.
-        """
-        base = kwargs.pop("karat_cfg", None)
-        values: dict = dict(defaults or {})
-        if isinstance(base, KArAtConfig):
-            values.update(dataclasses.asdict(base))
-        elif base is not None:
-            values.update(dict(base))
-        for name in cls.option_names():
-            if name in kwargs and name not in HOST_OWNED:
-                values[name] = kwargs.pop(name)
-        for alias, name in KWARG_ALIASES.items():
-            if alias in kwargs:
-                values[name] = kwargs.pop(alias)
-        unknown = set(values) - set(cls.option_names())
-        if unknown:
-            raise ValueError(f"Unknown KArAt option(s) {sorted(unknown)}; known options: {list(cls.option_names())}.")
-        return cls(**values)
+        A ready ``karat_cfg`` (a ``KArAtConfig`` or a mapping) may be passed too; explicit keywords win."""
+        return options.pop_options(cls, kwargs, defaults)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Every host reaches the options through these functions, which look ``KArAtConfig`` up in this module when
+# called: a new field appears in every host at once (tests/test_option_table.py swaps in a subclass).
+# ------------------------------------------------------------------------------------------------------
+def pop_config(kwargs: dict, defaults: Optional[Mapping[str, Any]] = None, *, refuse_renamed: bool = False,
+               where: str = "") -> KArAtConfig:
+    """The KArAt options out of a host's keywords (``create_model``, an mmseg backbone); see ``options.pop_options``."""
+    return options.pop_options(KArAtConfig, kwargs, defaults, refuse_renamed=refuse_renamed, where=where)
+
+
+def config_from_kwargs(kwargs: Mapping[str, Any], *, where: str = "") -> KArAtConfig:
+    """A config from KArAt options only (host names, e.g. a backbone's ``karat=dict(...)``); unknown keys fail."""
+    return options.from_kwargs(KArAtConfig, kwargs, where=where)
+
+
+def check_host_keywords(given: Any, host_keywords: Any, where: str) -> None:
+    """Keywords that neither a host's constructor nor KArAt takes fail with a 'did you mean' (see ``options``)."""
+    options.check_keywords(given, host_keywords, KArAtConfig, where)
+
+
+def add_argparse_arguments(parser: Any) -> None:
+    """One ``--<option>`` flag per KArAt option (the paper's flag names) on a parser or argument group."""
+    options.add_argparse_arguments(parser, KArAtConfig)
+
+
+def kwargs_from_namespace(ns: Any) -> Dict[str, Any]:
+    """The KArAt flags of parsed arguments as ``create_model`` keywords (unset ones left to the model)."""
+    return options.kwargs_from_namespace(ns, KArAtConfig)
+
+
+def config_from_namespace(ns: Any) -> KArAtConfig:
+    return config_from_kwargs(kwargs_from_namespace(ns))
+
+
+def yacs_node(node_cls: type) -> Any:
+    """A yacs node (``node_cls``: yacs' or detectron2's ``CfgNode``) with the KArAt options and defaults."""
+    return options.yacs_node(KArAtConfig, node_cls)
+
+
+def kwargs_from_yacs(node: Mapping[str, Any]) -> Dict[str, Any]:
+    """The KArAt options of a yacs node made by :func:`yacs_node`, as host keywords."""
+    return options.kwargs_from_yacs(node, KArAtConfig)
+
+
+def config_from_yacs(node: Mapping[str, Any]) -> KArAtConfig:
+    return config_from_kwargs(kwargs_from_yacs(node))
+
+
+def host_kwargs(values: Mapping[str, Any]) -> Dict[str, Any]:
+    """Field-named options (``dataclasses.asdict(cfg)``, recorded metadata) as host keywords."""
+    return options.to_kwargs(values, KArAtConfig)
+
+
+def cli_flags() -> Dict[str, str]:
+    """Host keyword -> the command-line flag that sets it (``karat_depth`` -> ``--depth``)."""
+    return options.cli_flags(KArAtConfig)
+
+
+def non_structural_options() -> Tuple[str, ...]:
+    """Host keywords of the options that change no parameter (a resumed run may change them)."""
+    return options.non_structural(KArAtConfig)

@@ -18,6 +18,7 @@ KArAt options are constructor keywords named like ``karat.KArAtConfig``'s fields
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -34,6 +35,7 @@ from mmseg.registry import MODELS as SEG_MODELS
 
 from karat import KArAtConfig, KArAtCore, OperatorProvider
 from karat.attention import OperatorFactory
+from karat.config import check_host_keywords, pop_config
 
 from . import convert
 
@@ -43,12 +45,13 @@ except ImportError:  # pragma: no cover - exercised only without mmdet
     DET_MODELS = None
 
 
-def _pop_karat_options(kwargs: Dict[str, Any], host: str) -> KArAtConfig:
-    """KArAt options out of a backbone's keywords, validated (``KArAtConfig`` names the bad option)."""
-    if "depth" in kwargs:
-        raise ValueError(f"{host}: `depth` is ambiguous here; give the number of blocks with the host's own "
-                         f"option (num_layers / depths) and the KAN depth of KArAt as `karat_depth`.")
-    return KArAtConfig.pop_from(kwargs)
+def _pop_karat_options(kwargs: Dict[str, Any], host: type, where: str) -> KArAtConfig:
+    """KArAt options out of a backbone's keywords, validated (``KArAtConfig`` names the bad option). The
+    backbone has no ``depth`` of its own to leave it to, so that name is refused with the KArAt one; a keyword
+    neither mmseg's ``host`` model nor KArAt takes is named with the closest of theirs."""
+    cfg = pop_config(kwargs, refuse_renamed=True, where=where)
+    check_host_keywords(kwargs, [n for n in inspect.signature(host.__init__).parameters if n != "self"], where)
+    return cfg
 
 
 def _is_pretrained(init_cfg: Any) -> bool:
@@ -109,7 +112,7 @@ class KArAtVisionTransformer(VisionTransformer):
     """
 
     def __init__(self, **kwargs: Any) -> None:
-        cfg = _pop_karat_options(kwargs, type(self).__name__)
+        cfg = _pop_karat_options(kwargs, VisionTransformer, type(self).__name__)
         super().__init__(**kwargs)
         ph, pw = to_2tuple(self.patch_size)
         if self.img_size[0] % ph or self.img_size[1] % pw:
@@ -302,7 +305,7 @@ class KArAtSwinTransformer(SwinTransformer):
     """
 
     def __init__(self, **kwargs: Any) -> None:
-        cfg = _pop_karat_options(kwargs, type(self).__name__)
+        cfg = _pop_karat_options(kwargs, SwinTransformer, type(self).__name__)
         super().__init__(**kwargs)
         self.karat_cfg = cfg
         provider = OperatorProvider(cfg)

@@ -23,9 +23,10 @@ from typing import Any, Callable, Dict, List, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SIZES = {"tiny": dict(embed_dim=192, num_heads=3), "small": dict(embed_dim=384, num_heads=6),
-         "base": dict(embed_dim=768, num_heads=12)}
-GRID = {"tiny": 3, "small": 3, "base": 1}  # the paper's G for each size
+from karat import KArAtConfig  # noqa: E402
+from karat.models.vision_transformer import VIT_KARAT_DEFAULTS, VIT_SIZES as SIZES  # noqa: E402
+
+GRID = {size: VIT_KARAT_DEFAULTS[size].get("grid", KArAtConfig.grid) for size in SIZES}  # the paper's G per size
 IMPLS = ("softmax", "reference", "efficient", "fused")
 
 

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from ..attention import is_karat_key
 from ..checkpoint import load_checkpoint
-from ..config import KArAtConfig
+from ..config import KArAtConfig, host_kwargs, pop_config
 from ..resample import TokenLayout, resample_operator_state
 
 # mmseg VisionTransformer block names -> timm's (inverse of mmseg_configs.convert's table).
@@ -226,11 +226,9 @@ def _karat_kwargs(state: Mapping[str, torch.Tensor], num_heads: int, recorded: O
         opts = infer_karat_options(state, num_heads)
         notes.append(f"KArAt options inferred from the tensors: {opts} (override with --karat key=value)")
     opts.update(overrides or {})
-    if "depth" in opts:
-        opts["karat_depth"] = opts.pop("depth")
     opts["impl"] = "reference"
-    KArAtConfig.pop_from(dict(opts))  # validate now, with KArAtConfig's messages
-    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in opts.items()}
+    cfg = pop_config(dict(karat_cfg=opts))  # validate now, with KArAtConfig's messages (field or host names)
+    return host_kwargs(dataclasses.asdict(cfg))
 
 
 def _grid_of(n: int, prefix: int) -> Tuple[int, int]:

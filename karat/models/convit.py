@@ -18,7 +18,7 @@ from timm.models.convit import GPSA, MHSA, ConVit, _create_convit
 from timm.models.convit import _cfg as _convit_cfg
 
 from ..attention import KArAtCore, OperatorFactory
-from ..config import KArAtConfig
+from ..config import KArAtConfig, pop_config
 from ..operator import OperatorProvider
 from ._swap import swap_modules
 
@@ -82,7 +82,7 @@ def karatize_convit(model: nn.Module, cfg: KArAtConfig) -> nn.Module:
 
 
 def _create_convit_karat(variant: str, pretrained: bool = False, **kwargs: Any) -> ConVit:
-    cfg = KArAtConfig.pop_from(kwargs)
+    cfg = pop_config(kwargs)
     return karatize_convit(_create_convit(variant, pretrained=pretrained, **kwargs), cfg)
 
 

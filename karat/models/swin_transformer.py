@@ -17,7 +17,7 @@ from timm.models.swin_transformer import SwinTransformer, WindowAttention, _crea
 from timm.models.swin_transformer import _cfg as _swin_cfg
 
 from ..attention import KArAtCore, OperatorFactory
-from ..config import KArAtConfig
+from ..config import KArAtConfig, pop_config
 from ..operator import OperatorProvider
 from ..resample import TokenLayout
 from ._swap import swap_modules
@@ -69,7 +69,7 @@ def karatize_swin(model: nn.Module, cfg: KArAtConfig) -> nn.Module:
 
 
 def _create_swin_karat(variant: str, pretrained: bool = False, **kwargs: Any) -> SwinTransformer:
-    cfg = KArAtConfig.pop_from(kwargs)
+    cfg = pop_config(kwargs)
     return karatize_swin(_create_swin_transformer(variant, pretrained=pretrained, **kwargs), cfg)
 
 

@@ -20,7 +20,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from timm.layers import to_2tuple
 
 from ..attention import KArAtAttention, is_karat_key
-from ..config import KArAtConfig
+from ..config import pop_config
 from ..operator import OperatorProvider
 from ..params import drop_unused_base_weights
 from ..resample import TokenLayout, resample_karat_state_dict
@@ -99,7 +99,7 @@ def _check_vit_shapes(state: Mapping[str, torch.Tensor], model: VisionTransforme
 
 def _create_vit_karat(variant: str, pretrained: bool = False, karat_defaults: Mapping[str, Any] | None = None,
                       **kwargs: Any) -> VisionTransformer:
-    cfg = KArAtConfig.pop_from(kwargs, karat_defaults)
+    cfg = pop_config(kwargs, karat_defaults)
     if kwargs.get("dynamic_img_size"):
         raise ValueError("dynamic_img_size=True is not supported by KArAt: its operator weights are indexed by "
                          "token position, so the token count is fixed; create the model with img_size=...")
@@ -141,25 +141,36 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# The paper's three ViT sizes (timm's architectures) and the KArAt defaults it uses for each; the benchmark
+# tool reads this table too.
+VIT_SIZES: Dict[str, Dict[str, Any]] = {
+    "tiny": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "small": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "base": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+}
+VIT_KARAT_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "tiny": dict(num_attention=1), "small": dict(num_attention=3), "base": dict(num_attention=6, grid=1),
+}
+
+
+def _create_sized(size: str, pretrained: bool, kwargs: Dict[str, Any]) -> VisionTransformer:
+    return _create_vit_karat(f"vit_{size}_patch16_224_karat", pretrained, karat_defaults=VIT_KARAT_DEFAULTS[size],
+                             **dict(VIT_SIZES[size], **kwargs))
+
+
 @register_model
 def vit_tiny_patch16_224_karat(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """ViT-Tiny/16 with KArAt (paper default: Fourier, G = 3, r = 12, blockwise; mixed heads k = 1)."""
-    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
-    return _create_vit_karat("vit_tiny_patch16_224_karat", pretrained, karat_defaults=dict(num_attention=1),
-                             **dict(model_args, **kwargs))
+    return _create_sized("tiny", pretrained, kwargs)
 
 
 @register_model
 def vit_small_patch16_224_karat(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """ViT-Small/16 with KArAt (mixed heads k = 3)."""
-    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
-    return _create_vit_karat("vit_small_patch16_224_karat", pretrained, karat_defaults=dict(num_attention=3),
-                             **dict(model_args, **kwargs))
+    return _create_sized("small", pretrained, kwargs)
 
 
 @register_model
 def vit_base_patch16_224_karat(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """ViT-Base/16 with KArAt (the paper uses G = 1 for Base; mixed heads k = 6)."""
-    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
-    return _create_vit_karat("vit_base_patch16_224_karat", pretrained, karat_defaults=dict(num_attention=6, grid=1),
-                             **dict(model_args, **kwargs))
+    return _create_sized("base", pretrained, kwargs)
