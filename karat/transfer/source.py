@@ -67,9 +67,7 @@ def load_vit_source(source: str, num_heads: Optional[int] = None) -> ViTSource:
 
     ``num_heads`` is needed only for a plain state dict whose head count is not 64-dimensional heads.
     """
-    import timm
-
-    import karat.models  # noqa: F401  registers the KArAt models with timm
+    import timm  # the KArAt models are registered: importing karat (this module's package) registered them
 
     model_name: Optional[str] = None
     model_kwargs: Dict[str, Any] = {}
