@@ -89,9 +89,9 @@ def _matches(key: str, patterns: Sequence[str]) -> bool:
 
 def _why(key: str) -> str:
     if key == "pos_embed" or key.endswith(".pos_embed"):
-        return "token count"
+        return "token count (image size / patch size)"
     if is_karat_key(key):
-        return "token count or KArAt options (grid, hidden_dim, heads, ...)"
+        return "KArAt operators' token count or options (grid, hidden_dim, heads, ...)"
     return "heads, window size or other options"
 
 
@@ -130,9 +130,9 @@ def check_state(model: Union[nn.Module, Mapping[str, torch.Tensor]], state: Mapp
              and not _matches(k, may_differ)]
     if wrong:
         shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong[:3]]
-        why = ", ".join(dict.fromkeys(_why(k) for k in wrong))
-        raise ValueError(f"{len(wrong)} tensors of the checkpoint do not fit {name}, wrong shape ({shapes}): the "
-                         f"{why} differ from the model's config. {fix}".rstrip())
+        why = "; ".join(dict.fromkeys(_why(k) for k in wrong))
+        raise ValueError(f"{len(wrong)} tensors of the checkpoint do not fit {name}, wrong shape ({shapes}). What "
+                         f"differs from the model's config: {why}. {fix}".rstrip())
     taken = set(report.resampled) | set(quiet)
     report.loaded = [k for k in state if k in expected and k not in taken]
     report.new = [k for k in expected if k not in state and not _matches(k, ignore)]
