@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from karat import TokenLayout, resample_karat_state_dict
 from karat.transfer import (TransferReport, adapt_patch_embed, check_architecture, check_state, fit_pos_embed,
-                            rename_state)
+                            rename_state, square_layout)
 
 LoadReport = TransferReport  # the report of karat.transfer, under the name this package used
 # timm tensors that a segmentation backbone never takes (classifier head and its norms, the final norm).
@@ -112,15 +112,9 @@ def _fit_patch_embed(state: Dict[str, torch.Tensor], expected: Mapping[str, torc
 
 
 def karat_source_layout(num_tokens: int) -> TokenLayout:
-    """The token layout a KArAt operator of ``num_tokens`` keys was trained on: a square patch grid, with
-    a class token in front when the count is a square plus one."""
-    for prefix in (0, 1):
-        side = round(max(num_tokens - prefix, 0) ** 0.5)
-        if side > 0 and side * side == num_tokens - prefix:
-            return TokenLayout(prefix, (side, side))
-    raise ValueError(f"KArAt operator tensors of the checkpoint are for {num_tokens} tokens: neither a square grid of "
-                     f"patches nor one plus a class token, so they cannot be resampled to this model's tokens. "
-                     f"Convert the original classification checkpoint with tools/convert_to_mmseg.py instead.")
+    """The token layout a KArAt operator of ``num_tokens`` keys was trained on (``karat.transfer.square_layout``)."""
+    return square_layout(num_tokens, "KArAt operator tensors", "Convert the original classification checkpoint with "
+                         "tools/convert_to_mmseg.py instead.")
 
 
 def _fit_karat(state: Dict[str, torch.Tensor], model: nn.Module, grid: Tuple[int, int], report: LoadReport) -> None:

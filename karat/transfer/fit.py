@@ -10,14 +10,18 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from ..resample import TokenLayout
 
-def _square_prefix(n: int) -> Tuple[int, Tuple[int, int]]:
-    for prefix in (0, 1):  # a position embedding without, then with, a class-token slot
-        side = math.isqrt(max(n - prefix, 0))
-        if side > 0 and side * side == n - prefix:
-            return prefix, (side, side)
-    raise ValueError(f"pos_embed of the checkpoint has {n} positions: not a square patch grid (with or without a "
-                     f"class token), so its grid cannot be told; give the source grid (src_grid=(h, w)).")
+
+def square_layout(num_tokens: int, what: str = "pos_embed", fix: str = "") -> TokenLayout:
+    """The token layout ``num_tokens`` implies when nothing else says it: a square grid of patches, with a class
+    token in front when the count is a square plus one (position embeddings, mmseg's KArAt operators)."""
+    for prefix in (0, 1):
+        side = math.isqrt(max(num_tokens - prefix, 0))
+        if side > 0 and side * side == num_tokens - prefix:
+            return TokenLayout(prefix, (side, side))
+    raise ValueError(f"{what} of the checkpoint: {num_tokens} tokens, neither a square grid of patches nor one "
+                     f"plus a class token, so it cannot be resampled to this model's tokens. {fix}".rstrip())
 
 
 def fit_pos_embed(pos: torch.Tensor, grid: Sequence[int], cls_slot: bool, *, src_grid: Optional[Sequence[int]] = None,
@@ -33,7 +37,8 @@ def fit_pos_embed(pos: torch.Tensor, grid: Sequence[int], cls_slot: bool, *, src
     n = pos.shape[1]
     grid = (int(grid[0]), int(grid[1]))
     if src_grid is None:
-        prefix, src = _square_prefix(n)
+        layout = square_layout(n, fix="Give the source grid (src_grid=(h, w)).")
+        prefix, src = layout.prefix, layout.grid
     else:
         src = (int(src_grid[0]), int(src_grid[1]))
         prefix = n - src[0] * src[1]
