@@ -88,7 +88,7 @@ def test_fit_pos_embed_without_class_token():
     out, _ = fit_pos_embed(pos, (6, 6), cls_slot=False, antialias=False, interpolation="bilinear")
     torch.testing.assert_close(out, resample_abs_pos_embed(pos, new_size=[6, 6], num_prefix_tokens=0,
                                                            interpolation="bilinear", antialias=False))
-    with pytest.raises(ValueError, match="pos_embed of the checkpoint: 7 tokens, neither a square.*Give the source grid"):
+    with pytest.raises(ValueError, match="checkpoint: 7 tokens, neither a square.*Give the source grid"):
         fit_pos_embed(torch.randn(1, 7, 8), (3, 3), cls_slot=False)
     with pytest.raises(ValueError, match="fewer than its 3x3 patches"):
         fit_pos_embed(torch.randn(1, 8, 8), (3, 3), cls_slot=False, src_grid=(3, 3))
