@@ -18,7 +18,6 @@ tensor:
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -27,16 +26,15 @@ import torch
 import torch.nn as nn
 
 from karat import TokenLayout, resample_karat_state_dict, save_checkpoint
-from karat.transfer import TransferReport, ViTSource, adapt_patch_embed, check_transfer, load_vit_source
+from karat.transfer import TransferReport, ViTSource, adapt_patch_embed, check_state, fit_pos_embed, load_vit_source
+from karat.transfer import rename_state
 
 from .backbone import KArAtViT
 
 PREFIX = "backbone.net."
-# timm ViT tensors a ViTDet backbone has no place for (it has no class token and no final norm).
-DROPPED = re.compile(r"^(cls_token|reg_token|dist_token|norm\.|fc_norm\.|head|attn_pool\.)")
-# timm ViT options detectron2's ViT does not have: refusing is clearer than silently dropping them.
-UNSUPPORTED = re.compile(r"^blocks\.\d+\.(attn\.q_norm|attn\.k_norm|attn\.norm|ls1|ls2|norm1_post|norm2_post)\.")
-NEW_OK = re.compile(r"(\.attn\.rel_pos_[hw]$|\.attn\.karat\.|\.residual\.)")
+# ViTDet tensors no classifier has: relative positions (zero, as detectron2 initialises them), residual blocks.
+NEW_OK = (r"\.attn\.rel_pos_[hw]$", r"\.residual\.")
+D2_FIX = "Use a config of the same size as the checkpoint (or a checkpoint of the config's ViT)."
 
 
 @dataclass
@@ -91,43 +89,20 @@ def check_architecture(src: ViTSource, net: nn.Module) -> None:
 
 
 def map_timm_names(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
-    """timm ViT names -> detectron2 ViT names (they coincide for what ViTDet has); returns (mapped, dropped)."""
-    unsupported = [k for k in state if UNSUPPORTED.match(k)]
-    if unsupported:
-        raise ValueError(f"The checkpoint's ViT has parts detectron2's ViT does not have ({unsupported[:3]}: "
-                         f"qk-norm / layer scale / post-norm); it cannot be converted to a ViTDet backbone.")
-    mapped, dropped = {}, []
-    for k, v in state.items():
-        if DROPPED.match(k):
-            dropped.append(k)
-        else:
-            mapped[k] = v
-    return mapped, dropped
+    """timm ViT names -> detectron2 ViT names (``karat.transfer.RENAMES['detectron2']``); (mapped, dropped)."""
+    return rename_state(state, "detectron2")
 
 
 def convert_pos_embed(pos: torch.Tensor, src: ViTSource, net: nn.Module) -> Tuple[torch.Tensor, Optional[str]]:
     """The source's absolute position embedding in the layout of ``net.pos_embed`` (pretrain grid, class token)."""
-    from timm.layers import resample_abs_pos_embed
-
-    target = net.pos_embed
     use_cls = net.pretrain_use_cls_token
-    hw = src.layout.grid[0] * src.layout.grid[1]
-    n = pos.shape[1]
-    if n not in (hw, hw + src.layout.prefix):
-        raise ValueError(f"pos_embed of the checkpoint has {n} positions, not {hw} patches (+{src.layout.prefix}).")
-    has_prefix = n > hw
-    if use_cls and not has_prefix:
-        raise ValueError("The config's backbone expects a class-token position (pretrain_use_cls_token=True) but the "
-                         "checkpoint has none: set model.backbone.net.pretrain_use_cls_token=False.")
-    grid = pos[:, n - hw:]
-    side = int(round((target.shape[1] - int(use_cls)) ** 0.5))
+    side = int(round((net.pos_embed.shape[1] - int(use_cls)) ** 0.5))
+    out, notes = fit_pos_embed(pos, (side, side), use_cls, src_grid=src.layout.grid,
+                               missing_cls="set model.backbone.net.pretrain_use_cls_token=False.")
     note = None
-    if (side, side) != tuple(src.layout.grid):
-        grid = resample_abs_pos_embed(grid, new_size=[side, side], old_size=list(src.layout.grid), num_prefix_tokens=0)
-        note = (f"pos_embed resampled from {src.layout.grid[0]}x{src.layout.grid[1]} to {side}x{side} "
-                f"(the config's pretrain_img_size); set pretrain_img_size={src.layout.grid[0] * src.patch_size} "
-                f"to keep it as trained.")
-    out = torch.cat([pos[:, :1], grid], dim=1) if use_cls else grid
+    if notes:
+        note = (f"{notes[0]} (the config's pretrain_img_size); set pretrain_img_size="
+                f"{src.layout.grid[0] * src.patch_size} to keep it as trained.")
     return out, note
 
 
@@ -162,12 +137,8 @@ def convert(source: ViTSource, net: nn.Module) -> Conversion:
         resampled += rs.resampled
         if rs.resampled:
             notes.append(str(rs))
-    report = check_transfer(state, net, resampled=resampled, dropped=dropped)
-    unexpected_new = [k for k in report.new if not NEW_OK.search(k)]
-    if unexpected_new:
-        raise ValueError(f"The checkpoint does not provide {len(unexpected_new)} tensors of the backbone besides "
-                         f"the relative-position and KArAt ones (e.g. {unexpected_new[:3]}); it is another "
-                         f"architecture.")
+    report = check_state(net, state, host="detectron2", resampled=resampled, dropped=dropped, allow_new=NEW_OK,
+                         fix=D2_FIX)
     prefixed = {PREFIX + k: v.contiguous() for k, v in state.items()}
     report = TransferReport([PREFIX + k for k in report.loaded], [PREFIX + k for k in report.resampled],
                             [PREFIX + k for k in report.new], report.dropped)

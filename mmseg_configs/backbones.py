@@ -327,8 +327,8 @@ class KArAtSwinTransformer(SwinTransformer):
         this window size), then loads it the way mmseg's Swin does and logs the report."""
         if _is_pretrained(self.init_cfg):
             state = convert.read_backbone_state(self.init_cfg["checkpoint"])
-            self.load_report = convert.check_state(state, self, ignore_missing=("relative_position_index",),
-                                                   allow_new=_swin_output_norms(self))
+            self.load_report = convert.check_backbone_state(
+                state, self, ignore_missing=("relative_position_index",), allow_new=_swin_output_norms(self))
             super().init_weights()
             print_log(f"{type(self).__name__}: weights from {self.init_cfg['checkpoint']}\n{self.load_report}",
                       logger="current")

@@ -4,7 +4,7 @@
 * detectron2 ViTDet backbone (``backbone.net.*``: a converted ``backbone_init.pth`` or a trained ``model_final.pth``);
 * mmseg / mmdet ViT backbone (``backbone.layers.*`` or bare ``layers.*``: a converted checkpoint or a runner's).
 
-Host names are mapped back to timm's with the tables below (the inverse of the converters' mappings). A backbone
+Host names are mapped back to timm's with ``karat.transfer.RENAMES`` read backwards (the converters' tables). A backbone
 has no classifier, so its timm ViT has none either (``num_classes=0``). Two approximations are reported in
 ``notes``: ViTDet's relative-position bias is dropped, and every block becomes a global attention over the whole
 patch grid (window operators are resampled to it, spec section 6). KArAt options come from the checkpoint's
@@ -26,15 +26,8 @@ from ..attention import is_karat_key
 from ..checkpoint import load_checkpoint
 from ..config import KArAtConfig, host_kwargs, pop_config
 from ..resample import TokenLayout, resample_operator_state
+from ..transfer import fit_pos_embed, rename_state
 
-# mmseg VisionTransformer block names -> timm's (inverse of mmseg_configs.convert's table).
-MMSEG_BLOCK_TO_TIMM = (
-    (r"ln1\.", "norm1."), (r"ln2\.", "norm2."),
-    (r"attn\.attn\.in_proj_weight", "attn.qkv.weight"), (r"attn\.attn\.in_proj_bias", "attn.qkv.bias"),
-    (r"attn\.attn\.out_proj\.", "attn.proj."), (r"attn\.karat\.", "attn.karat."),
-    (r"ffn\.layers\.0\.0\.", "mlp.fc1."), (r"ffn\.layers\.1\.", "mlp.fc2."),
-)
-MMSEG_TOP_TO_TIMM = (("patch_embed.projection.", "patch_embed.proj."), ("ln1.", "norm."), ("ln_pre.", "norm_pre."))
 # ViTDet tensors a timm ViT has no place for (its names otherwise coincide with timm's).
 VITDET_DROPPED = re.compile(r"(\.attn\.rel_pos_[hw]$|\.residual\.)")
 # Statistics the classification recipes normalise with.
@@ -287,8 +280,6 @@ def _axes(ops: Mapping[str, torch.Tensor], mode: str) -> Dict[str, Tuple[int, ..
 
 def _from_detectron2(path: str, state: Dict[str, torch.Tensor], karat_options: Optional[Mapping[str, Any]],
                      num_heads: Optional[int]) -> LoadedModel:
-    from timm.layers import resample_abs_pos_embed
-
     notes: List[str] = []
     net = {k[len("backbone.net."):]: v for k, v in state.items() if k.startswith("backbone.net.")}
     dropped = [k for k in net if VITDET_DROPPED.search(k)]
@@ -310,14 +301,9 @@ def _from_detectron2(path: str, state: Dict[str, torch.Tensor], karat_options: O
     else:
         raise ValueError(f"{path}: a ViTDet backbone without position embedding or KArAt operators; its patch grid "
                          f"cannot be told.")
-    if pos is not None:
-        n = pos.shape[1]
-        patches = pos if math.isqrt(n) ** 2 == n else pos[:, 1:]
-        side = math.isqrt(patches.shape[1])
-        if (side, side) != grid:
-            patches = resample_abs_pos_embed(patches, new_size=list(grid), old_size=[side, side], num_prefix_tokens=0)
-            notes.append(f"pos_embed resampled from {side}x{side} (pretraining grid) to {grid[0]}x{grid[1]}")
-        net["pos_embed"] = patches
+    if pos is not None:  # the pretraining grid (with or without a class slot) -> the patch grid, no class slot
+        net["pos_embed"], pos_notes = fit_pos_embed(pos, grid, cls_slot=False)
+        notes += pos_notes
     if karat_kwargs is not None:
         _resample_operators(net, TokenLayout(0, grid), mode, notes)
     model = _build_timm_vit(net, grid, False, int(heads), karat_kwargs, notes)
@@ -325,24 +311,8 @@ def _from_detectron2(path: str, state: Dict[str, torch.Tensor], karat_options: O
 
 
 def mmseg_to_timm(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """mmseg ``VisionTransformer`` names -> timm's (the inverse of ``mmseg_configs.convert.timm_to_mmseg_vit``)."""
-    out: Dict[str, torch.Tensor] = {}
-    for k, v in state.items():
-        if (m := re.match(r"layers\.(\d+)\.(.*)$", k)):
-            for pattern, repl in MMSEG_BLOCK_TO_TIMM:
-                if re.match(pattern, m.group(2)):
-                    out[f"blocks.{m.group(1)}.{re.sub('^' + pattern, repl, m.group(2))}"] = v
-                    break
-            else:
-                raise ValueError(f"mmseg tensor {k} has no timm counterpart (the analysis reads plain ViT backbones).")
-            continue
-        for src, dst in MMSEG_TOP_TO_TIMM:
-            if k.startswith(src):
-                out[dst + k[len(src):]] = v
-                break
-        else:
-            out[k] = v
-    return out
+    """mmseg ``VisionTransformer`` names -> timm's (``karat.transfer.RENAMES['mmseg']`` read backwards)."""
+    return rename_state(state, "mmseg", inverse=True)[0]
 
 
 def _from_mmseg(path: str, state: Dict[str, torch.Tensor], meta: Mapping[str, Any],

@@ -11,6 +11,7 @@ the way the paper's fine-tuning starts from a softmax checkpoint.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Dict, Mapping
 
 import torch
@@ -19,11 +20,12 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from timm.layers import to_2tuple
 
-from ..attention import KArAtAttention, is_karat_key
+from ..attention import KArAtAttention, is_karat_key  # noqa: F401  (re-exported by karat.models)
 from ..config import pop_config
 from ..operator import OperatorProvider
 from ..params import drop_unused_base_weights
 from ..resample import TokenLayout, resample_karat_state_dict
+from ..transfer import check_architecture, check_state
 
 _logger = logging.getLogger(__name__)
 
@@ -37,64 +39,28 @@ def vit_num_tokens(img_size: Any = 224, patch_size: Any = 16, class_token: bool 
     return (h // ph) * (w // pw) + int(class_token) + reg_tokens
 
 
+# What a user whose checkpoint does not fit should do (ends every error of the check).
+TIMM_FIX = ("Create the model with the checkpoint's size (e.g. vit_small_patch16_224_karat for width 384) or use a "
+            "checkpoint of this one.")
+
+
 def karat_vit_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTransformer,
                         **kwargs: Any) -> Dict[str, torch.Tensor]:
     """timm's ViT checkpoint filter (position embedding resampling, ...), KArAt weights resampled to this
-    model's token count (spec section 6), and a check that everything except KArAt parameters is present,
-    so a wrong checkpoint fails loudly despite non-strict loading."""
+    model's token count (spec section 6), and ``karat.transfer.check_state``: everything except KArAt
+    parameters must be present, so a wrong checkpoint fails loudly despite non-strict loading."""
     out, _ = drop_unused_base_weights(checkpoint_filter_fn(state_dict, model, **kwargs), model)
-    _check_vit_shapes(out, model)
+    check_architecture(model.state_dict(), out, fix=TIMM_FIX)  # before resampling, which would blame the tokens
     layout = TokenLayout(model.num_prefix_tokens, tuple(model.patch_embed.grid_size))
-    out, report = resample_karat_state_dict(out, model, layout)
-    if report.resampled:
-        _logger.info("%s", report)
-    expected = model.state_dict()
-    head = model.pretrained_cfg.get("classifier", "head") + "."
-    missing = [k for k in expected if k not in out]
-    karat_missing = [k for k in missing if is_karat_key(k)]
-    other_missing = [k for k in missing if not is_karat_key(k) and not k.startswith(head)]  # a new head is normal
-    if other_missing:
-        raise ValueError(
-            f"Checkpoint does not fit this KArAt ViT: {len(other_missing)} non-KArAt tensors are missing "
-            f"(e.g. {other_missing[:3]}). Use a checkpoint of the same ViT architecture (embed_dim, depth, heads)"
-            f"{_depths(out, model)}.")
-    unexpected = [k for k in out if k not in expected]
-    if unexpected:
-        raise ValueError(f"Checkpoint has {len(unexpected)} tensors this KArAt ViT does not have "
-                         f"(e.g. {unexpected[:3]}); it is for another architecture{_depths(out, model)}.")
-    _logger.info("Loaded a softmax ViT checkpoint; %d KArAt tensors are newly initialised.", len(karat_missing))
+    out, resampled = resample_karat_state_dict(out, model, layout)
+    if resampled.resampled:
+        _logger.info("%s", resampled)
+    head = "^" + re.escape(model.pretrained_cfg.get("classifier", "head") + ".")  # a new head is normal
+    # timm adapts the head and the input channels of the patch embedding after this filter.
+    report = check_state(model, out, resampled=resampled.resampled, allow_new=(head,),
+                         may_differ=(head, r"^patch_embed\.proj\.weight$"), fix=TIMM_FIX)
+    _logger.info("Loaded a ViT checkpoint; %d KArAt tensors are newly initialised.", len(report.new))
     return out
-
-
-def _depths(state: Mapping[str, Any], model: VisionTransformer) -> str:
-    blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()}
-    depth = max(blocks) + 1 if blocks else 0
-    return f" (the checkpoint has depth {depth}, the model {len(model.blocks)})" if depth != len(model.blocks) else ""
-
-
-def _check_vit_shapes(state: Mapping[str, torch.Tensor], model: VisionTransformer) -> None:
-    """Name the differing dimension (width, MLP width, ...) of a checkpoint of another ViT size, instead of torch's
-    raw ``size mismatch`` (KArAt tensors are resampled later; timm adapts the head and input channels; another
-    depth shows as missing or unexpected blocks, see ``_depths``)."""
-    def dims(sd: Mapping[str, Any]) -> Dict[str, Any]:
-        d: Dict[str, Any] = {}
-        if "patch_embed.proj.weight" in sd:
-            d["width (embed_dim)"] = int(sd["patch_embed.proj.weight"].shape[0])
-        if "blocks.0.mlp.fc1.weight" in sd:
-            d["MLP width"] = int(sd["blocks.0.mlp.fc1.weight"].shape[0])
-        return d
-
-    have, want = dims(state), dims(model.state_dict())
-    diff = [f"{k} {have[k]} vs the model's {want[k]}" for k in want if k in have and have[k] != want[k]]
-    head = model.pretrained_cfg.get("classifier", "head") + "."
-    expected = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
-             if k in expected and not is_karat_key(k) and not k.startswith(head) and k != "patch_embed.proj.weight"
-             and tuple(v.shape) != tuple(expected[k].shape)]
-    if diff or wrong:
-        raise ValueError(f"Checkpoint is for another ViT size: {'; '.join(diff or wrong[:3])}. Create the model with "
-                         f"the checkpoint's size (e.g. vit_small_patch16_224_karat for width 384) or use a checkpoint "
-                         f"of this one.")
 
 
 def _create_vit_karat(variant: str, pretrained: bool = False, karat_defaults: Mapping[str, Any] | None = None,

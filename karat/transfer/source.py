@@ -1,10 +1,7 @@
-"""Classification checkpoints as the starting point of other hosts' backbones (spec section 6).
+"""Reading a ViT classifier (ours or timm's) as the starting point of another host's backbone (spec section 6).
 
-Every converter (detectron2's ViTDet, mmseg's and mmdet's ViT) starts the same way: read a ViT classifier,
-ours or a softmax timm one, into timm's parameter names together with what it is (width, depth, heads,
-patch, token layout, KArAt options), and ends the same way: check the converted tensors against the target
-model and tell the user what was loaded, resampled and newly initialised. Only the key mapping in between
-belongs to a host. Nothing here imports a host framework.
+Every converter starts here: the classifier in timm's parameter names together with what it is (width, depth,
+heads, patch, token layout, KArAt options), so that no host has to guess them from tensor shapes.
 """
 from __future__ import annotations
 
@@ -12,16 +9,16 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 import torch.nn as nn
 
-from .attention import is_karat_key
-from .checkpoint import load_checkpoint
-from .config import KArAtConfig
-from .params import drop_unused_base_weights
-from .resample import TokenLayout
+from ..attention import is_karat_key
+from ..checkpoint import load_checkpoint
+from ..config import KArAtConfig
+from ..params import drop_unused_base_weights
+from ..resample import TokenLayout
 
 TIMM_PREFIX = "timm:"
 # Keys every timm VisionTransformer checkpoint has; a checkpoint without them is another architecture.
@@ -70,9 +67,7 @@ def load_vit_source(source: str, num_heads: Optional[int] = None) -> ViTSource:
 
     ``num_heads`` is needed only for a plain state dict whose head count is not 64-dimensional heads.
     """
-    import timm
-
-    import karat.models  # noqa: F401  registers the KArAt models with timm
+    import timm  # the KArAt models are registered: importing karat (this module's package) registered them
 
     model_name: Optional[str] = None
     model_kwargs: Dict[str, Any] = {}
@@ -172,44 +167,3 @@ def adapt_patch_embed(weight: torch.Tensor, in_chans: int) -> tuple[torch.Tensor
         return adapt_input_conv(in_chans, weight).to(weight.dtype), "timm's adapt_input_conv"
     raise ValueError(f"Cannot adapt a patch embedding for {weight.shape[1]} input channels to {in_chans}: give the "
                      f"target model {weight.shape[1]} input channels so it takes the weights as they are.")
-
-
-@dataclass
-class TransferReport:
-    """What a conversion did, for the user to read (and tests to check)."""
-
-    loaded: List[str]
-    resampled: List[str]
-    new: List[str]
-    dropped: List[str]
-
-    def __str__(self) -> str:
-        def sample(names: List[str]) -> str:
-            return "" if not names else f" (e.g. {', '.join(names[:3])})"
-
-        return "\n".join([
-            f"loaded as is:        {len(self.loaded)} tensors",
-            f"resampled:           {len(self.resampled)} tensors{sample(self.resampled)}",
-            f"newly initialised:   {len(self.new)} tensors{sample(self.new)}",
-            f"dropped from source: {len(self.dropped)} tensors{sample(self.dropped)}",
-        ])
-
-
-def check_transfer(converted: Mapping[str, torch.Tensor], target: nn.Module, resampled: Iterable[str] = (),
-                   dropped: Iterable[str] = ()) -> TransferReport:
-    """Check converted tensors (target names) against ``target``: every one must exist there with the same
-    shape; target tensors the checkpoint does not give are reported as newly initialised."""
-    expected = target.state_dict()
-    unknown = [k for k in converted if k not in expected]
-    if unknown:
-        raise ValueError(f"{len(unknown)} converted tensors do not exist in the target model (e.g. {unknown[:3]}): "
-                         f"the source checkpoint is for another architecture than the target.")
-    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-             for k, v in converted.items() if v.shape != expected[k].shape]
-    if wrong:
-        raise ValueError(f"{len(wrong)} converted tensors have the wrong shape for the target model ({wrong[:3]}): "
-                         f"width, depth, heads or KArAt options differ between the source and the target config.")
-    resampled = [k for k in resampled if k in converted]
-    loaded = [k for k in converted if k not in set(resampled)]
-    new = [k for k in expected if k not in converted]
-    return TransferReport(loaded, resampled, new, list(dropped))
