@@ -27,7 +27,7 @@ from karat import KArAtConfig  # noqa: E402
 from karat.models.vision_transformer import VIT_KARAT_DEFAULTS, VIT_SIZES as SIZES  # noqa: E402
 
 GRID = {size: VIT_KARAT_DEFAULTS[size].get("grid", KArAtConfig.grid) for size in SIZES}  # the paper's G per size
-IMPLS = ("softmax", "reference", "efficient", "fused")
+IMPLS = ("softmax", "reference", "efficient", "fused", "auto")
 
 
 def cpu_peak_mb(step) -> float:
@@ -265,7 +265,7 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--grid", type=int, default=None, help="Fourier G (default: 3 for Tiny/Small, 1 for Base)")
     p.add_argument("--impl", nargs="+", default=None, choices=IMPLS,
-                   help="default: softmax reference efficient, plus fused on CUDA")
+                   help="default: softmax reference efficient, plus fused on CUDA (auto: what KArAt picks)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeat", type=int, default=3, help="timed steps per case (the best counts)")
     p.add_argument("--rounds", type=int, default=3,
@@ -280,7 +280,7 @@ def main(argv: List[str] | None = None) -> int:
         return 0
     if args.json and args.json.exists():
         sys.exit(f"error: {args.json} exists; choose another --json path")
-    impls = args.impl or [i for i in IMPLS if i != "fused" or args.device.startswith("cuda")]
+    impls = args.impl or [i for i in IMPLS if i != "auto" and (i != "fused" or args.device.startswith("cuda"))]
     cases = make_cases(args.level, args.model, args.tokens, args.batch, impls, args.grid, args.device, args.repeat,
                        args.warmup, args.profile)
     results = run_rounds(cases, args.rounds)

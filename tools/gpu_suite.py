@@ -120,26 +120,41 @@ def stage_tests(opts: argparse.Namespace) -> Dict[str, Any]:
 
 
 def stage_bench(opts: argparse.Namespace) -> Dict[str, Any]:
-    """tools/benchmark.py's cases: softmax (SDPA) vs KArAt fused / efficient / reference."""
+    """tools/benchmark.py's cases: softmax (SDPA) vs KArAt fused / efficient / reference, per layer, per whole
+    model, and in the hosts' own models (ViTDet, Swin) against their softmax; each row names the path that served
+    it. On CUDA every case runs in this process (no process start per case); each result is also appended to
+    ``DIR/logs/bench.jsonl`` as it comes, so a stage cut short keeps what it measured."""
+    impls = opts.impls or (["softmax", "reference", "efficient", "fused"] if opts.tiny
+                           else ["softmax", "fused", "efficient", "reference"])
     if opts.tiny:  # toy sizes: every code path once
-        impls = ["softmax", "reference", "efficient", "fused"]
         attention = benchmark.make_cases("attention", ["tiny"], [17], 2, impls, None, opts.device, 1, 0)
         model = benchmark.make_cases("model", ["tiny"], [197], 1, ["softmax", "efficient"], None, opts.device, 1, 0)
-    else:  # per layer at 224, 512 and 1024 px (ViTDet-B's global blocks: base at N = 4096, batch 1), and the
-        # whole-model training step at batch 32
-        impls = ["softmax", "fused", "efficient", "reference"]
+        host = benchmark.make_cases("host", ["swin"], [], 1, ["softmax", "auto"], None, opts.device, 1, 0)
+    else:  # per layer at 224, 512 and 1024 px (ViTDet-B's global blocks: base at N = 4096, batch 1), the whole-model
+        # training step at batch 32, and the hosts' models at batch 8 (ViTDet-T at 512 px, Swin-T at 224 px)
         sizes = ["tiny", "small", "base"]
         attention = [c for n, batch in ((197, 32), (1025, 8), (4096, 1))
-                     for c in benchmark.make_cases("attention", sizes, [n], batch, impls, None, opts.device, 5, 2)]
-        model = benchmark.make_cases("model", sizes, [197], 32, impls, None, opts.device, 5, 2)
+                     for c in benchmark.make_cases("attention", sizes, [n], batch, impls, None, opts.device, 10, 3)]
+        model = benchmark.make_cases("model", sizes, [197], 32, impls, None, opts.device, 10, 3)
+        host = benchmark.make_cases("host", ["vitdet", "swin"], [], 8, ["softmax", "auto"], None, opts.device, 10, 3)
     if opts.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # inherited by benchmark.py's case processes
+    partial = opts.out / "logs" / "bench.jsonl"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_text("")
+
+    def keep(result: Dict[str, Any]) -> None:
+        with open(partial, "a") as f:
+            f.write(json.dumps(result) + "\n")
+
     t0 = time.time()
-    results = benchmark.run_rounds(attention + model, rounds=1)
+    results = benchmark.run_rounds(attention + model + host, rounds=1, in_process=opts.device == "cuda",
+                                   on_result=keep)
     failed = [r for r in results if "error" in r and "out of memory" not in r["error"].lower()]
     return dict(meta=benchmark.environment(opts.device), seconds=round(time.time() - t0, 1),
                 attention=[r for r in results if r["level"] == "attention"],
-                model=[r for r in results if r["level"] == "model"], ok=not failed)
+                model=[r for r in results if r["level"] == "model"],
+                host=[r for r in results if r["level"] == "host"], ok=not failed)
 
 
 def make_image_folder(root: Path, classes: int, train_per_class: int, val_per_class: int, size: int) -> Path:
@@ -317,7 +332,8 @@ def markdown(suite: Dict[str, Any]) -> str:
     if "bench" in suite:
         b = suite["bench"]["result"]
         for key, title in (("attention", "Attention layer, forward + backward"),
-                           ("model", "Whole-model training step (224 px)")):
+                           ("model", "Whole-model training step (224 px)"),
+                           ("host", "Hosts' models, forward + backward, against the host's own softmax model")):
             if b.get(key):
                 lines += [f"## {title}", "", benchmark.table(b[key]), ""]
     if "pipelines" in suite:
@@ -351,6 +367,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--tiny", action="store_true", help="toy sizes for every stage")
     p.add_argument("--cpu", "--dry-run", action="store_true", dest="cpu", help="the same as --device cpu --tiny")
     p.add_argument("--overwrite", action="store_true", help="replace a stage's results already in --out")
+    p.add_argument("--impls", nargs="+", choices=benchmark.IMPLS, default=None,
+                   help="the bench stage's implementations (default: softmax fused efficient reference)")
     opts = p.parse_args(argv)
     if opts.cpu:
         opts.device, opts.tiny = "cpu", True
