@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from classification.demo import DemoSettings, run, summary_table
 
-from classification.demo import DemoSettings, run, summary_table  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # The transfer stages: name -> (what it shows, module with ``run_stage(out_dir, checkpoints, quick) -> rows`` and
 # ``summary_table(rows) -> markdown``).
