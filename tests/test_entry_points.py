@@ -119,6 +119,16 @@ def test_console_scripts_run_in_process(capsys):
         assert e.value.code == 0 and "usage:" in capsys.readouterr().out, name
 
 
+def test_demo_default_output_is_under_the_working_folder(tmp_path, monkeypatch):
+    """``karat-demo`` from an installed package writes beside the user, never into site-packages."""
+    from tools.demo import new_output_dir
+
+    monkeypatch.chdir(tmp_path)
+    first, second = new_output_dir(None), new_output_dir(None)
+    assert first.parent == second.parent == Path("outputs") and first != second
+    assert (tmp_path / first).is_dir() and (tmp_path / second).is_dir()
+
+
 # ------------------------------------------------------------------------------------------------------------
 def test_mmseg_data_cli_and_layout_error_name_the_command(tmp_path, capsys):
     from mmseg_configs import data
