@@ -5,6 +5,8 @@
 
 Built on timm's utilities: transforms, Mixup, losses, optimizer and scheduler factories, ``ModelEmaV3``.
 Checkpoints (``<output_dir>/checkpoint.pth``) are written atomically and hold everything ``--resume`` needs.
+``main`` runs named steps: ``setup``, ``build_data``, ``build_models``, ``build_training``, ``resume_run``, then
+``train_loop`` (``record_epoch`` writes each epoch's log line, checkpoint and scalars).
 """
 from __future__ import annotations
 
