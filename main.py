@@ -4,13 +4,9 @@
     python main.py --model vit_tiny_patch16_224 --data-set IMNET --data-path /imagenet ...
     torchrun --nproc_per_node=8 main.py ...
 
-It is ``classification.main`` (also ``python -m classification.main`` and ``tools/train.py``).
+It is ``classification.main`` (also ``python -m classification.main`` and ``python -m tools.train``, ``karat-train``).
 """
-import sys
-
-from classification.args import get_args_parser
-from classification.main import main
+from classification.main import cli
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
-    sys.exit(0)
+    raise SystemExit(cli())

@@ -11,8 +11,8 @@ from karat.options import str2bool
 DATASETS = ("CIFAR10", "CIFAR100", "IMNET", "SVHN", "Flowers102", "STL10", "DIGITS")
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("KArAt training and evaluation (DeiT recipe)", add_help=True)
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """How and where a run goes: epochs, output folder, resume, logging, AMP."""
     g = p.add_argument_group("run")
     g.add_argument("--batch-size", default=64, type=int)
     g.add_argument("--epochs", default=300, type=int)
@@ -35,6 +35,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", type=str2bool, default=None,
                    help="mixed precision: fp16 autocast + GradScaler on CUDA (the default there), bf16 autocast on "
                         "CPU (only when given: --amp True)")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """The timm model and its regularisation."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vit_tiny_patch16_224_karat", help="timm model name")
     g.add_argument("--input-size", default=224, type=int)
@@ -46,6 +50,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-model-ema", action="store_false", dest="model_ema")
     g.add_argument("--model-ema-decay", type=float, default=0.99996)
     g.set_defaults(model_ema=False)
+
+
+def _add_optimizer_args(p: argparse.ArgumentParser) -> None:
+    """The arguments of timm's optimizer and scheduler factories."""
     g = p.add_argument_group("optimizer and schedule")
     g.add_argument("--opt", default="adamw")
     g.add_argument("--opt-eps", default=1e-8, type=float)
@@ -63,6 +71,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-epochs", type=int, default=5)
     g.add_argument("--cooldown-epochs", type=int, default=10)
     g.add_argument("--decay-rate", "--dr", type=float, default=0.1)
+
+
+def _add_augmentation_args(p: argparse.ArgumentParser) -> None:
+    """DeiT's augmentation, Mixup and CutMix."""
     g = p.add_argument_group("augmentation and regularisation")
     g.add_argument("--color-jitter", type=float, default=0.3)
     g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="AutoAugment policy ('' for none)")
@@ -80,6 +92,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixup-prob", type=float, default=1.0)
     g.add_argument("--mixup-switch-prob", type=float, default=0.5)
     g.add_argument("--mixup-mode", default="batch")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """DeiT's command line (same flags, defaults and meanings) plus the KArAt options."""
+    p = argparse.ArgumentParser("KArAt training and evaluation (DeiT recipe)", add_help=True)
+    _add_run_args(p)
+    _add_model_args(p)
+    _add_optimizer_args(p)
+    _add_augmentation_args(p)
     g = p.add_argument_group("data")
     g.add_argument("--data-set", default="IMNET", choices=DATASETS)
     g.add_argument("--data-path", default="", help="dataset folder (see README for the layout of each dataset)")

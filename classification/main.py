@@ -5,6 +5,8 @@
 
 Built on timm's utilities: transforms, Mixup, losses, optimizer and scheduler factories, ``ModelEmaV3``.
 Checkpoints (``<output_dir>/checkpoint.pth``) are written atomically and hold everything ``--resume`` needs.
+``main`` runs named steps: ``setup``, ``build_data``, ``build_models``, ``build_training``, ``resume_run``, then
+``train_loop`` (``record_epoch`` writes each epoch's log line, checkpoint and scalars).
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ import logging
 import os
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import timm
@@ -118,7 +121,89 @@ def load_finetune(model: torch.nn.Module, path: str) -> None:
     _logger.info("fine-tune from %s: missing %s, unexpected %s", path, result.missing_keys, result.unexpected_keys)
 
 
+@dataclass
+class Run:
+    """Where this process runs: torchrun's rank and world, the device and this rank's seed."""
+    distributed: bool
+    rank: int
+    world: int
+    device: torch.device
+    seed: int
+
+
+@dataclass
+class Data:
+    """The datasets, their loaders and what the loop needs besides: the sampler (its epoch is set under DDP), the
+    generator of the training order (checkpointed per rank) and Mixup/CutMix."""
+    train: Any
+    val: Any
+    num_classes: int
+    loader_train: DataLoader
+    loader_val: DataLoader
+    sampler: Any
+    generator: torch.Generator
+    mixup_fn: Optional[Mixup]
+
+
+@dataclass
+class Models:
+    """The model, its DDP wrapper (the model itself without DDP), its EMA and the name and keywords that rebuild it."""
+    model: torch.nn.Module
+    model_ddp: torch.nn.Module
+    model_ema: Optional[ModelEmaV3]
+    name: str
+    kwargs: Dict[str, Any]
+
+
+@dataclass
+class Training:
+    """What updates the weights: optimizer, schedule, loss, and mixed precision (autocast flag and GradScaler)."""
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    scaler: torch.amp.GradScaler
+    criterion: torch.nn.Module
+    amp: bool
+
+
+@dataclass
+class Start:
+    """Where the loop starts: from --start_epoch, or after the resumed epoch with its best accuracy and RNG states."""
+    epoch: int
+    resumed_epoch: Optional[int] = None
+    best: float = 0.0
+    rng_states: Any = None
+
+
+@dataclass
+class Loggers:
+    """The run's records: its folder (on every rank: all ranks gather RNG states) and rank 0's writers."""
+    out_dir: Optional[Path]
+    writer: Any = None
+    wandb_run: Any = None
+
+
 def main(args: argparse.Namespace) -> Dict[str, Any]:
+    """Train (or with --eval, evaluate) as the flags say; returns the last epoch's statistics (the evaluation's)."""
+    run = setup(args)
+    data = build_data(args, run)
+    models = build_models(args, data, run)
+    training = build_training(args, models.model, len(data.loader_train), run.device, data.mixup_fn)
+    start = resume_run(args, models, training)
+    if args.eval:
+        return evaluate_only(models.model, data, run.device, training.amp)
+    loggers = open_loggers(args, run.rank, start.resumed_epoch)
+    start_rng_streams(run.seed, data.generator, start.rng_states, run.rank, run.world)
+    last = train_loop(args, run, data, models, training, loggers, start)
+    if loggers.writer is not None:
+        loggers.writer.close()
+    if run.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return last
+
+
+def setup(args: argparse.Namespace) -> Run:
+    """Logging, the process group, the device, this rank's seed, and a checked output folder."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     distributed, rank, world = init_distributed()
     device = torch.device(args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu")
@@ -129,39 +214,58 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     np.random.seed(seed)
     random.seed(seed)
     prepare_output_dir(args, distributed)
+    return Run(distributed, rank, world, device, seed)
 
+
+def build_data(args: argparse.Namespace, run: Run) -> Data:
+    """The datasets and loaders; the training order comes from a generator of its own, checkpointed per rank."""
     dataset_train, num_classes = build_dataset(True, args)
     dataset_val, _ = build_dataset(False, args)
     if args.train_subset:
         dataset_train = torch.utils.data.Subset(dataset_train, range(min(args.train_subset, len(dataset_train))))
-    if distributed:
-        sampler = (RepeatAugSampler(dataset_train, num_replicas=world, rank=rank) if args.repeated_aug
-                   else DistributedSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True))
-    generator = torch.Generator()  # the order of the training images (and worker seeds): checkpointed per rank
-    generator.manual_seed(seed)
-    if not distributed:
+    generator = torch.Generator()  # the order of the training images (and worker seeds)
+    generator.manual_seed(run.seed)
+    if run.distributed:
+        sampler = (RepeatAugSampler(dataset_train, num_replicas=run.world, rank=run.rank) if args.repeated_aug
+                   else DistributedSampler(dataset_train, num_replicas=run.world, rank=run.rank, shuffle=True))
+    else:
         sampler = RandomSampler(dataset_train, generator=generator)
+    pin = args.pin_mem and run.device.type == "cuda"
     loader_train = DataLoader(dataset_train, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-                              pin_memory=args.pin_mem and device.type == "cuda", drop_last=True, generator=generator)
+                              pin_memory=pin, drop_last=True, generator=generator)
     loader_val = DataLoader(dataset_val, sampler=SequentialSampler(dataset_val), batch_size=int(1.5 * args.batch_size),
-                            num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda")
+                            num_workers=args.num_workers, pin_memory=pin)
+    return Data(dataset_train, dataset_val, num_classes, loader_train, loader_val, sampler, generator,
+                build_mixup(args, num_classes))
 
-    mixup_fn = None
+
+def build_mixup(args: argparse.Namespace, num_classes: int) -> Optional[Mixup]:
+    """timm's Mixup/CutMix (with label smoothing) when any of them is on."""
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                         label_smoothing=args.smoothing, num_classes=num_classes)
+        return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                     prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                     label_smoothing=args.smoothing, num_classes=num_classes)
+    return None
 
-    model_name, model_kwargs = model_spec(args, num_classes)
-    model = timm.create_model(model_name, **model_kwargs)
-    check_input_channels(model, dataset_val, args)
+
+def build_models(args: argparse.Namespace, data: Data, run: Run) -> Models:
+    """The model (checked against the data, fine-tuned from --finetune), its EMA and its DDP wrapper."""
+    name, kwargs = model_spec(args, data.num_classes)
+    model = timm.create_model(name, **kwargs)
+    check_input_channels(model, data.val, args)
     if args.finetune:
         load_finetune(model, args.finetune)
-    model.to(device)
+    model.to(run.device)
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     # Every trainable KArAt parameter takes part in each forward (tests/test_ddp.py): no unused-parameter search.
-    model_ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False) if distributed else model
+    model_ddp = (torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False) if run.distributed
+                 else model)
+    return Models(model, model_ddp, model_ema, name, kwargs)
 
+
+def build_training(args: argparse.Namespace, model: torch.nn.Module, updates_per_epoch: int, device: torch.device,
+                   mixup_fn: Optional[Mixup]) -> Training:
+    """timm's optimizer (KArAt parameters in their own group) and scheduler, AMP, and the loss for the targets."""
     optimizer = create_optimizer_v2(param_groups(model, args.weight_decay, args.attn_lr), opt=args.opt, lr=args.lr,
                                     weight_decay=args.weight_decay, momentum=args.momentum, eps=args.opt_eps,
                                     **({"betas": tuple(args.opt_betas)} if args.opt_betas else {}))
@@ -170,7 +274,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
                                           warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
                                           min_lr=args.min_lr, cooldown_epochs=args.cooldown_epochs,
                                           step_on_epochs=not args.sched_on_updates,
-                                          updates_per_epoch=len(loader_train))
+                                          updates_per_epoch=updates_per_epoch)
     amp = resolve_amp(args.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")  # bf16 has fp32's range
     if mixup_fn is not None:
@@ -179,80 +283,104 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     else:
         criterion = torch.nn.CrossEntropyLoss()
+    return Training(optimizer, lr_scheduler, scaler, criterion, amp)
 
-    out_dir = Path(args.output_dir) if args.output_dir else None
-    start_epoch, resumed_epoch, best, rng_states = args.start_epoch, None, 0.0, None
-    if args.resume:
-        ckpt, full = read_resume_checkpoint(args.resume)
-        rng_states = ckpt.get("rng")
-        resumed_epoch, best = resume(ckpt, full, args.resume, model, model_name, model_kwargs, weights_only=args.eval,
-                                     optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler,
-                                     model_ema=model_ema)
-        if resumed_epoch is not None and not args.eval:
-            start_epoch = resumed_epoch + 1
-            _logger.info("resumed from %s (epoch %d, best top-1 %.2f%%)", args.resume, resumed_epoch, best)
 
-    if args.eval:
-        stats = evaluate(model, loader_val, device, amp)
-        print(f"Accuracy of the network on the {len(dataset_val)} test images: top-1 {stats.top1:.2f}% "
-              f"top-5 {stats.top5:.2f}% (loss {stats.loss:.4f})")
-        return dict(top1=stats.top1, top5=stats.top5, loss=stats.loss)
+def resume_run(args: argparse.Namespace, models: Models, training: Training) -> Start:
+    """--resume: the weights (only those under --eval) or the whole training state, and the epoch to go on from."""
+    start = Start(epoch=args.start_epoch)
+    if not args.resume:
+        return start
+    ckpt, full = read_resume_checkpoint(args.resume)
+    start.rng_states = ckpt.get("rng")
+    start.resumed_epoch, start.best = resume(ckpt, full, args.resume, models.model, models.name, models.kwargs,
+                                             weights_only=args.eval, optimizer=training.optimizer,
+                                             lr_scheduler=training.lr_scheduler, scaler=training.scaler,
+                                             model_ema=models.model_ema)
+    if start.resumed_epoch is not None and not args.eval:
+        start.epoch = start.resumed_epoch + 1
+        _logger.info("resumed from %s (epoch %d, best top-1 %.2f%%)", args.resume, start.resumed_epoch, start.best)
+    return start
 
-    writer = wandb_run = None
-    if out_dir is not None and rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_args(out_dir, args, resumed_epoch)
-        if resumed_epoch is not None:
-            trim_log(out_dir, resumed_epoch)
-        from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out_dir / "tensorboard"))
-        if args.run_name:
-            try:
-                import wandb
+def evaluate_only(model: torch.nn.Module, data: Data, device: torch.device, amp: bool) -> Dict[str, Any]:
+    """--eval: accuracy on the validation set, printed as DeiT prints it."""
+    stats = evaluate(model, data.loader_val, device, amp)
+    print(f"Accuracy of the network on the {len(data.val)} test images: top-1 {stats.top1:.2f}% "
+          f"top-5 {stats.top5:.2f}% (loss {stats.loss:.4f})")
+    return dict(top1=stats.top1, top5=stats.top5, loss=stats.loss)
 
-                wandb_run = wandb.init(name=args.run_name, id=args.run_id, resume="allow" if args.run_id else None,
-                                       config=vars(args), dir=str(out_dir))
-            except ImportError:
-                _logger.warning("--run_name given but wandb is not installed; logging to TensorBoard only")
+
+def open_loggers(args: argparse.Namespace, rank: int, resumed_epoch: Optional[int]) -> Loggers:
+    """Rank 0 records the arguments, trims a resumed log to its checkpoint and opens TensorBoard (and W&B)."""
+    loggers = Loggers(Path(args.output_dir) if args.output_dir else None)
+    if loggers.out_dir is None or rank != 0:
+        return loggers
+    loggers.out_dir.mkdir(parents=True, exist_ok=True)
+    write_args(loggers.out_dir, args, resumed_epoch)
+    if resumed_epoch is not None:
+        trim_log(loggers.out_dir, resumed_epoch)
+    from torch.utils.tensorboard import SummaryWriter
+
+    loggers.writer = SummaryWriter(str(loggers.out_dir / "tensorboard"))
+    if args.run_name:
+        try:
+            import wandb
+
+            loggers.wandb_run = wandb.init(name=args.run_name, id=args.run_id,
+                                           resume="allow" if args.run_id else None, config=vars(args),
+                                           dir=str(loggers.out_dir))
+        except ImportError:
+            _logger.warning("--run_name given but wandb is not installed; logging to TensorBoard only")
+    return loggers
+
+
+def train_loop(args: argparse.Namespace, run: Run, data: Data, models: Models, training: Training, loggers: Loggers,
+               start: Start) -> Dict[str, Any]:
+    """Train and evaluate each epoch from ``start.epoch``; returns the last epoch's statistics."""
     last: Dict[str, Any] = {}
-    start_rng_streams(seed, generator, rng_states, rank, world)
-    for epoch in range(start_epoch, args.epochs):
-        if distributed:
-            sampler.set_epoch(epoch)
-        tr = train_one_epoch(model_ddp, loader_train, criterion, optimizer, epoch, lr_scheduler,
-                             clip_grad=args.clip_grad, device=device, mixup_fn=mixup_fn, scaler=scaler, amp=amp,
-                             model_ema=model_ema, show_progress=rank == 0, desc=args.model)
-        lr_scheduler.step(epoch + 1)
-        va = evaluate(model, loader_val, device, amp)
+    best = start.best
+    for epoch in range(start.epoch, args.epochs):
+        if run.distributed:
+            data.sampler.set_epoch(epoch)
+        tr = train_one_epoch(models.model_ddp, data.loader_train, training.criterion, training.optimizer, epoch,
+                             training.lr_scheduler, clip_grad=args.clip_grad, device=run.device,
+                             mixup_fn=data.mixup_fn, scaler=training.scaler, amp=training.amp,
+                             model_ema=models.model_ema, show_progress=run.rank == 0, desc=args.model)
+        training.lr_scheduler.step(epoch + 1)
+        va = evaluate(models.model, data.loader_val, run.device, training.amp)
         best = max(best, va.top1)
         last = dict(epoch=epoch, train_loss=tr.loss, test_loss=va.loss, test_acc1=va.top1, test_acc5=va.top5,
-                    max_accuracy=best, lr=optimizer.param_groups[0]["lr"], epoch_seconds=tr.seconds,
-                    n_parameters=sum(p.numel() for p in model.parameters()))
+                    max_accuracy=best, lr=training.optimizer.param_groups[0]["lr"], epoch_seconds=tr.seconds,
+                    n_parameters=sum(p.numel() for p in models.model.parameters()))
         _logger.info("epoch %d: train loss %.4f, test top-1 %.2f%% top-5 %.2f%% (best %.2f%%)", epoch, tr.loss,
                      va.top1, va.top5, best)
-        rng = all_rank_rng_states(generator, distributed) if out_dir is not None else None  # all ranks take part
-        if out_dir is not None and rank == 0:
-            with open(out_dir / "log.txt", "a") as f:  # before the checkpoint: a resume trims what follows it
-                f.write(json.dumps(last) + "\n")
-            state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                         lr_scheduler=lr_scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
-                         max_accuracy=best, model_name=model_name, model_kwargs=model_kwargs,
-                         args=vars(args) | {"grid_range": list(args.grid_range)}, rng=rng)
-            if model_ema is not None:
-                state["model_ema"] = model_ema.state_dict()
-            save_checkpoint(_plain(state), out_dir / "checkpoint.pth")
-            keep_epoch_weights(state, out_dir, epoch, args.keep_every)
-            for key, value in last.items():
-                writer.add_scalar(key, value, epoch)
-            if wandb_run is not None:
-                wandb_run.log(last, step=epoch)
-    if writer is not None:
-        writer.close()
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+        record_epoch(args, run, data.generator, models, training, loggers, last)
     return last
+
+
+def record_epoch(args: argparse.Namespace, run: Run, generator: torch.Generator, models: Models, training: Training,
+                 loggers: Loggers, stats: Dict[str, Any]) -> None:
+    """The epoch's log line, then its checkpoint (atomic, with every rank's RNG states), kept weights and scalars."""
+    out_dir = loggers.out_dir
+    rng = all_rank_rng_states(generator, run.distributed) if out_dir is not None else None  # all ranks take part
+    if out_dir is None or run.rank != 0:
+        return
+    epoch = stats["epoch"]
+    with open(out_dir / "log.txt", "a") as f:  # before the checkpoint: a resume trims what follows it
+        f.write(json.dumps(stats) + "\n")
+    state = dict(model=models.model.state_dict(), optimizer=training.optimizer.state_dict(),
+                 lr_scheduler=training.lr_scheduler.state_dict(), scaler=training.scaler.state_dict(), epoch=epoch,
+                 max_accuracy=stats["max_accuracy"], model_name=models.name, model_kwargs=models.kwargs,
+                 args=vars(args) | {"grid_range": list(args.grid_range)}, rng=rng)
+    if models.model_ema is not None:
+        state["model_ema"] = models.model_ema.state_dict()
+    save_checkpoint(_plain(state), out_dir / "checkpoint.pth")
+    keep_epoch_weights(state, out_dir, epoch, args.keep_every)
+    for key, value in stats.items():
+        loggers.writer.add_scalar(key, value, epoch)
+    if loggers.wandb_run is not None:
+        loggers.wandb_run.log(stats, step=epoch)
 
 
 def prepare_output_dir(args: argparse.Namespace, distributed: bool) -> None:
@@ -284,6 +412,11 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+def cli(argv: Optional[List[str]] = None) -> int:
+    """The command line (``python -m classification.main``, ``main.py``, ``karat-train``)."""
+    main(get_args_parser().parse_args(argv))
+    return 0
+
+
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
-    sys.exit(0)
+    sys.exit(cli())

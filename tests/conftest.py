@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -31,9 +30,6 @@ def _seed() -> None:
 
 def lazyconfig_train(argv: list) -> None:
     """``tools/lazyconfig_train.py``'s entry point in this process (detectron2's launch() with one process)."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import lazyconfig_train as launcher
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
+    from tools import lazyconfig_train as launcher
+
     return launcher.invoke_main(argv)

@@ -1,6 +1,5 @@
 """Classification checkpoint -> ViTDet backbone checkpoint: loads with no surprise keys, resampled KArAt blocks keep
 their function, bad inputs fail clearly."""
-import sys
 from pathlib import Path
 
 import pytest
@@ -136,11 +135,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
 
 
 def test_command_line(tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import convert_to_detectron2 as tool
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
+    from tools import convert_to_detectron2 as tool
     _classifier(tmp_path / "cls.pth")
     rc = tool.main([str(tmp_path / "cls.pth"), "--config-file", KARAT_CFG, "--output", str(tmp_path / "o.pth"),
                     *KARAT_NET])

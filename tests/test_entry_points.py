@@ -3,9 +3,14 @@ makes (mistyped config, a checkpoint of another size, GPUs that are not there, a
 that name the problem and the fix."""
 from __future__ import annotations
 
+import ast
+import fnmatch
+import importlib
+import importlib.util
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -14,7 +19,6 @@ import torch
 from conftest import require
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ROOT / "tools"
 
 
 def entry_points() -> list:
@@ -68,8 +72,10 @@ def test_every_entry_point_has_help_and_writes_nothing(tmp_path):
     targets = []
     for rel in entry_points():
         if rel.parts[0] == "tools" or rel == Path("main.py"):
-            targets.append(str(ROOT / rel))
-        else:
+            targets.append(str(ROOT / rel))  # as `python tools/NAME.py` runs it
+        if rel.parts[0] == "tools":
+            targets.append(f"tools.{rel.stem}")  # as `python -m tools.NAME` runs it
+        elif rel != Path("main.py"):
             module = ".".join(rel.with_suffix("").parts)
             targets.append(module[: -len(".__main__")] if module.endswith(".__main__") else module)
     env = dict(__import__("os").environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -77,6 +83,50 @@ def test_every_entry_point_has_help_and_writes_nothing(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert list(tmp_path.iterdir()) == []  # --help is not a folder name (it once wrote 40 images into --help/)
+
+
+def console_scripts() -> dict:
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]["scripts"]
+
+
+def test_console_scripts_name_callables_of_packaged_modules():
+    """Every ``[project.scripts]`` target is a function of a module in a packaged folder (without importing the hosts:
+    the module's source defines it), and each tool with a ``main`` is reachable as a console script."""
+    scripts = console_scripts()
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert {"karat-train", "karat-convert-d2", "karat-convert-mmseg", "karat-bench", "karat-flops", "karat-demo",
+            "karat-analyze"} <= set(scripts)
+    for name, target in scripts.items():
+        module, _, func = target.partition(":")
+        assert any(fnmatch.fnmatch(module.split(".")[0], pattern) for pattern in packages["include"]), name
+        spec = importlib.util.find_spec(module)
+        assert spec is not None and Path(spec.origin).is_relative_to(ROOT), f"{name}: {module} is not in {ROOT}"
+        tree = ast.parse(Path(spec.origin).read_text())
+        defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+        defined |= {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert func in defined, f"{name}: {module} has no {func}()"
+    assert (ROOT / "tools" / "__init__.py").is_file()  # so that `tools*` is a package the wheel carries
+
+
+def test_console_scripts_run_in_process(capsys):
+    """The console scripts that need no host framework, called as the installed wrapper calls them."""
+    for name in ("karat-train", "karat-flops", "karat-bench", "karat-analyze"):
+        module, _, func = console_scripts()[name].partition(":")
+        main = getattr(importlib.import_module(module), func)
+        with pytest.raises(SystemExit) as e:
+            main(["--help"])
+        assert e.value.code == 0 and "usage:" in capsys.readouterr().out, name
+
+
+def test_demo_default_output_is_under_the_working_folder(tmp_path, monkeypatch):
+    """``karat-demo`` from an installed package writes beside the user, never into site-packages."""
+    from tools.demo import new_output_dir
+
+    monkeypatch.chdir(tmp_path)
+    first, second = new_output_dir(None), new_output_dir(None)
+    assert first.parent == second.parent == Path("outputs") and first != second
+    assert (tmp_path / first).is_dir() and (tmp_path / second).is_dir()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -126,11 +176,8 @@ def test_yacs_route_falls_back_to_the_cpu(caplog):
 
 
 def _lazyconfig(argv):
-    sys.path.insert(0, str(TOOLS))
-    try:
-        import lazyconfig_train
-    finally:
-        sys.path.remove(str(TOOLS))
+    from tools import lazyconfig_train
+
     return lazyconfig_train.invoke_main(argv)
 
 
@@ -150,11 +197,8 @@ def test_launcher_refuses_missing_gpus_and_names_close_configs(capsys):
 
 def test_converter_names_close_configs(tmp_path, capsys):
     require("detectron2")
-    sys.path.insert(0, str(TOOLS))
-    try:
-        import convert_to_detectron2 as tool
-    finally:
-        sys.path.remove(str(TOOLS))
+    from tools import convert_to_detectron2 as tool
+
     rc = tool.main(["timm:none", "--config-file", str(ROOT / "configs/shapes/mask_rcnn_vitdet_karat_t_shape.py"),
                     "--output", str(tmp_path / "o.pth")])
     err = capsys.readouterr().err

@@ -177,15 +177,10 @@ def test_detectron2_pkl_loads_only_with_allow_pickle(tmp_path):
 
 def test_launcher_refuses_a_pkl_init_checkpoint_without_the_flag(tmp_path):
     require("detectron2")
-    import sys
 
     from detectron2_plugin.checkpoint import PickleNotAllowedError
 
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import lazyconfig_train
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
+    from tools import lazyconfig_train
     assert lazyconfig_train.argument_parser().parse_args(["--allow-pickle"]).allow_pickle
     assert not lazyconfig_train.argument_parser().parse_args([]).allow_pickle
     pkl = _d2_pickle(tmp_path / "zoo.pkl")

@@ -50,8 +50,7 @@ def test_convert_cli_report_and_overwrite(adapter, tmp_path, capsys):
     assert "resampled" in r.stdout and "16 tokens (0 prefix + 4x4) to 64 (0 prefix + 8x8)" in r.stdout
     assert "1 input channel(s) adapted to 3" in r.stdout
     before = out.read_bytes()
-    sys.path.insert(0, str(REPO / "tools"))
-    from convert_to_mmseg import main
+    from tools.convert_to_mmseg import main
 
     assert main([str(src), str(out), "--img-size", "16"]) == 2  # exists: refused, untouched
     assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == before

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -21,10 +22,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from karat import KArAtConfig  # noqa: E402
-from karat.models.vision_transformer import VIT_KARAT_DEFAULTS, VIT_SIZES as SIZES  # noqa: E402
+from karat import KArAtConfig
+from karat.models.vision_transformer import VIT_KARAT_DEFAULTS, VIT_SIZES as SIZES
 
 GRID = {size: VIT_KARAT_DEFAULTS[size].get("grid", KArAtConfig.grid) for size in SIZES}  # the paper's G per size
 IMPLS = ("softmax", "reference", "efficient", "fused", "auto")
@@ -218,7 +218,9 @@ def run_in_process(case: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def spawn(case: Dict[str, Any]) -> Dict[str, Any]:
-    proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True, text=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "tools.benchmark", "--case", json.dumps(case)], capture_output=True,
+                          text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         return dict(case, error=proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -21,10 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from classification.demo import DemoSettings, run, summary_table  # noqa: E402
+from classification.demo import DemoSettings, run, summary_table
 
 # The transfer stages: name -> (what it shows, module with ``run_stage(out_dir, checkpoints, quick) -> rows`` and
 # ``summary_table(rows) -> markdown``).
@@ -42,7 +39,7 @@ def new_output_dir(requested: str | None) -> Path:
             sys.exit(f"error: output folder {out} already exists and is not empty; the demo never overwrites "
                      f"results. Pass another --output-dir or remove that folder yourself.")
     else:
-        out = ROOT / "outputs" / time.strftime("demo-%Y%m%d-%H%M%S")
+        out = Path("outputs") / time.strftime("demo-%Y%m%d-%H%M%S")  # under the working folder, as installed too
         suffix = 1
         while out.exists():
             out = out.with_name(f"{out.name.split('+')[0]}+{suffix}")

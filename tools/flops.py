@@ -17,14 +17,12 @@ import sys
 from pathlib import Path
 from typing import Optional, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import timm
+import torch
 
-import timm  # noqa: E402
-import torch  # noqa: E402
-
-import karat  # noqa: E402,F401
-from karat import karat_parameter_names  # noqa: E402
-from karat.flops import count_flops  # noqa: E402
+import karat  # noqa: F401
+from karat import karat_parameter_names
+from karat.flops import count_flops
 
 
 def detectron2_backbone(path: str, size: Optional[int]) -> Tuple[torch.nn.Module, int]:

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-import benchmark  # tools/benchmark.py, beside this file
+from tools import benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("env", "tests", "bench", "pipelines")

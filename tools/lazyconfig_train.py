@@ -20,19 +20,15 @@ without a checkpoint, and writes the final metrics to ``<output_dir>/final_metri
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
+from detectron2.engine import default_argument_parser, launch
+
+from detectron2_plugin.train_net import main
+from tools.config_paths import check_config_path
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # the configs import detectron2_plugin from this checkout
-
-from detectron2.engine import default_argument_parser, launch  # noqa: E402
-
-from detectron2_plugin.train_net import main  # noqa: E402
-
-from config_paths import check_config_path  # noqa: E402  (tools/, next to this script)
 
 
 def check_launch(num_gpus: int, num_machines: int) -> None:

@@ -1,12 +1,7 @@
 #!/usr/bin/env python
-"""Classification training/evaluation (the paper's command line); see classification/main.py."""
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from classification.args import get_args_parser  # noqa: E402
-from classification.main import main  # noqa: E402
+"""Classification training/evaluation (the paper's command line): ``python -m tools.train`` or ``karat-train``;
+the code is classification/main.py."""
+from classification.main import cli as main
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    raise SystemExit(main())
