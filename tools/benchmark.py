@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from karat import KArAtConfig
 from karat.models.vision_transformer import VIT_KARAT_DEFAULTS, VIT_SIZES as SIZES
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GRID = {size: VIT_KARAT_DEFAULTS[size].get("grid", KArAtConfig.grid) for size in SIZES}  # the paper's G per size
 IMPLS = ("softmax", "reference", "efficient", "fused", "auto")
