@@ -4,12 +4,12 @@
 Our GPU node comes for about 30 minutes at a time with a 10-minute limit per command, so every stage fits in
 9 minutes on one H100 and the stages can run as separate commands into the same folder:
 
-  python tools/gpu_suite.py --out benchmarks/gpu --stage env        # GPU, driver, torch, triton, CUDA, packages
-  python tools/gpu_suite.py --out benchmarks/gpu --stage tests      # tests/test_gpu_fused.py (fused vs float64)
-  python tools/gpu_suite.py --out benchmarks/gpu --stage bench      # attention layers and training steps, T/S/B
-  python tools/gpu_suite.py --out benchmarks/gpu --stage pipelines  # classification (torchrun, NCCL), detectron2,
+  python -m tools.gpu_suite --out benchmarks/gpu --stage env        # GPU, driver, torch, triton, CUDA, packages
+  python -m tools.gpu_suite --out benchmarks/gpu --stage tests      # tests/test_gpu_fused.py (fused vs float64)
+  python -m tools.gpu_suite --out benchmarks/gpu --stage bench      # attention layers and training steps, T/S/B
+  python -m tools.gpu_suite --out benchmarks/gpu --stage pipelines  # classification (torchrun, NCCL), detectron2,
                                                                     # mmseg: short real runs with AMP
-  python tools/gpu_suite.py --out DIR --cpu                         # every stage at toy sizes on the CPU (CI)
+  python -m tools.gpu_suite --out DIR --cpu                         # every stage at toy sizes on the CPU (CI)
 
 Each stage adds its results to ``DIR/suite.json`` and rewrites ``DIR/suite.md`` (one table per stage) from it;
 logs go to ``DIR/logs/`` and the pipelines' own records (not their checkpoints) to ``DIR/runs/``: the folder is
@@ -384,7 +384,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(f"{suite_json} holds results for device {suite['meta']['device']}; use another --out")
     suite.setdefault("meta", dict(device=opts.device, tiny=opts.tiny, commands=[]))
     command = " ".join(argv if argv is not None else sys.argv[1:])
-    suite["meta"]["commands"].append(f"python tools/gpu_suite.py {command}")
+    suite["meta"]["commands"].append(f"python -m tools.gpu_suite {command}")
 
     ok = True
     for name in stages:
