@@ -1,5 +1,5 @@
-"""The fused CPU kernel (karat/cpu_kernel.py) computes the Fourier key reduction exactly, gradients included,
-serves the efficient path, and its absence only costs speed."""
+"""The fused CPU kernel (karat/kernels/fused_cpu.py) computes the Fourier key reduction exactly, gradients included,
+with the hosts' bias and masks, serves the efficient path, and its absence only costs speed."""
 import warnings
 
 import pytest
@@ -133,3 +133,99 @@ def test_two_threads_with_grad_enabled():
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     finally:
         torch.set_num_threads(before)
+
+
+def _plain_masked(q, k, coef, scale, grid, bias, keep):
+    """The plain formula with the host's additive bias and boolean mask (masked entries: zero features)."""
+    kx = (scale * q @ k.transpose(-1, -2) + bias).unsqueeze(-1) * torch.arange(1, grid + 1, dtype=q.dtype)
+    feats = torch.cat([kx.cos(), kx.sin()], -1) * keep.unsqueeze(-1).to(q.dtype)
+    return torch.einsum("bhijm,hjmr->bhir", feats, coef)
+
+
+@needs_kernel
+@pytest.mark.parametrize("whole", [1 << 20, 0], ids=["logits-per-pair", "logits-per-tile"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_bias_and_mask_match_the_plain_formula(dtype, tol, whole, monkeypatch):
+    """Strided views (stride 0 where they broadcast) of a per-head bias and a per-query mask, tiles included."""
+    monkeypatch.setattr(cpu_kernel, "TILE_KEYS", 8)
+    monkeypatch.setattr(cpu_kernel, "WHOLE_PAIR_LOGITS", whole)
+    b, h, n, nk, d, grid, r = 2, 3, 37, 21, 5, 3, 4
+    q = torch.randn(b, h, n, d, dtype=dtype, requires_grad=True)
+    k = torch.randn(b, h, nk, d, dtype=dtype, requires_grad=True)
+    coef = torch.randn(h, nk, 2 * grid, r, dtype=dtype, requires_grad=True)
+    bias = torch.randn(1, h, n, nk, dtype=dtype, requires_grad=True)
+    keep = torch.rand(b, 1, n, nk) > 0.3
+    shape = (b, h, n, nk)
+    out = cpu_kernel.fourier_reduce(q, k, coef, 0.7, grid, bias.expand(shape), keep.expand(shape))
+    want = _plain_masked(q, k, coef, 0.7, grid, bias, keep)
+    torch.testing.assert_close(out, want, rtol=tol, atol=tol * want.abs().max().item())
+    g = torch.randn_like(want)
+    inputs = (q, k, coef, bias)
+    for got, ref in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(want, inputs, g)):
+        torch.testing.assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@needs_kernel
+@pytest.mark.parametrize("extras", ["bias", "keys", "queries", "bias+keys", "bias+queries"])
+def test_hosts_bias_and_masks_run_the_kernel_and_match_the_reference(extras, monkeypatch):
+    """ViTDet (dense rel-pos bias, padded-window key mask) and Swin (bias table, shift masks per query) calls,
+    float64: outputs and the gradients of q, k, v, the bias and every operator parameter."""
+    monkeypatch.setattr(cpu_kernel, "TILE_KEYS", 16)  # several key tiles and a partial query tile at N = 37
+    b, h, n, d = 2, 2, 37, 4
+    cfg = KArAtConfig(basis_type="FourierBasis", grid=3, hidden_dim=3, impl="reference")
+    ref = KArAtCore(h, n, cfg).double()
+    eff = KArAtCore(h, n, cfg.replace(impl="efficient"), operator_factory=lambda *_: ref.operator).double()
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(b, h, n, n, dtype=torch.float64, requires_grad=True) if "bias" in extras else None
+    keep = None
+    if "keys" in extras:
+        keep = torch.rand(b, 1, 1, n) > 0.3
+    elif "queries" in extras:
+        keep = torch.rand(b, 1, n, n) > 0.3
+    if keep is not None:
+        keep[..., 0] = True
+    with torch.profiler.profile() as prof:
+        out = eff(q, k, v, bias=bias, key_mask=keep)
+        g = torch.randn_like(out)
+        inputs = [q, k, v] + ([bias] if bias is not None else []) + [
+            p for p in ref.operator.parameters() if p.requires_grad]
+        got = torch.autograd.grad(out, inputs, g, allow_unused=True)
+    names = {e.name for e in prof.events()}
+    assert "karat::fourier_reduce" in names and "karat::fourier_reduce_backward" in names
+    want_out = ref(q, k, v, bias=bias, key_mask=keep)
+    torch.testing.assert_close(out, want_out)
+    want = torch.autograd.grad(want_out, inputs, g, allow_unused=True)
+    for ge, gr in zip(got, want):
+        if gr is None:
+            assert ge is None or not ge.any()
+        else:
+            torch.testing.assert_close(ge, gr)
+
+
+@needs_kernel
+def test_opcheck_with_bias_and_mask():
+    """The optional bias (a broadcast view that needs a gradient) and mask through schema, fake and autograd."""
+    q, k = torch.randn(2, 2, 5, 3, requires_grad=True), torch.randn(2, 2, 6, 3, requires_grad=True)
+    coef = torch.randn(2, 6, 4, 3, requires_grad=True)
+    bias = torch.randn(1, 2, 5, 6, requires_grad=True).expand(2, 2, 5, 6)
+    keep = (torch.rand(2, 1, 1, 6) > 0.3).expand(2, 2, 5, 6)
+    torch.library.opcheck(cpu_kernel.fourier_reduce, (q, k, coef, 0.5, 2, bias, keep))
+    torch.library.opcheck(cpu_kernel.fourier_reduce, (q, k, coef, 0.5, 2, bias.detach(), None))
+    torch.library.opcheck(cpu_kernel.fourier_reduce, (q, k, coef, 0.5, 2, None, keep))
+
+
+@needs_kernel
+def test_a_vitdet_call_is_served_by_the_kernel():
+    """Decomposed rel-pos bias that needs a gradient and a padded-window key mask: the kernel, not PyTorch."""
+    from karat.relpos import DecomposedRelPos
+
+    b, h, side, d = 2, 2, 7, 8
+    n = side * side
+    core = KArAtCore(h, n, KArAtConfig(basis_type="FourierBasis", grid=3, hidden_dim=4, impl="efficient"))
+    q = torch.randn(b, h, n, d)
+    rel = DecomposedRelPos(torch.randn(b, h, n, side, requires_grad=True), torch.randn(b, h, n, side))
+    keep = torch.rand(b, 1, 1, n) > 0.2
+    choice = core.choose_path(q, rel, keep)
+    assert (choice.path, choice.detail) == ("efficient", "C++ CPU kernel"), choice.describe()
+    assert efficient.detail(core.operator, q, rel.dense(), keep) == "C++ CPU kernel"
+    assert efficient.detail(core.operator, q, rel.dense(), keep.float()) == "PyTorch, blockwise"  # not a bool mask

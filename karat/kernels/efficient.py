@@ -198,13 +198,22 @@ def _layer_coefficients(layer: KANLayer) -> torch.Tensor:
 
 def _fused_cpu(layer: KANLayer, q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor],
                key_mask: Optional[torch.Tensor]) -> bool:
-    """Whether the fused CPU kernel (``karat.kernels.fused_cpu``) serves this call: Fourier, no base, bias or mask. Its
-    threads add their coefficient gradients in whatever order they finish, so ``torch.use_deterministic_algorithms``
-    keeps the PyTorch path."""
+    """Whether the fused CPU kernel (``karat.kernels.fused_cpu``) serves this call: Fourier, no base, fp32/float64, a
+    floating bias and a bool mask if any. Its threads add their coefficient gradients in whatever order they finish,
+    so ``torch.use_deterministic_algorithms`` keeps the PyTorch path."""
     return (q.device.type == "cpu" and isinstance(layer.basis, FourierBasis) and not layer.has_base
             and not torch.are_deterministic_algorithms_enabled()
-            and bias is None and key_mask is None and q.dtype == k.dtype and q.dtype in (torch.float32, torch.float64)
+            and (bias is None or (bias.device.type == "cpu" and bias.is_floating_point()))
+            and (key_mask is None or (key_mask.device.type == "cpu" and key_mask.dtype == torch.bool))
+            and q.dtype == k.dtype and q.dtype in (torch.float32, torch.float64)
             and fused_cpu.available())
+
+
+def _expanded(t: Optional[torch.Tensor], shape: torch.Size, dtype: Optional[torch.dtype] = None):
+    """``t`` as a ``shape`` view (stride 0 where it broadcasts, no copy), for the fused kernel."""
+    if t is None:
+        return None
+    return (t if dtype is None else t.to(dtype)).expand(shape)
 
 
 def detail(op: KArAtOperator, q: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -224,7 +233,10 @@ def reduce_keys_qk(layer: KANLayer, q: torch.Tensor, k: torch.Tensor, bias: Opti
         bias = bias.expand(*([1] * (4 - bias.dim())), *bias.shape)
     if _fused_cpu(layer, q, k, bias, key_mask):
         coef = _layer_coefficients(layer).to(q.dtype)
-        return fused_cpu.fourier_reduce(q, k, coef, float(scale), layer.basis.grid)
+        shape = torch.Size((*q.shape[:-1], k.shape[-2]))
+        # the expand's backward sums the kernel's dense dL/dS back to the bias's own shape
+        return fused_cpu.fourier_reduce(q, k, coef, float(scale), layer.basis.grid, _expanded(bias, shape, q.dtype),
+                                        _expanded(key_mask, shape))
     width = layer.basis.num_functions + int(layer.has_base)
     block = block or block_size(q.shape[0] * q.shape[1] * q.shape[2], width, k.shape[-2], q.device)
     coef = _layer_coefficients(layer).to(q.dtype)

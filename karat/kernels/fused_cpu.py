@@ -3,13 +3,15 @@
 The PyTorch path (``karat.kernels.efficient``) evaluates each key block as separate passes: logits, then 2G feature
 planes, then a GEMM. On a CPU those elementwise passes over ``N x N x 2G`` entries dominate. The kernel in
 ``csrc/fourier_cpu.cpp`` instead walks each (batch, head) pair in (query tile, key tile) steps that stay in cache:
-one GEMM for the logits, one sin/cos per logit plus the angle-addition recurrence, one GEMM against the
-coefficients; backward recomputes the tile. It is registered with ``torch.library`` as ``karat::fourier_reduce``
-(with autograd and a fake kernel), so autograd, ``torch.compile``, ``torch.export`` and fx see one operator.
+one GEMM for the logits (plus the host's additive bias), one sin/cos per logit plus the angle-addition recurrence,
+the host's boolean mask, one GEMM against the coefficients; backward recomputes the tile. It is registered with
+``torch.library`` as ``karat::fourier_reduce`` (with autograd and a fake kernel), so autograd, ``torch.compile``,
+``torch.export`` and fx see one operator.
 
 The build is cached under ``~/.cache/karat`` (``KARAT_CACHE`` overrides) and keyed by the CPU's instruction set
-(it is built with ``-march=native``). Without a compiler, or if the build fails, :func:`available` returns
-False after one warning and ``karat.kernels.efficient`` keeps its PyTorch path; ``KARAT_CPU_KERNEL=0`` disables it.
+(it is built with ``-march=native``), the torch version and the kernel's source. Without a compiler, or if the
+build fails, :func:`available` returns False after one warning and ``karat.kernels.efficient`` keeps its PyTorch
+path; ``KARAT_CPU_KERNEL=0`` disables it.
 """
 from __future__ import annotations
 
@@ -35,7 +37,11 @@ def _cache_dir() -> Path:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         pass
-    key = hashlib.sha1(f"{flags}|{torch.__version__}".encode()).hexdigest()[:12]
+    try:  # a changed kernel builds into its own directory instead of reusing (or rebuilding over) another's
+        source = hashlib.sha1(SOURCE.read_bytes()).hexdigest()
+    except OSError:
+        source = ""
+    key = hashlib.sha1(f"{flags}|{torch.__version__}|{source}".encode()).hexdigest()[:12]
     path = root / f"cpu_kernel_{key}"
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -69,26 +75,43 @@ def available() -> bool:
     return extension() is not None
 
 
-@torch.library.custom_op("karat::fourier_reduce", mutates_args=(), device_types="cpu")
-def fourier_reduce(q: torch.Tensor, k: torch.Tensor, coef: torch.Tensor, scale: float, grid: int) -> torch.Tensor:
-    """``(B, H, N, r)``: ``sum_j sum_m B_m(scale q_i . k_j) coef[h, j, m]``, Fourier features ``B`` of order ``grid``.
+def _check_extras(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor],
+                  key_mask: Optional[torch.Tensor]) -> None:
+    shape = (*q.shape[:-1], k.shape[-2])
+    if bias is not None and (tuple(bias.shape) != shape or bias.dtype != q.dtype):
+        raise ValueError(f"karat::fourier_reduce: bias must be a {q.dtype} view of shape {shape} (expand it, do not "
+                         f"copy), got {bias.dtype} {tuple(bias.shape)}")
+    if key_mask is not None and (tuple(key_mask.shape) != shape or key_mask.dtype != torch.bool):
+        raise ValueError(f"karat::fourier_reduce: key_mask must be a bool view of shape {shape} (expand it), got "
+                         f"{key_mask.dtype} {tuple(key_mask.shape)}")
 
-    q ``(B, H, N, d)``, k ``(B, H, N_k, d)``, coef ``(H, N_k, 2 grid, r)``, all fp32 or all float64."""
+
+@torch.library.custom_op("karat::fourier_reduce", mutates_args=(), device_types="cpu")
+def fourier_reduce(q: torch.Tensor, k: torch.Tensor, coef: torch.Tensor, scale: float, grid: int,
+                   bias: Optional[torch.Tensor] = None, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(B, H, N, r)``: ``sum_j mask_ij sum_m B_m(scale q_i . k_j + bias_ij) coef[h, j, m]``, Fourier features
+    ``B`` of order ``grid``.
+
+    q ``(B, H, N, d)``, k ``(B, H, N_k, d)``, coef ``(H, N_k, 2 grid, r)``, all fp32 or all float64; the optional
+    bias (q's dtype) and key_mask (bool) are ``(B, H, N, N_k)`` views, stride 0 where they broadcast."""
     ext = extension()
     if ext is None:
         raise RuntimeError("karat::fourier_reduce needs the fused CPU kernel, which could not be built")
-    return ext.forward(q, k, coef, scale, grid, TILE_KEYS, WHOLE_PAIR_LOGITS)
+    _check_extras(q, k, bias, key_mask)
+    return ext.forward(q, k, coef, scale, grid, TILE_KEYS, WHOLE_PAIR_LOGITS, bias, key_mask)
 
 
 @fourier_reduce.register_fake
-def _(q, k, coef, scale, grid):
+def _(q, k, coef, scale, grid, bias=None, key_mask=None):
     return q.new_empty(*q.shape[:-1], coef.shape[-1])
 
 
 @torch.library.custom_op("karat::fourier_reduce_backward", mutates_args=(), device_types="cpu")
 def fourier_reduce_backward(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, coef: torch.Tensor, scale: float,
-                            grid: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(dq, dk, dcoef)`` of :func:`fourier_reduce`, recomputing each tile (nothing N x N is kept)."""
+                            grid: int, bias: Optional[torch.Tensor] = None, key_mask: Optional[torch.Tensor] = None,
+                            need_bias: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dcoef, dS)`` of :func:`fourier_reduce`, recomputing each tile (nothing N x N is kept
+    unless ``need_bias`` asks for the logit gradient ``dS = dL/dbias``, ``(B, H, N, N_k)``; else it is empty)."""
     ext = extension()
     if ext is None:
         raise RuntimeError("karat::fourier_reduce_backward needs the fused CPU kernel, which could not be built")
@@ -96,25 +119,28 @@ def fourier_reduce_backward(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     freq = torch.arange(1, grid + 1, dtype=coef.dtype)
     perm = torch.cat([torch.arange(grid, 2 * grid), torch.arange(grid)])
     coef_rot = coef[:, :, perm] * torch.cat([freq, -freq])[:, None]
-    dq, dk, dcoef = ext.backward(dy, q, k, coef_rot, scale, grid, TILE_KEYS, WHOLE_PAIR_LOGITS)
-    return dq, dk, dcoef
+    dq, dk, dcoef, dbias = ext.backward(dy, q, k, coef_rot, scale, grid, TILE_KEYS, WHOLE_PAIR_LOGITS, bias, key_mask,
+                                        bool(need_bias and bias is not None))
+    return dq, dk, dcoef, dbias
 
 
 @fourier_reduce_backward.register_fake
-def _(dy, q, k, coef, scale, grid):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(coef)
+def _(dy, q, k, coef, scale, grid, bias=None, key_mask=None, need_bias=False):
+    dbias = q.new_empty(*q.shape[:-1], k.shape[-2]) if need_bias and bias is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(coef), dbias
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, coef, scale, grid = inputs
-    ctx.save_for_backward(q, k, coef)
+    q, k, coef, scale, grid, bias, key_mask = inputs
+    ctx.save_for_backward(q, k, coef, bias, key_mask)
     ctx.scale, ctx.grid = scale, grid
 
 
 def _backward(ctx, dy):
-    q, k, coef = ctx.saved_tensors
-    dq, dk, dcoef = fourier_reduce_backward(dy, q, k, coef, ctx.scale, ctx.grid)
-    return dq, dk, dcoef, None, None
+    q, k, coef, bias, key_mask = ctx.saved_tensors
+    need_bias = bias is not None and ctx.needs_input_grad[5]
+    dq, dk, dcoef, dbias = fourier_reduce_backward(dy, q, k, coef, ctx.scale, ctx.grid, bias, key_mask, need_bias)
+    return dq, dk, dcoef, None, None, dbias if need_bias else None, None
 
 
 fourier_reduce.register_autograd(_backward, setup_context=_setup_context)

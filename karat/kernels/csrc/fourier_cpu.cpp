@@ -1,6 +1,7 @@
 // Fused CPU kernel for the Fourier KAN reduction of KArAt's phi1_w2 operator (karat/cpu_kernel.py).
 //
-//   hidden[b,h,i,:] = sum_j sum_m B_m(scale * q_i . k_j) coef[h,j,m,:],  B = (cos x, .., cos Gx, sin x, .., sin Gx)
+//   hidden[b,h,i,:] = sum_j mask_ij sum_m B_m(scale * q_i . k_j + bias_ij) coef[h,j,m,:],
+//   B = (cos x, .., cos Gx, sin x, .., sin Gx); bias and mask optional, any strides (0 where they broadcast)
 //
 // One pass per (query tile, key tile) of every (batch, head) pair: the logits tile comes from one small GEMM,
 // its 2G features are evaluated in cache (one sin/cos per logit, the angle-addition recurrence for the higher
@@ -129,12 +130,51 @@ struct Logits {
   int64_t npad;
 };
 
-// Logits (nj, TQ) of keys [j0, j0+nj) and queries [i0, i0+TQ) and their features; returns the logits pointer
-// and its row stride (the backward writes the logit gradients there).
+// The optional additive bias and boolean mask of one (batch, head) pair: element (i, j) at i * sq + j * sk
+// (strides 0 where the host's tensor broadcasts); null pointers where absent.
+template <typename T>
+struct Extras {
+  const T* bias = nullptr;
+  int64_t bq = 0, bk = 0;
+  const bool* mask = nullptr;
+  int64_t mq = 0, mk = 0;
+};
+
+// The (B, H, N, Nk) views of the optional bias and mask; pair(b, h) gives one pair's pointers.
+template <typename T>
+struct ExtrasAll {
+  at::Tensor bias, mask;
+  Extras<T> pair(int64_t b, int64_t h) const {
+    Extras<T> e;
+    if (bias.defined()) {
+      e.bias = bias.data_ptr<T>() + b * bias.stride(0) + h * bias.stride(1);
+      e.bq = bias.stride(2);
+      e.bk = bias.stride(3);
+    }
+    if (mask.defined()) {
+      e.mask = mask.data_ptr<bool>() + b * mask.stride(0) + h * mask.stride(1);
+      e.mq = mask.stride(2);
+      e.mk = mask.stride(3);
+    }
+    return e;
+  }
+};
+
+at::Tensor optional_view(const c10::optional<at::Tensor>& t, const at::Tensor& q, int64_t nk) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  at::Tensor v = t->detach();
+  TORCH_CHECK(v.dim() == 4 && v.size(0) == q.size(0) && v.size(1) == q.size(1) && v.size(2) == q.size(2) &&
+                  v.size(3) == nk,
+              "karat::fourier_reduce: bias and key_mask must be (B, H, N, Nk) views (expand them)");
+  return v;
+}
+
+// Logits (nj, TQ) of keys [j0, j0+nj) and queries [i0, i0+TQ) (plus the bias) and their (masked) features;
+// returns the logits pointer and its row stride (the backward writes the logit gradients there).
 template <typename T>
 std::pair<T*, int64_t> logits_and_features(Scratch<T>& sc, const Logits<T>& lg, const at::Tensor& qpad,
                                            const at::Tensor& kp, int64_t i0, int64_t j0, int64_t nj, int64_t ni,
-                                           int64_t grid) {
+                                           int64_t grid, const Extras<T>& ex) {
   T* x = sc.logits.data();
   int64_t ld = TQ;
   if (lg.whole != nullptr) {
@@ -144,10 +184,28 @@ std::pair<T*, int64_t> logits_and_features(Scratch<T>& sc, const Logits<T>& lg, 
     at::Tensor s = blob(x, {nj, TQ}, kp);
     at::mm_out(s, kp.narrow(0, j0, nj), qpad.narrow(0, i0, TQ).t());
   }
+  if (ex.bias != nullptr) {  // each tile is visited once per pass, so the bias is added in place
+    for (int64_t j = 0; j < nj; ++j) {
+      const T* bj = ex.bias + i0 * ex.bq + (j0 + j) * ex.bk;
+      T* xj = x + j * ld;
+      for (int64_t i = 0; i < ni; ++i) xj[i] += bj[i * ex.bq];
+    }
+  }
   tile_features<T>(x, ld, sc.c1.data(), sc.s1.data(), sc.feats.data(), nj, grid);
+  const int64_t m = 2 * grid;
   if (ni < TQ) {  // padded queries add nothing
-    const int64_t rows = nj * 2 * grid;
+    const int64_t rows = nj * m;
     for (int64_t e = 0; e < rows; ++e) std::fill(sc.feats.data() + e * TQ + ni, sc.feats.data() + (e + 1) * TQ, T(0));
+  }
+  if (ex.mask != nullptr) {  // masked entries have zero features: no output, zero gradients
+    for (int64_t j = 0; j < nj; ++j) {
+      const bool* mj = ex.mask + i0 * ex.mq + (j0 + j) * ex.mk;
+      T* f = sc.feats.data() + j * m * TQ;
+      for (int64_t i = 0; i < ni; ++i) {
+        if (mj[i * ex.mq]) continue;
+        for (int64_t mm = 0; mm < m; ++mm) f[mm * TQ + i] = T(0);
+      }
+    }
   }
   return {x, ld};
 }
@@ -230,7 +288,8 @@ void logit_grads(Scratch<T>& sc, const T* c, int64_t nj, int64_t m, int64_t r, T
 // pair with at most whole_limit (padded) logits gets them all from one GEMM (fewer, larger calls), a larger one
 // from one GEMM per tile (a small buffer).
 at::Tensor fourier_reduce_forward(at::Tensor q, at::Tensor k, at::Tensor coef, double scale, int64_t grid,
-                                  int64_t tk, int64_t whole_limit) {
+                                  int64_t tk, int64_t whole_limit, c10::optional<at::Tensor> bias,
+                                  c10::optional<at::Tensor> key_mask) {
   // Detached: the tiles below run on worker threads, where autograd's thread-local state does not follow.
   q = rows(q.detach());
   k = rows(k.detach());
@@ -239,7 +298,9 @@ at::Tensor fourier_reduce_forward(at::Tensor q, at::Tensor k, at::Tensor coef, d
   const int64_t r = coef.size(3), m = 2 * grid, npad = (n + TQ - 1) / TQ * TQ;
   const bool whole = nk * npad <= whole_limit;
   at::Tensor out = at::zeros({batch, heads, n, r}, q.options());
+  at::Tensor bview = optional_view(bias, q, nk), mview = optional_view(key_mask, q, nk);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fourier_reduce_forward", [&] {
+    const ExtrasAll<scalar_t> extras{bview, mview};
     at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
       at::NoGradGuard no_grad;
       Scratch<scalar_t> sc(tk, m, d, r, npad, whole ? nk * npad : 0);
@@ -251,6 +312,7 @@ at::Tensor fourier_reduce_forward(at::Tensor q, at::Tensor k, at::Tensor coef, d
         at::Tensor kp = k[b][h];
         const scalar_t* cp = coef[h].data_ptr<scalar_t>();
         scalar_t* op = out[b][h].data_ptr<scalar_t>();
+        const Extras<scalar_t> ex = extras.pair(b, h);
         load_queries<scalar_t>(sc, q[b][h], n, d, scale);
         if (whole) {
           at::Tensor all = blob(lg.whole, {nk, npad}, q);
@@ -261,7 +323,7 @@ at::Tensor fourier_reduce_forward(at::Tensor q, at::Tensor k, at::Tensor coef, d
           std::fill(acc.begin(), acc.end(), scalar_t(0));
           for (int64_t j0 = 0; j0 < nk; j0 += tk) {
             const int64_t nj = std::min(tk, nk - j0);
-            logits_and_features<scalar_t>(sc, lg, qpad, kp, i0, j0, nj, ni, grid);
+            logits_and_features<scalar_t>(sc, lg, qpad, kp, i0, j0, nj, ni, grid, ex);
             contract<scalar_t>(sc.feats.data(), cp + j0 * m * r, nj * m, r, acc.data());
           }
           for (int64_t i = 0; i < ni; ++i)
@@ -275,8 +337,11 @@ at::Tensor fourier_reduce_forward(at::Tensor q, at::Tensor k, at::Tensor coef, d
 
 // Gradients of fourier_reduce_forward: dy (B,H,N,r); coef_rot (H,Nk,2G,r) holds row m = scale_m coef[perm(m)]
 // (the derivative map dB_m/dx = scale_m B_perm(m)), so dL/dx = sum_m (dy coef_rot^T)_m B_m needs no new sin/cos.
+// With a bias that needs a gradient (need_bias), the logit gradients dL/dS also come back, dense (B,H,N,Nk).
 std::vector<at::Tensor> fourier_reduce_backward(at::Tensor dy, at::Tensor q, at::Tensor k, at::Tensor coef_rot,
-                                                double scale, int64_t grid, int64_t tk, int64_t whole_limit) {
+                                                double scale, int64_t grid, int64_t tk, int64_t whole_limit,
+                                                c10::optional<at::Tensor> bias, c10::optional<at::Tensor> key_mask,
+                                                bool need_bias) {
   q = rows(q.detach());
   k = rows(k.detach());
   dy = dy.detach().contiguous();
@@ -288,8 +353,12 @@ std::vector<at::Tensor> fourier_reduce_backward(at::Tensor dy, at::Tensor q, at:
   // Pairs run head-major (p = h * batch + b) in contiguous ranges per thread, so a thread accumulates the
   // coefficient gradient of one head at a time in its own buffer and adds it in when the head changes.
   at::Tensor dcoef_all = at::zeros({heads, nk * m, r}, q.options());
+  at::Tensor bview = optional_view(bias, q, nk), mview = optional_view(key_mask, q, nk);
+  // every (query, key) entry is written below
+  at::Tensor dbias = need_bias ? at::empty({batch, heads, n, nk}, q.options()) : at::empty({0}, q.options());
   std::mutex dcoef_lock;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fourier_reduce_backward", [&] {
+    const ExtrasAll<scalar_t> extras{bview, mview};
     at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
       at::NoGradGuard no_grad;
       Scratch<scalar_t> sc(tk, m, d, r, npad, whole ? nk * npad : 0);
@@ -315,6 +384,8 @@ std::vector<at::Tensor> fourier_reduce_backward(at::Tensor dy, at::Tensor q, at:
         }
         const scalar_t* crot = coef_rot[h].data_ptr<scalar_t>();
         const scalar_t* dyp = dy[b][h].data_ptr<scalar_t>();
+        const Extras<scalar_t> ex = extras.pair(b, h);
+        scalar_t* dbp = need_bias ? dbias.data_ptr<scalar_t>() + (b * heads + h) * n * nk : nullptr;
         load_queries<scalar_t>(sc, q[b][h], n, d, scale);
         at::Tensor all = whole ? blob(lg.whole, {nk, npad}, q) : at::Tensor();
         if (whole) at::mm_out(all, kp, qpad.t());
@@ -327,11 +398,17 @@ std::vector<at::Tensor> fourier_reduce_backward(at::Tensor dy, at::Tensor q, at:
           at::Tensor qt = qpad.narrow(0, i0, TQ);
           for (int64_t j0 = 0; j0 < nk; j0 += tk) {
             const int64_t nj = std::min(tk, nk - j0);
-            auto [x, ld] = logits_and_features<scalar_t>(sc, lg, qpad, kp, i0, j0, nj, ni, grid);
+            auto [x, ld] = logits_and_features<scalar_t>(sc, lg, qpad, kp, i0, j0, nj, ni, grid, ex);
             at::Tensor feats = blob(sc.feats.data(), {nj * m, TQ}, q);
             dcoef.narrow(0, j0 * m, nj * m).addmm_(feats, dyt.t());
             // dL/dlogit[j, i] = sum_m feats[j, m, i] sum_o dy[i, o] coef_rot[j, m, o], over the logits just used
             logit_grads<scalar_t>(sc, crot + j0 * m * r, nj, m, r, x, ld);
+            if (dbp != nullptr) {  // dL/dbias = dL/dS
+              for (int64_t i = 0; i < ni; ++i) {
+                scalar_t* row = dbp + (i0 + i) * nk + j0;
+                for (int64_t j = 0; j < nj; ++j) row[j] = x[j * ld + i];
+              }
+            }
             if (!whole) {
               at::Tensor dst = blob(x, {nj, TQ}, q);
               dqt.addmm_(dst.t(), kp.narrow(0, j0, nj));
@@ -348,7 +425,7 @@ std::vector<at::Tensor> fourier_reduce_backward(at::Tensor dy, at::Tensor q, at:
       flush();
     });
   });
-  return {dq, dk, dcoef_all.view({heads, nk, m, r})};
+  return {dq, dk, dcoef_all.view({heads, nk, m, r}), dbias};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
