@@ -16,8 +16,8 @@ CHECK = textwrap.dedent("""
 
     torch.manual_seed(0)
 
-    def check(n, grid, r, base="ZeroModule", bias=None, mask=None, relpos=None, heads=2, batch=2):
-        cfg = KArAtConfig(grid=grid, hidden_dim=r, base_fn=base)
+    def check(n, grid, r, base="ZeroModule", bias=None, mask=None, relpos=None, heads=2, batch=2, **options):
+        cfg = KArAtConfig(grid=grid, hidden_dim=r, base_fn=base, **options)
         ref = KArAtCore(heads, n, cfg.replace(impl="reference"))
         with torch.no_grad():  # trained-looking coefficients, not the small initial ones
             for p in ref.operator.parameters():
@@ -54,6 +54,10 @@ CHECK = textwrap.dedent("""
     check(36, 2, 5, mask="query", bias="dense")  # Swin's shifted windows
     check(35, 2, 5, relpos=(5, 7), mask="key")  # ViTDet window block
     check(35, 3, 12, relpos=(7, 5), base="nn.SiLU", mask="query")  # everything at once
+    check(37, 4, 5, basis_type="SplineBasis")  # cubic B-splines on 4 intervals of [-1, 1]
+    check(36, 3, 12, basis_type="SplineBasis", order=2, grid_range=(-2.0, 1.5), base="nn.SiLU", bias="dense",
+          mask="query")
+    check(35, 5, 5, basis_type="SplineBasis", order=1, relpos=(5, 7), mask="key")
     print("fused kernels match the reference")
 """)
 
@@ -72,9 +76,9 @@ def test_fused_refuses_what_it_cannot_serve():
 
     from karat import KArAtConfig, KArAtCore, kernels
 
-    core = KArAtCore(2, 9, KArAtConfig(impl="fused", basis_type="SplineBasis"))
+    core = KArAtCore(2, 9, KArAtConfig(impl="fused", basis_type="RationalBasis"))
     q = torch.randn(1, 2, 9, 16)
-    with pytest.raises(ValueError, match="impl='fused' cannot serve.*Fourier"):
+    with pytest.raises(ValueError, match="impl='fused' cannot serve.*Fourier and B-spline"):
         core(q, q, q)
     gelu = KArAtCore(2, 9, KArAtConfig(impl="fused", base_fn="nn.GELU"))
     with pytest.raises(ValueError, match="SiLU base function, not GELU"):

@@ -8,11 +8,13 @@ import sys
 import pytest
 
 # (head_dim, G, r, q/k dtype, flags): the plain ViT kernel; every flag at once (bias, decomposed rel-pos, mask,
-# SiLU base: each adds code, none removes any); the largest program (head_dim 256, G = 16) with every flag.
+# SiLU base: each adds code, none removes any); the largest program (head_dim 256, G = 16) with every flag; cubic
+# B-splines with every flag.
 VARIANTS = [
     (64, 3, 12, "fp32", {}),
     (64, 3, 12, "bf16", dict(bias=True, relpos=True, mask=True, base=True)),
     (256, 16, 16, "fp16", dict(bias=True, relpos=True, mask=True, base=True)),
+    (64, 5, 12, "bf16", dict(spline=3, bias=True, relpos=True, mask=True, base=True)),
 ]
 
 SCRIPT = """
@@ -25,7 +27,7 @@ print(json.dumps(fused_triton.compile_offline(arch, d, g, r, dtype, **flags)))
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("variant", VARIANTS, ids=["plain", "all-flags", "d256-g16-all-flags"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=["plain", "all-flags", "d256-g16-all-flags", "bspline-all-flags"])
 def test_every_kernel_variant_compiles_for_the_gpu(arch, variant):
     pytest.importorskip("triton")
     import json

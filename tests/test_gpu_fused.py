@@ -63,9 +63,11 @@ VARIANTS = {
     "swin-window": (4, 3, 144, 32, 3, 12, {}, dict(bias="dense", mask="query")),
     "silu-base-padded": (2, 3, 197, 64, 3, 12, dict(base_fn="nn.SiLU"), dict(mask="key")),
     "small-everything": (2, 2, 35, 16, 2, 5, dict(base_fn="nn.SiLU"), dict(relpos=(5, 7), mask="query")),
+    "bspline-padded": (2, 3, 197, 64, 5, 12, dict(basis_type="SplineBasis"), dict(mask="key")),
+    "bspline-small": (2, 2, 35, 16, 3, 5, dict(basis_type="SplineBasis", order=2), dict(bias="dense")),
 }
 # the interpreter runs these (seconds, not minutes)
-TINY = {"ragged-d16-r5", "frozen-basis", "mixed-head", "small-everything"}
+TINY = {"ragged-d16-r5", "frozen-basis", "mixed-head", "small-everything", "bspline-small"}
 
 _RESULTS: List[Dict] = []
 _COMPILED: List[Dict] = []

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for ``phi1_w2`` with the Fourier basis: what every host runs on CUDA.
+"""Fused Triton kernels for ``phi1_w2`` with the Fourier or B-spline basis: what every host runs on CUDA.
 
 Flash-attention style: tiles of ``S = q k^T (+ bias)`` are recomputed from ``q`` and ``k`` in registers and never
 written to memory, and so are their features (``cos gS``, ``sin gS`` by the angle-addition recurrence from one
@@ -20,6 +20,8 @@ The same three kernels serve every variant through compile-time flags:
 * a boolean key mask broadcastable to ``(B, H, N, N)``: padding (one row for all queries) and shifted windows
   (per query); a masked entry has zero features and zero gradient;
 * the SiLU base function as one more feature with its own coefficients;
+* B-splines of any order on the basis's uniform knots instead of Fourier features (the cardinal B-spline as a
+  truncated-power sum, evaluated on the half of its support nearer 0, and its derivative the same way);
 * bf16 / fp16 ``q, k`` (after autocast or ``model.half()``): loaded into fp32, every sum in fp32.
 
 Precision per product: ``q k^T`` is IEEE fp32 (its error would be multiplied by the frequencies ``g <= G``); the
@@ -45,7 +47,7 @@ try:  # Triton ships with CUDA builds of torch; the core works without it.
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
 
-from ..bases import FourierBasis
+from ..bases import FourierBasis, SplineBasis
 from ..operator import KArAtOperator
 from ..precision import autocast_off, output_dtype, upcast
 from ..relpos import Bias, DecomposedRelPos
@@ -75,9 +77,12 @@ def supports(op: KArAtOperator, q: torch.Tensor, bias: Optional[Bias],
         return "w1_phi2 needs no kernel: the efficient path is linear in N (U = q (W k)^T)"
     if op.mode != "phi1_w2":
         return "the fused kernels cover phi1_w2 (a non-modular operator runs blockwise in the efficient path)"
-    if not isinstance(op.phi.basis, FourierBasis):
-        return (f"the fused kernels evaluate Fourier features; {type(op.phi.basis).__name__} runs blockwise in the "
-                "efficient path")
+    basis = op.phi.basis
+    if not isinstance(basis, (FourierBasis, SplineBasis)):
+        return (f"the fused kernels evaluate Fourier and B-spline features; {type(basis).__name__} runs blockwise "
+                "in the efficient path")
+    if isinstance(basis, SplineBasis) and basis.order < 1:
+        return "the fused kernels evaluate B-splines of order >= 1"
     if op.cfg.project_l1:
         return "project_l1 needs the materialised sigma(S)"
     if op.phi.has_base and not isinstance(op.phi.base_fn, nn.SiLU):
@@ -140,11 +145,41 @@ if triton is not None:
         return s, valid
 
     @triton.jit
+    def _bspline(s, m: tl.constexpr, LO, INVH, K: tl.constexpr, DERIV: tl.constexpr):
+        """B-spline ``m`` of order K on uniform knots (its derivative in s with DERIV=1): the cardinal B-spline
+        ``N_K(u)``, ``u = (s - lo) / h + K - m``, as the truncated-power sum over the half of its support nearer
+        0 (``N_K(u) = N_K(K + 1 - u)``), which keeps the terms small."""
+        u = (s - LO) * INVH + (K - m)
+        far = u > (K + 1) * 0.5
+        v = tl.where(far, (K + 1) - u, u)
+        P: tl.constexpr = K - DERIV
+        acc = tl.zeros_like(s)
+        c = 1.0  # (-1)^i binom(K + 1, i)
+        for i in tl.static_range(K + 2):
+            t = v - i
+            if P == 0:
+                p = tl.where(t > 0.0, 1.0, 0.0)
+            else:
+                t = tl.maximum(t, 0.0)
+                p = t
+                for _ in tl.static_range(P - 1):
+                    p = p * t
+            acc += c * p
+            c = -c * (K + 1 - i) / (i + 1)
+        fact = 1.0
+        for j in tl.static_range(1, P + 1):
+            fact = fact * j
+        val = acc / fact
+        if DERIV == 1:
+            val = tl.where(far, -val, val) * INVH
+        return tl.where((u >= 0.0) & (u < K + 1.0), val, 0.0)
+
+    @triton.jit
     def _phi_fwd_kernel(Q, K, C, Hout, BIAS, RELH, RELW, MASK, N, R, sqb, sqn, skb, skn, scj, scm, shb, shn, heads,
-                        sbb, sbh, sbi, sbj, KH, KW, smb, smh, smi, smj,
+                        sbb, sbh, sbi, sbj, KH, KW, smb, smh, smi, smj, LO, INVH,
                         D: tl.constexpr, G: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                         HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, HAS_MASK: tl.constexpr,
-                        HAS_BASE: tl.constexpr, DOT: tl.constexpr):
+                        HAS_BASE: tl.constexpr, DOT: tl.constexpr, SPLINE: tl.constexpr, BROW: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         h = bh % heads
@@ -159,53 +194,63 @@ if triton is not None:
             kt = _cols(K, bh, skb, skn, offs_n, offs_d, N)
             s, valid = _logits(q, kt, bh, heads, offs_m, offs_n, N, BIAS, sbb, sbh, sbi, sbj, RELH, RELW, KH, KW,
                                MASK, smb, smh, smi, smj, HAS_BIAS, HAS_REL, HAS_MASK)
-            c1 = tl.where(valid, tl.cos(s), 0.0)  # zero features where masked: the recurrence keeps them zero
-            s1 = tl.where(valid, tl.sin(s), 0.0)
-            ck = c1
-            sk = s1
             coef = c_head + offs_n[:, None] * scj + offs_r[None, :]
             cmask = (offs_n[:, None] < N) & (offs_r[None, :] < R)
-            for g in tl.static_range(G):
-                cc = tl.load(coef + g * scm, mask=cmask, other=0.0)
-                cs = tl.load(coef + (G + g) * scm, mask=cmask, other=0.0)
-                acc += tl.dot(ck, cc, input_precision=DOT) + tl.dot(sk, cs, input_precision=DOT)
-                ck, sk = ck * c1 - sk * s1, sk * c1 + ck * s1
+            if SPLINE == 0:
+                c1 = tl.where(valid, tl.cos(s), 0.0)  # zero features where masked: the recurrence keeps them zero
+                s1 = tl.where(valid, tl.sin(s), 0.0)
+                ck = c1
+                sk = s1
+                for g in tl.static_range(G):
+                    cc = tl.load(coef + g * scm, mask=cmask, other=0.0)
+                    cs = tl.load(coef + (G + g) * scm, mask=cmask, other=0.0)
+                    acc += tl.dot(ck, cc, input_precision=DOT) + tl.dot(sk, cs, input_precision=DOT)
+                    ck, sk = ck * c1 - sk * s1, sk * c1 + ck * s1
+            else:
+                for m in tl.static_range(G + SPLINE):
+                    f = tl.where(valid, _bspline(s, m, LO, INVH, SPLINE, 0), 0.0)
+                    acc += tl.dot(f, tl.load(coef + m * scm, mask=cmask, other=0.0), input_precision=DOT)
             if HAS_BASE:
                 base = tl.where(valid, s * tl.sigmoid(s), 0.0)
-                acc += tl.dot(base, tl.load(coef + 2 * G * scm, mask=cmask, other=0.0), input_precision=DOT)
+                acc += tl.dot(base, tl.load(coef + BROW * scm, mask=cmask, other=0.0), input_precision=DOT)
         tl.store(Hout + bh * shb + offs_m[:, None] * shn + offs_r[None, :], acc,
                  mask=(offs_m[:, None] < N) & (offs_r[None, :] < R))
 
     @triton.jit
-    def _dscore(s, valid, dh, c_head, offs_n, offs_r, N, R, scj, scm, G: tl.constexpr, HAS_BASE: tl.constexpr,
-                DOT: tl.constexpr):
+    def _dscore(s, valid, dh, c_head, offs_n, offs_r, N, R, scj, scm, LO, INVH, G: tl.constexpr,
+                HAS_BASE: tl.constexpr, DOT: tl.constexpr, SPLINE: tl.constexpr, BROW: tl.constexpr):
         """dL/dS for one tile from dL/dH (``dh``, (BM, RP)); zero where the tile is not valid."""
-        c1 = tl.where(valid, tl.cos(s), 0.0)
-        s1 = tl.where(valid, tl.sin(s), 0.0)
-        ck = c1
-        sk = s1
         ds = tl.zeros_like(s)
         coef_t = c_head + offs_n[None, :] * scj + offs_r[:, None]
         cmask = (offs_n[None, :] < N) & (offs_r[:, None] < R)
-        for g in tl.static_range(G):
-            dfc = tl.dot(dh, tl.load(coef_t + g * scm, mask=cmask, other=0.0), input_precision=DOT)
-            dfs = tl.dot(dh, tl.load(coef_t + (G + g) * scm, mask=cmask, other=0.0), input_precision=DOT)
-            ds += (g + 1.0) * (dfs * ck - dfc * sk)
-            ck, sk = ck * c1 - sk * s1, sk * c1 + ck * s1
+        if SPLINE == 0:
+            c1 = tl.where(valid, tl.cos(s), 0.0)
+            s1 = tl.where(valid, tl.sin(s), 0.0)
+            ck = c1
+            sk = s1
+            for g in tl.static_range(G):
+                dfc = tl.dot(dh, tl.load(coef_t + g * scm, mask=cmask, other=0.0), input_precision=DOT)
+                dfs = tl.dot(dh, tl.load(coef_t + (G + g) * scm, mask=cmask, other=0.0), input_precision=DOT)
+                ds += (g + 1.0) * (dfs * ck - dfc * sk)
+                ck, sk = ck * c1 - sk * s1, sk * c1 + ck * s1
+        else:
+            for m in tl.static_range(G + SPLINE):
+                df = tl.dot(dh, tl.load(coef_t + m * scm, mask=cmask, other=0.0), input_precision=DOT)
+                ds += df * _bspline(s, m, LO, INVH, SPLINE, 1)
         if HAS_BASE:
             sig = tl.sigmoid(s)
-            dfb = tl.dot(dh, tl.load(coef_t + 2 * G * scm, mask=cmask, other=0.0), input_precision=DOT)
+            dfb = tl.dot(dh, tl.load(coef_t + BROW * scm, mask=cmask, other=0.0), input_precision=DOT)
             ds += dfb * (sig * (1.0 + s * (1.0 - sig)))
         return tl.where(valid, ds, 0.0)
 
     @triton.jit
     def _phi_bwd_dq_kernel(Q, K, C, DH, DQ, BIAS, RELH, RELW, MASK, DB, DRELH, DRELW,
                            N, R, sqb, sqn, skb, skn, scj, scm, shb, shn, heads,
-                           sbb, sbh, sbi, sbj, KH, KW, smb, smh, smi, smj,
+                           sbb, sbh, sbi, sbj, KH, KW, smb, smh, smi, smj, LO, INVH,
                            D: tl.constexpr, G: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, HAS_MASK: tl.constexpr,
-                           HAS_BASE: tl.constexpr, DOT: tl.constexpr, BIAS_GRAD: tl.constexpr,
-                           KHP: tl.constexpr, KWP: tl.constexpr):
+                           HAS_BASE: tl.constexpr, DOT: tl.constexpr, SPLINE: tl.constexpr, BROW: tl.constexpr,
+                           BIAS_GRAD: tl.constexpr, KHP: tl.constexpr, KWP: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         h = bh % heads
@@ -225,7 +270,8 @@ if triton is not None:
             kt = _cols(K, bh, skb, skn, offs_n, offs_d, N)
             s, valid = _logits(q, kt, bh, heads, offs_m, offs_n, N, BIAS, sbb, sbh, sbi, sbj, RELH, RELW, KH, KW,
                                MASK, smb, smh, smi, smj, HAS_BIAS, HAS_REL, HAS_MASK)
-            ds = _dscore(s, valid, dh, c_head, offs_n, offs_r, N, R, scj, scm, G, HAS_BASE, DOT)
+            ds = _dscore(s, valid, dh, c_head, offs_n, offs_r, N, R, scj, scm, LO, INVH, G, HAS_BASE, DOT, SPLINE,
+                         BROW)
             dq += tl.dot(ds, tl.trans(kt), input_precision=DOT)
             if BIAS_GRAD:
                 tl.store(DB + bh * N * N + offs_m[:, None] * N + offs_n[None, :], ds,
@@ -246,10 +292,10 @@ if triton is not None:
     @triton.jit
     def _phi_bwd_dk_kernel(Q, K, C, DH, DK, DC, BIAS, RELH, RELW, MASK,
                            N, R, sqb, sqn, skb, skn, scj, scm, shb, shn, sdb, sdj, sdm, heads,
-                           sbb, sbh, sbi, sbj, KH, KW, smb, smh, smi, smj,
+                           sbb, sbh, sbi, sbj, KH, KW, smb, smh, smi, smj, LO, INVH,
                            D: tl.constexpr, G: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, HAS_MASK: tl.constexpr,
-                           HAS_BASE: tl.constexpr, DOT: tl.constexpr):
+                           HAS_BASE: tl.constexpr, DOT: tl.constexpr, SPLINE: tl.constexpr, BROW: tl.constexpr):
         pid_n = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         h = bh % heads
@@ -271,27 +317,35 @@ if triton is not None:
                          other=0.0)
             s, valid = _logits(q, kt, bh, heads, offs_m, offs_n, N, BIAS, sbb, sbh, sbi, sbj, RELH, RELW, KH, KW,
                                MASK, smb, smh, smi, smj, HAS_BIAS, HAS_REL, HAS_MASK)
-            c1 = tl.where(valid, tl.cos(s), 0.0)  # zero on padded rows and masked entries
-            s1 = tl.where(valid, tl.sin(s), 0.0)
-            ck = c1
-            sk = s1
             ds = tl.zeros_like(s)
-            for g in tl.static_range(G):
-                dfc = tl.dot(dh, tl.load(coef_t + g * scm, mask=cmask_t, other=0.0), input_precision=DOT)
-                dfs = tl.dot(dh, tl.load(coef_t + (G + g) * scm, mask=cmask_t, other=0.0), input_precision=DOT)
-                ds += (g + 1.0) * (dfs * ck - dfc * sk)
-                # this program owns its key block's coefficient-gradient rows: load, add, store (no atomics)
-                tl.store(dc_tile + g * sdm, tl.load(dc_tile + g * sdm, mask=dmask, other=0.0)
-                         + tl.dot(tl.trans(ck), dh, input_precision=DOT), mask=dmask)
-                tl.store(dc_tile + (G + g) * sdm, tl.load(dc_tile + (G + g) * sdm, mask=dmask, other=0.0)
-                         + tl.dot(tl.trans(sk), dh, input_precision=DOT), mask=dmask)
-                ck, sk = ck * c1 - sk * s1, sk * c1 + ck * s1
+            # this program owns its key block's coefficient-gradient rows: load, add, store (no atomics)
+            if SPLINE == 0:
+                c1 = tl.where(valid, tl.cos(s), 0.0)  # zero on padded rows and masked entries
+                s1 = tl.where(valid, tl.sin(s), 0.0)
+                ck = c1
+                sk = s1
+                for g in tl.static_range(G):
+                    dfc = tl.dot(dh, tl.load(coef_t + g * scm, mask=cmask_t, other=0.0), input_precision=DOT)
+                    dfs = tl.dot(dh, tl.load(coef_t + (G + g) * scm, mask=cmask_t, other=0.0), input_precision=DOT)
+                    ds += (g + 1.0) * (dfs * ck - dfc * sk)
+                    tl.store(dc_tile + g * sdm, tl.load(dc_tile + g * sdm, mask=dmask, other=0.0)
+                             + tl.dot(tl.trans(ck), dh, input_precision=DOT), mask=dmask)
+                    tl.store(dc_tile + (G + g) * sdm, tl.load(dc_tile + (G + g) * sdm, mask=dmask, other=0.0)
+                             + tl.dot(tl.trans(sk), dh, input_precision=DOT), mask=dmask)
+                    ck, sk = ck * c1 - sk * s1, sk * c1 + ck * s1
+            else:
+                for m in tl.static_range(G + SPLINE):
+                    f = tl.where(valid, _bspline(s, m, LO, INVH, SPLINE, 0), 0.0)
+                    df = tl.dot(dh, tl.load(coef_t + m * scm, mask=cmask_t, other=0.0), input_precision=DOT)
+                    ds += df * _bspline(s, m, LO, INVH, SPLINE, 1)
+                    tl.store(dc_tile + m * sdm, tl.load(dc_tile + m * sdm, mask=dmask, other=0.0)
+                             + tl.dot(tl.trans(f), dh, input_precision=DOT), mask=dmask)
             if HAS_BASE:
                 sig = tl.sigmoid(s)
                 base = tl.where(valid, s * sig, 0.0)
-                dfb = tl.dot(dh, tl.load(coef_t + 2 * G * scm, mask=cmask_t, other=0.0), input_precision=DOT)
+                dfb = tl.dot(dh, tl.load(coef_t + BROW * scm, mask=cmask_t, other=0.0), input_precision=DOT)
                 ds += dfb * (sig * (1.0 + s * (1.0 - sig)))
-                tl.store(dc_tile + 2 * G * sdm, tl.load(dc_tile + 2 * G * sdm, mask=dmask, other=0.0)
+                tl.store(dc_tile + BROW * sdm, tl.load(dc_tile + BROW * sdm, mask=dmask, other=0.0)
                          + tl.dot(tl.trans(base), dh, input_precision=DOT), mask=dmask)
             ds = tl.where(valid, ds, 0.0)
             dk += tl.dot(tl.trans(ds), q, input_precision=DOT)
@@ -312,21 +366,32 @@ def block_sizes(head_dim: int, features: int) -> Tuple[int, int]:
     return (32, 32) if head_dim <= 128 and features <= 33 else (16, 16)
 
 
+def _basis_args(layer: nn.Module, grid: int) -> Tuple[float, float, int, int]:
+    """(lo, 1 / h, B-spline order or 0 for Fourier, the base function's coefficient row) for the kernels."""
+    basis = layer.basis
+    if isinstance(basis, SplineBasis):
+        return float(basis._lo), 1.0 / float(basis._step), basis.order, grid + basis.order
+    return 0.0, 1.0, 0, 2 * grid
+
+
 class _Extras:
     """The optional kernel inputs (dense bias, decomposed bias, mask) as pointer and stride arguments, with
-    placeholders where absent (a compile-time flag keeps the kernels from touching them)."""
+    placeholders where absent (a compile-time flag keeps the kernels from touching them), and the basis's
+    arguments (Fourier, or B-spline knots)."""
 
     def __init__(self, q: torch.Tensor, bias: Optional[torch.Tensor], rel_h: Optional[torch.Tensor],
-                 rel_w: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> None:
+                 rel_w: Optional[torch.Tensor], mask: Optional[torch.Tensor], layer: nn.Module, grid: int) -> None:
         b, h, n, _ = q.shape
-        self.flags = dict(HAS_BIAS=bias is not None, HAS_REL=rel_h is not None, HAS_MASK=mask is not None)
+        lo, inv_h, spline, base_row = _basis_args(layer, grid)
+        self.flags = dict(HAS_BIAS=bias is not None, HAS_REL=rel_h is not None, HAS_MASK=mask is not None,
+                          HAS_BASE=layer.has_base, SPLINE=spline, BROW=base_row)
         bias4 = bias.expand(b, h, n, n) if bias is not None else None
         mask4 = mask.to(torch.uint8).expand(b, h, n, n) if mask is not None else None
         self.kh, self.kw = (rel_h.shape[-1], rel_w.shape[-1]) if rel_h is not None else (1, 1)
         self.pointers = (q if bias4 is None else bias4, q if rel_h is None else rel_h, q if rel_w is None else rel_w,
                          q if mask4 is None else mask4)
         self.scalars = ((*(bias4.stride() if bias4 is not None else (0,) * 4), self.kh, self.kw,
-                         *(mask4.stride() if mask4 is not None else (0,) * 4)))
+                         *(mask4.stride() if mask4 is not None else (0,) * 4), lo, inv_h))
 
 
 class _FusedPhi(torch.autograd.Function):
@@ -340,13 +405,13 @@ class _FusedPhi(torch.autograd.Function):
         b, h, n, d = q.shape
         r = coef.shape[-1]
         q, k, coef = q.contiguous(), k.contiguous(), coef.contiguous()
-        ex = _Extras(q, bias, rel_h, rel_w, mask)
+        ex = _Extras(q, bias, rel_h, rel_w, mask, layer, grid)
         bm, bn = block_sizes(d, coef.shape[2])
         out = torch.empty(b, h, n, r, device=q.device, dtype=torch.float32)
         _phi_fwd_kernel[(triton.cdiv(n, bm), b * h)](
             q, k, coef, out, *ex.pointers, n, r, q.stride(1), q.stride(2), k.stride(1), k.stride(2),
             coef.stride(1), coef.stride(2), out.stride(1), out.stride(2), h, *ex.scalars,
-            D=d, G=grid, RP=_pad_r(r), BM=bm, BN=bn, HAS_BASE=layer.has_base, DOT=DOT_PRECISION, **ex.flags)
+            D=d, G=grid, RP=_pad_r(r), BM=bm, BN=bn, DOT=DOT_PRECISION, **ex.flags)
         ctx.save_for_backward(q, k, coef, bias, rel_h, rel_w, mask)
         ctx.layer, ctx.grid = layer, grid
         return out
@@ -366,7 +431,7 @@ class _FusedPhi(torch.autograd.Function):
         q, k, coef, bias, rel_h, rel_w, mask = ctx.saved_tensors
         b, h, n, d = q.shape
         r = coef.shape[-1]
-        ex = _Extras(q, bias, rel_h, rel_w, mask)
+        ex = _Extras(q, bias, rel_h, rel_w, mask, ctx.layer, ctx.grid)
         bm, bn = block_sizes(d, coef.shape[2])
         need_bias = bias is not None and ctx.needs_input_grad[3]
         dq = torch.empty_like(q, dtype=torch.float32)
@@ -375,8 +440,7 @@ class _FusedPhi(torch.autograd.Function):
         db = torch.empty(b, h, n, n, device=q.device, dtype=torch.float32) if need_bias else q
         drh = torch.empty_like(rel_h, dtype=torch.float32) if rel_h is not None else q
         drw = torch.empty_like(rel_w, dtype=torch.float32) if rel_w is not None else q
-        common = dict(D=d, G=ctx.grid, RP=_pad_r(r), BM=bm, BN=bn, HAS_BASE=ctx.layer.has_base, DOT=DOT_PRECISION,
-                      **ex.flags)
+        common = dict(D=d, G=ctx.grid, RP=_pad_r(r), BM=bm, BN=bn, DOT=DOT_PRECISION, **ex.flags)
         strides = (q.stride(1), q.stride(2), k.stride(1), k.stride(2), coef.stride(1), coef.stride(2),
                    dh.stride(1), dh.stride(2))
         _phi_bwd_dq_kernel[(triton.cdiv(n, bm), b * h)](
@@ -437,15 +501,16 @@ _FP32_POINTERS = ("C", "Hout", "DH", "DQ", "DK", "DC", "DB", "DRELH", "DRELW")
 
 
 def compile_offline(arch: int, head_dim: int, grid: int, rank: int, dtype: str = "fp32", *, bias: bool = False,
-                    relpos: bool = False, mask: bool = False, base: bool = False) -> dict:
+                    relpos: bool = False, mask: bool = False, base: bool = False, spline: int = 0) -> dict:
     """Compile the three kernels of one variant for ``sm_<arch>`` without a GPU (Triton's bundled ptxas):
     ``{kernel name: shared memory bytes}``. Compile errors and shared-memory overruns show up on any machine.
-    ``dtype`` is that of q and k (``fp32``, ``bf16``, ``fp16``)."""
+    ``dtype`` is that of q and k (``fp32``, ``bf16``, ``fp16``); ``spline`` a B-spline order (0: Fourier)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    flags = dict(HAS_BIAS=bias, HAS_REL=relpos, HAS_MASK=mask, HAS_BASE=base)
-    bm, bn = block_sizes(head_dim, 2 * grid + int(base))
+    features = (grid + spline if spline else 2 * grid)
+    flags = dict(HAS_BIAS=bias, HAS_REL=relpos, HAS_MASK=mask, HAS_BASE=base, SPLINE=spline, BROW=features)
+    bm, bn = block_sizes(head_dim, features + int(base))
     const = dict(D=head_dim, G=grid, RP=_pad_r(rank), BM=bm, BN=bn, DOT=DOT_PRECISION, BIAS_GRAD=bias,
                  KHP=64 if relpos else 16, KWP=64 if relpos else 16, **flags)
     shared = {}
@@ -458,7 +523,7 @@ def compile_offline(arch: int, head_dim: int, grid: int, rank: int, dtype: str =
             elif a in _POINTERS:
                 sig[a] = _POINTERS[a] or f"*{dtype}"
             else:
-                sig[a] = "*fp32" if a in _FP32_POINTERS else "i32"
+                sig[a] = "*fp32" if a in _FP32_POINTERS else "fp32" if a in ("LO", "INVH") else "i32"
         consts = {(kernel.arg_names.index(k),): v for k, v in const.items() if k in kernel.arg_names}
         compiled = triton.compile(ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32))
         shared[name] = compiled.metadata.shared
