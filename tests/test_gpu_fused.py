@@ -62,12 +62,24 @@ VARIANTS = {
     "vitdet-global": (1, 3, 1024, 64, 3, 12, {}, dict(relpos=(32, 32))),
     "swin-window": (4, 3, 144, 32, 3, 12, {}, dict(bias="dense", mask="query")),
     "silu-base-padded": (2, 3, 197, 64, 3, 12, dict(base_fn="nn.SiLU"), dict(mask="key")),
-    "small-everything": (2, 2, 35, 16, 2, 5, dict(base_fn="nn.SiLU"), dict(relpos=(5, 7), mask="query")),
     "bspline-padded": (2, 3, 197, 64, 5, 12, dict(basis_type="SplineBasis"), dict(mask="key")),
-    "bspline-small": (2, 2, 35, 16, 3, 5, dict(basis_type="SplineBasis", order=2), dict(bias="dense")),
+    # small cases of every kind: the Triton interpreter runs these in CI (tests/test_fused.py), seconds each
+    "g3-r12-small": (2, 2, 20, 16, 3, 12, {}, {}),
+    "silu-base-small": (2, 2, 37, 16, 2, 5, dict(base_fn="nn.SiLU"), {}),
+    "bias-small": (2, 2, 36, 16, 2, 5, {}, dict(bias="dense")),
+    "key-mask-small": (2, 2, 36, 16, 2, 5, {}, dict(mask="key")),
+    "swin-small": (2, 2, 36, 16, 2, 5, {}, dict(bias="dense", mask="query")),
+    "vitdet-small": (2, 2, 35, 16, 2, 5, {}, dict(relpos=(5, 7), mask="key")),
+    "small-everything": (2, 2, 35, 16, 3, 12, dict(base_fn="nn.SiLU"), dict(relpos=(7, 5), mask="query")),
+    "bspline-ragged": (2, 2, 37, 16, 4, 5, dict(basis_type="SplineBasis"), {}),
+    "bspline-small": (2, 2, 36, 16, 3, 12, dict(basis_type="SplineBasis", order=2, grid_range=(-2.0, 1.5),
+                                               base_fn="nn.SiLU"), dict(bias="dense", mask="query")),
+    "bspline-o1-vitdet": (2, 2, 35, 16, 5, 5, dict(basis_type="SplineBasis", order=1), dict(relpos=(5, 7), mask="key")),
 }
 # the interpreter runs these (seconds, not minutes)
-TINY = {"ragged-d16-r5", "frozen-basis", "mixed-head", "small-everything", "bspline-small"}
+TINY = {"ragged-d16-r5", "frozen-basis", "mixed-head", "g3-r12-small", "silu-base-small", "bias-small",
+        "key-mask-small", "swin-small", "vitdet-small", "small-everything", "bspline-ragged", "bspline-small",
+        "bspline-o1-vitdet"}
 
 _RESULTS: List[Dict] = []
 _COMPILED: List[Dict] = []

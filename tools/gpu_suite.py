@@ -124,8 +124,7 @@ def stage_bench(opts: argparse.Namespace) -> Dict[str, Any]:
     model, and in the hosts' own models (ViTDet, Swin) against their softmax; each row names the path that served
     it. On CUDA every case runs in this process (no process start per case); each result is also appended to
     ``DIR/logs/bench.jsonl`` as it comes, so a stage cut short keeps what it measured."""
-    impls = opts.impls or (["softmax", "reference", "efficient", "fused"] if opts.tiny
-                           else ["softmax", "fused", "efficient", "reference"])
+    impls = opts.impls or ["softmax", "fused", "efficient", "reference"]
     if opts.tiny:  # toy sizes: every code path once
         attention = benchmark.make_cases("attention", ["tiny"], [17], 2, impls, None, opts.device, 1, 0)
         model = benchmark.make_cases("model", ["tiny"], [197], 1, ["softmax", "efficient"], None, opts.device, 1, 0)
@@ -257,9 +256,14 @@ def pipeline_mmseg(opts: argparse.Namespace, work: Path) -> Dict[str, Any]:
 
 
 def keep_text(run: Path, dest: Path) -> None:
-    """The small text records of a run (logs, metrics, configs) into ``dest``; checkpoints stay behind."""
+    """The small text records of a run (logs, metrics, configs) into ``dest``, each content once (mmengine writes
+    its config twice); checkpoints stay behind."""
+    seen = set()
     for f in sorted(run.rglob("*")) if run.is_dir() else []:
         if f.is_file() and f.suffix in (".txt", ".json", ".log", ".yaml", ".py") and f.stat().st_size < 2 ** 20:
+            if f.read_bytes() in seen:
+                continue
+            seen.add(f.read_bytes())
             target = dest / f.relative_to(run)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, target)

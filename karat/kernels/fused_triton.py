@@ -90,17 +90,13 @@ def supports(op: KArAtOperator, q: torch.Tensor, bias: Optional[Bias],
     d = q.shape[-1]
     if d < 16 or d > MAX_HEAD_DIM or d & (d - 1):
         return f"head_dim {d} must be a power of two from 16 to {MAX_HEAD_DIM}"
-    if isinstance(bias, DecomposedRelPos) and bias.num_keys != k_tokens(q):
-        return f"the decomposed bias covers {bias.num_keys} keys, not {k_tokens(q)}"
+    if isinstance(bias, DecomposedRelPos) and bias.num_keys != op.num_tokens:
+        return f"the decomposed bias covers {bias.num_keys} keys, not the operator's {op.num_tokens}"
     if key_mask is not None and key_mask.dtype != torch.bool:
         return "the key mask must be boolean"
     if not (q.is_cuda or _interpreting()):
         return "the fused kernels run on CUDA (or under TRITON_INTERPRET=1)"
     return None
-
-
-def k_tokens(q: torch.Tensor) -> int:
-    return q.shape[-2]
 
 
 def _interpreting() -> bool:
@@ -356,10 +352,6 @@ def _pad(n: int, least: int = 16) -> int:
     return max(least, 1 << math.ceil(math.log2(max(n, 1))))
 
 
-def _pad_r(r: int) -> int:
-    return _pad(r)
-
-
 def block_sizes(head_dim: int, features: int) -> Tuple[int, int]:
     """(query block, key block): 32 x 32 up to head_dim 128, 16 x 16 beyond (a program's q, k tiles and feature
     tiles must fit the shared memory of an A100 / H100 block, checked by tests/test_fused_compile.py)."""
@@ -411,7 +403,7 @@ class _FusedPhi(torch.autograd.Function):
         _phi_fwd_kernel[(triton.cdiv(n, bm), b * h)](
             q, k, coef, out, *ex.pointers, n, r, q.stride(1), q.stride(2), k.stride(1), k.stride(2),
             coef.stride(1), coef.stride(2), out.stride(1), out.stride(2), h, *ex.scalars,
-            D=d, G=grid, RP=_pad_r(r), BM=bm, BN=bn, DOT=DOT_PRECISION, **ex.flags)
+            D=d, G=grid, RP=_pad(r), BM=bm, BN=bn, DOT=DOT_PRECISION, **ex.flags)
         ctx.save_for_backward(q, k, coef, bias, rel_h, rel_w, mask)
         ctx.layer, ctx.grid = layer, grid
         return out
@@ -440,7 +432,7 @@ class _FusedPhi(torch.autograd.Function):
         db = torch.empty(b, h, n, n, device=q.device, dtype=torch.float32) if need_bias else q
         drh = torch.empty_like(rel_h, dtype=torch.float32) if rel_h is not None else q
         drw = torch.empty_like(rel_w, dtype=torch.float32) if rel_w is not None else q
-        common = dict(D=d, G=ctx.grid, RP=_pad_r(r), BM=bm, BN=bn, DOT=DOT_PRECISION, **ex.flags)
+        common = dict(D=d, G=ctx.grid, RP=_pad(r), BM=bm, BN=bn, DOT=DOT_PRECISION, **ex.flags)
         strides = (q.stride(1), q.stride(2), k.stride(1), k.stride(2), coef.stride(1), coef.stride(2),
                    dh.stride(1), dh.stride(2))
         _phi_bwd_dq_kernel[(triton.cdiv(n, bm), b * h)](
@@ -511,7 +503,7 @@ def compile_offline(arch: int, head_dim: int, grid: int, rank: int, dtype: str =
     features = (grid + spline if spline else 2 * grid)
     flags = dict(HAS_BIAS=bias, HAS_REL=relpos, HAS_MASK=mask, HAS_BASE=base, SPLINE=spline, BROW=features)
     bm, bn = block_sizes(head_dim, features + int(base))
-    const = dict(D=head_dim, G=grid, RP=_pad_r(rank), BM=bm, BN=bn, DOT=DOT_PRECISION, BIAS_GRAD=bias,
+    const = dict(D=head_dim, G=grid, RP=_pad(rank), BM=bm, BN=bn, DOT=DOT_PRECISION, BIAS_GRAD=bias,
                  KHP=64 if relpos else 16, KWP=64 if relpos else 16, **flags)
     shared = {}
     for name in KERNELS:
