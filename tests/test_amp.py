@@ -73,7 +73,7 @@ def _run(core: KArAtCore, tensors, keep, grad_out, params, autocast_dtype=None):
 @pytest.mark.parametrize("mode", MODES, ids=_mode_id)
 @pytest.mark.parametrize("basis", BASES, ids=_basis_id)
 def test_reference_and_efficient_under_autocast_match_fp32(basis, mode, dtype, host):
-    n, b, h, d = 72, 1, 2, 4  # > REFERENCE_MAX_TOKENS: impl='auto' takes the efficient path
+    n, b, h, d = 72, 1, 2, 4  # > every REFERENCE_MAX_TOKENS: impl='auto' takes the efficient path
     ref = KArAtCore(h, n, KArAtConfig(hidden_dim=3, impl="reference", **basis, **mode))
     eff = KArAtCore(h, n, ref.cfg.replace(impl="auto"), operator_factory=lambda *_: ref.operator)
     assert eff.resolve_impl() == "efficient"

@@ -4,7 +4,7 @@ import torch
 
 from karat import KArAtConfig, KArAtCore
 from karat.kernels import REFERENCE_MAX_TOKENS
-from karat.kernels import efficient
+from karat.kernels import efficient, fused_cpu
 
 BASES = [
     dict(basis_type="FourierBasis", grid=3),
@@ -56,7 +56,7 @@ def test_efficient_equals_reference(basis, mode, bias, mask, monkeypatch):
 
 
 def test_auto_picks_efficient_unless_the_matrix_is_needed_or_small():
-    n = REFERENCE_MAX_TOKENS + 1
+    n = max(REFERENCE_MAX_TOKENS.values()) + 1
     core = KArAtCore(2, n, KArAtConfig())
     assert core.resolve_impl() == "efficient"
     core.export_attention = True
@@ -65,8 +65,24 @@ def test_auto_picks_efficient_unless_the_matrix_is_needed_or_small():
     assert KArAtCore(2, n, KArAtConfig(modular_attn=False, depth=3)).resolve_impl() == "reference"
     dropout = KArAtCore(2, n, KArAtConfig(), attn_drop=0.1)
     assert dropout.resolve_impl() == "reference" and dropout.eval().resolve_impl() == "efficient"
-    assert KArAtCore(2, 49, KArAtConfig()).resolve_impl() == "reference"  # a Swin window: the matrix is cheapest
+    assert KArAtCore(2, 49, KArAtConfig()).resolve_impl() == "reference"  # no input: the PyTorch path's crossover
     assert KArAtCore(2, 49, KArAtConfig(impl="efficient")).resolve_impl() == "efficient"  # unless asked
+
+
+@pytest.mark.skipif(not fused_cpu.available(), reason="the C++ CPU kernel did not build here")
+def test_auto_gives_small_windows_to_the_cpu_kernel_past_its_crossover():
+    """A Swin window (49 keys, bias table, shift mask) runs the C++ kernel, measured faster and leaner than the
+    materialised matrix there (benchmarks/README.md); a matrix below the kernel's crossover stays materialised."""
+    most = REFERENCE_MAX_TOKENS["C++ CPU kernel"]
+    window = KArAtCore(3, 49, KArAtConfig())
+    q = torch.randn(2, 3, 49, 32)
+    bias, keep = torch.randn(3, 49, 49), torch.rand(2, 1, 49, 49) > 0.2
+    choice = window.choose_path(q, bias, keep)
+    assert (choice.path, choice.detail) == ("efficient", "C++ CPU kernel")
+    small = KArAtCore(3, most, KArAtConfig()).choose_path(q[:, :, :most], bias[:, :most, :most])
+    assert small.path == "reference" and f"{most} keys <= {most}" in small.passed_over["efficient"]
+    pytorch = KArAtCore(3, 49, KArAtConfig(basis_type="RationalBasis")).choose_path(q)
+    assert pytorch.path == "reference"  # no C++ kernel for this basis: the PyTorch path's crossover, 64
 
 
 def test_efficient_refuses_what_it_cannot_serve():

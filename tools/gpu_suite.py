@@ -135,7 +135,9 @@ def stage_bench(opts: argparse.Namespace) -> Dict[str, Any]:
         attention = [c for n, batch in ((197, 32), (1025, 8), (4096, 1))
                      for c in benchmark.make_cases("attention", sizes, [n], batch, impls, None, opts.device, 10, 3)]
         model = benchmark.make_cases("model", sizes, [197], 32, impls, None, opts.device, 10, 3)
-        host = benchmark.make_cases("host", ["vitdet", "swin"], [], 8, ["softmax", "auto"], None, opts.device, 10, 3)
+        # fused and reference as well as auto: where the Triton path's small-window crossover lies (Swin's 49 keys)
+        host = benchmark.make_cases("host", ["vitdet", "swin"], [], 8, ["softmax", "auto", "fused", "reference"],
+                                    None, opts.device, 10, 3)
     if opts.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # inherited by benchmark.py's case processes
     partial = opts.out / "logs" / "bench.jsonl"

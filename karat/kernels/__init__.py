@@ -26,9 +26,12 @@ from . import efficient, fused_triton, reference
 
 PATHS = ("fused", "efficient", "reference")
 
-# Up to this many keys ``auto`` materialises sigma(S): an N x N matrix this small costs less than the efficient
-# path's blocking and recomputation (spec section 5: small windows such as Swin's 49 tokens).
-REFERENCE_MAX_TOKENS = 64
+# Up to this many keys ``auto`` materialises sigma(S) rather than take the path named (by ``Choice.detail``): an
+# N x N matrix this small costs less than blocking and recomputation (spec section 5: small windows such as
+# Swin's 49 tokens). Measured on the CPU (benchmarks/README.md, "Small windows"): the C++ kernel ties the
+# reference at about 26 keys and wins from there on, in time and memory; the PyTorch blockwise path from about 64.
+# Triton's crossover is not measured yet (the GPU suite's host table runs Swin both ways).
+REFERENCE_MAX_TOKENS: Dict[str, int] = {"triton": 64, "C++ CPU kernel": 24, "PyTorch, blockwise": 64}
 
 
 @dataclass(frozen=True)
@@ -48,10 +51,9 @@ def choose(op: KArAtOperator, impl: str, q: Optional[torch.Tensor] = None, bias:
     """The path for ``impl`` and this call.
 
     ``auto`` takes the fused kernels on CUDA where they apply, else the efficient path, unless the matrix is
-    small (at most ``REFERENCE_MAX_TOKENS`` keys) or the operator or the caller needs ``sigma(S)`` itself
+    small (at most ``REFERENCE_MAX_TOKENS[path]`` keys) or the operator or the caller needs ``sigma(S)`` itself
     (``needs_sigma`` says why: attention-map export, attention dropout). An explicit impl that cannot serve the
     call raises ``ValueError`` with the reason."""
-    passed: Dict[str, str] = {}
     reason = efficient.supports(op) or needs_sigma
     if impl in ("efficient", "fused") and reason is not None:
         raise ValueError(f"impl='{impl}' cannot serve this configuration: {reason}. "
@@ -60,9 +62,18 @@ def choose(op: KArAtOperator, impl: str, q: Optional[torch.Tensor] = None, bias:
         return Choice("reference")
     if reason is not None:
         return Choice("reference", passed_over={"efficient": reason})
-    if impl == "auto" and op.num_tokens <= REFERENCE_MAX_TOKENS:
-        return Choice("reference", passed_over={"efficient": f"{op.num_tokens} keys <= {REFERENCE_MAX_TOKENS}: "
-                                                             "sigma(S) is cheaper to materialise"})
+    choice = _fastest(op, impl, q, bias, key_mask)
+    most = REFERENCE_MAX_TOKENS.get(choice.detail, 0)
+    if impl == "auto" and op.num_tokens <= most:
+        why = f"{op.num_tokens} keys <= {most}: sigma(S) is cheaper to materialise"
+        return Choice("reference", passed_over={**choice.passed_over, choice.path: why})
+    return choice
+
+
+def _fastest(op: KArAtOperator, impl: str, q: Optional[torch.Tensor], bias: Optional[Bias],
+             key_mask: Optional[torch.Tensor]) -> Choice:
+    """The fused kernels where ``impl`` asks for them or (``auto``) they serve this CUDA call, else efficient."""
+    passed: Dict[str, str] = {}
     if impl == "fused" or (impl == "auto" and q is not None and q.is_cuda):
         why_not = fused_triton.supports(op, q, bias, key_mask) if q is not None else "no input given"
         if why_not is None:
