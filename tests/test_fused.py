@@ -25,7 +25,7 @@ def test_fused_kernels_match_reference_under_the_interpreter():
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) >= 39 and "failed" not in proc.stdout, proc.stdout[-2000:]
+    assert passed and int(passed.group(1)) >= 42 and "failed" not in proc.stdout, proc.stdout[-2000:]
 
 
 def test_fused_refuses_what_it_cannot_serve():
@@ -81,10 +81,10 @@ BACKWARD_FALLBACK = textwrap.dedent("""
     mask = torch.rand(2, 1, 1, 35) > 0.3
     assert fus.choose_path(q, rel, mask).path == "fused"
 
-    def broken(ctx, dh):
+    def broken(*args):
         raise RuntimeError("backward kernel failed to compile")
 
-    fused_triton._FusedPhi._kernels_backward = staticmethod(broken)
+    fused_triton._phi_backward = broken
     out = fus(q, k, v, bias=rel, key_mask=mask)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

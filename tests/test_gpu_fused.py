@@ -48,9 +48,11 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # of two (padded) and one that is, the smallest and largest head_dim, frozen basis coefficients, mixed heads (KArAt
 # for the first heads, softmax for the rest), longer sequences, and what the hosts pass: ViTDet's window block
 # (14 x 14 tokens, decomposed rel-pos, padded keys) and global block (32 x 32), a Swin-like window with its bias
-# table and shift mask, mmseg's padded images, and the SiLU base function.
+# table and shift mask, mmseg's padded images, and the SiLU base function; q, k, v as the strided slices of a fused
+# qkv projection that timm's attention passes (``qkv``), read in place by the kernels.
 VARIANTS = {
     "vit-t": (2, 3, 197, 64, 3, 12, {}, {}),
+    "vit-t-qkv": (2, 3, 197, 64, 3, 12, {}, dict(qkv=True)),
     "vit-b-g1": (1, 12, 197, 64, 1, 12, {}, {}),
     "ragged-d16-r5": (2, 2, 37, 16, 2, 5, {}, {}),
     "d128-r16": (1, 2, 64, 128, 2, 16, {}, {}),
@@ -65,6 +67,7 @@ VARIANTS = {
     "bspline-padded": (2, 3, 197, 64, 5, 12, dict(basis_type="SplineBasis"), dict(mask="key")),
     # small cases of every kind: the Triton interpreter runs these in CI (tests/test_fused.py), seconds each
     "g3-r12-small": (2, 2, 20, 16, 3, 12, {}, {}),
+    "qkv-small": (2, 2, 20, 16, 3, 12, {}, dict(qkv=True)),
     "silu-base-small": (2, 2, 37, 16, 2, 5, dict(base_fn="nn.SiLU"), {}),
     "bias-small": (2, 2, 36, 16, 2, 5, {}, dict(bias="dense")),
     "key-mask-small": (2, 2, 36, 16, 2, 5, {}, dict(mask="key")),
@@ -77,7 +80,7 @@ VARIANTS = {
     "bspline-o1-vitdet": (2, 2, 35, 16, 5, 5, dict(basis_type="SplineBasis", order=1), dict(relpos=(5, 7), mask="key")),
 }
 # the interpreter runs these (seconds, not minutes)
-TINY = {"ragged-d16-r5", "frozen-basis", "mixed-head", "g3-r12-small", "silu-base-small", "bias-small",
+TINY = {"ragged-d16-r5", "frozen-basis", "mixed-head", "g3-r12-small", "qkv-small", "silu-base-small", "bias-small",
         "key-mask-small", "swin-small", "vitdet-small", "small-everything", "bspline-ragged", "bspline-small",
         "bspline-o1-vitdet"}
 
@@ -142,7 +145,12 @@ def test_fused_matches_float64_reference(variant, dtype):
         for p, p64 in zip(ref.operator.parameters(), ref64.operator.parameters()):
             p.mul_(4.0)
             p64.copy_(p)
-    q, k, v = (torch.randn(batch, heads, n, d, device=DEVICE).to(dtype).requires_grad_() for _ in range(3))
+    if inputs.get("qkv"):  # timm's layout: (B, N, 3, H, d) projected, q, k, v are strided (B, H, N, d) views
+        qkv = torch.randn(batch, n, 3, heads, d, device=DEVICE).to(dtype).permute(2, 0, 3, 1, 4)
+        q, k, v = (t.detach().requires_grad_() for t in qkv.unbind(0))
+        assert not q.is_contiguous() and q.stride(0) != heads * q.stride(1)
+    else:
+        q, k, v = (torch.randn(batch, heads, n, d, device=DEVICE).to(dtype).requires_grad_() for _ in range(3))
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
 
     assert fus.resolve_impl(q[:, :fus.num_karat_heads], bias, mask) == "fused"

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from tools import benchmark
+from tools import benchmark, host_ops
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("env", "tests", "bench", "pipelines")
@@ -152,10 +152,14 @@ def stage_bench(opts: argparse.Namespace) -> Dict[str, Any]:
     results = benchmark.run_rounds(attention + model + host, rounds=1, in_process=opts.device == "cuda",
                                    on_result=keep)
     failed = [r for r in results if "error" in r and "out of memory" not in r["error"].lower()]
+    # the host's share of a layer step (tools/host_ops.py): ops and launches beside the kernels, and the step's time
+    # where the arithmetic is negligible (N = 16) and at ViT-Tiny's training shape
+    host_ops_rows = [] if opts.tiny else [host_ops.measure(path, tokens=n, batch=b, device=opts.device, repeat=50)
+                                          for n, b in ((16, 1), (197, 32)) for path in ("softmax", "fused")]
     return dict(meta=benchmark.environment(opts.device), seconds=round(time.time() - t0, 1),
                 attention=[r for r in results if r["level"] == "attention"],
                 model=[r for r in results if r["level"] == "model"],
-                host=[r for r in results if r["level"] == "host"], ok=not failed)
+                host=[r for r in results if r["level"] == "host"], host_ops=host_ops_rows, ok=not failed)
 
 
 def make_image_folder(root: Path, classes: int, train_per_class: int, val_per_class: int, size: int) -> Path:
@@ -342,6 +346,9 @@ def markdown(suite: Dict[str, Any]) -> str:
                            ("host", "Hosts' models, forward + backward, against the host's own softmax model")):
             if b.get(key):
                 lines += [f"## {title}", "", benchmark.table(b[key]), ""]
+        if b.get("host_ops"):
+            lines += ["## Host cost of one layer step (ViT-Tiny width, tools/host_ops.py)", "",
+                      host_ops.table(b["host_ops"]), ""]
     if "pipelines" in suite:
         p = suite["pipelines"]["result"]
         lines += ["## Pipelines", "", "| pipeline | status | seconds | metrics | log |", "|---|---|---|---|---|"]

@@ -24,6 +24,12 @@ The same three kernels serve every variant through compile-time flags:
   truncated-power sum, evaluated on the half of its support nearer 0, and its derivative the same way);
 * bf16 / fp16 ``q, k`` (after autocast or ``model.half()``): loaded into fp32, every sum in fp32.
 
+The host's side is kept small, because at ViT-Tiny widths a GPU step waits on the host (``tools/host_ops.py``):
+``q`` and ``k`` are read in place through their batch, head and token strides (timm's slices of the fused qkv
+projection, no copies), the softmax scale is applied in-kernel, the coefficients are read in their own layout, and
+the whole ``sigma(S) V`` (kernels, coefficient scaling, rank expansion ``H (W^T V)``) is one autograd node whose
+gradients are written out in :class:`_FusedAttention`.
+
 Precision per product: ``q k^T`` is IEEE fp32 (its error would be multiplied by the frequencies ``g <= G``); the
 products with the coefficients and the gradient products run as TF32 on tensor cores (``DOT_PRECISION``,
 about 1.5e-3 relative error on an H100, benchmarks/gpu/suite.md); the one-hot sums of the decomposed bias
@@ -108,22 +114,23 @@ def _interpreting() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _rows(P, bh, sb, sn, offs, offs_d, N):
-        """A (rows, D) tile of a (B*H, N, D) tensor in fp32; rows past N read as zeros."""
-        return tl.load(P + bh * sb + offs[:, None] * sn + offs_d[None, :], mask=offs[:, None] < N,
-                       other=0.0).to(tl.float32)
+    def _rows(P, bh, heads, s0, s1, sn, offs, offs_d, N):
+        """A (rows, D) tile of head ``bh % heads`` of batch element ``bh // heads`` of a (B, H, N, D) tensor with
+        strides (s0, s1, sn, 1) (a slice of a fused qkv is read in place), in fp32; rows past N read as zeros."""
+        return tl.load(P + (bh // heads) * s0 + (bh % heads) * s1 + offs[:, None] * sn + offs_d[None, :],
+                       mask=offs[:, None] < N, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _cols(P, bh, sb, sn, offs, offs_d, N):
+    def _cols(P, bh, heads, s0, s1, sn, offs, offs_d, N):
         """The same tile transposed, (D, cols), as the right operand of ``q k^T``."""
-        return tl.load(P + bh * sb + offs[None, :] * sn + offs_d[:, None], mask=offs[None, :] < N,
-                       other=0.0).to(tl.float32)
+        return tl.load(P + (bh // heads) * s0 + (bh % heads) * s1 + offs[None, :] * sn + offs_d[:, None],
+                       mask=offs[None, :] < N, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _logits(q, kt, bh, heads, offs_m, offs_n, N, BIAS, sbb, sbh, sbi, sbj, RELH, RELW, KH, KW,
+    def _logits(q, kt, SCALE, bh, heads, offs_m, offs_n, N, BIAS, sbb, sbh, sbi, sbj, RELH, RELW, KH, KW,
                 MASK, smb, smh, smi, smj, HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, HAS_MASK: tl.constexpr):
-        """The (BM, BN) tile of S = q k^T (+ bias) and where it is valid (inside N, not masked)."""
-        s = tl.dot(q, kt, input_precision="ieee")
+        """The (BM, BN) tile of S = scale q k^T (+ bias) and where it is valid (inside N, not masked)."""
+        s = tl.dot(q, kt, input_precision="ieee") * SCALE
         valid = (offs_m[:, None] < N) & (offs_n[None, :] < N)
         b = bh // heads
         h = bh % heads
@@ -171,7 +178,8 @@ if triton is not None:
         return tl.where((u >= 0.0) & (u < K + 1.0), val, 0.0)
 
     @triton.jit
-    def _phi_fwd_kernel(Q, K, C, Hout, BIAS, RELH, RELW, MASK, N, R, sqb, sqn, skb, skn, scj, scm, shb, shn, heads,
+    def _phi_fwd_kernel(Q, K, C, Hout, BIAS, RELH, RELW, MASK, N, R, SCALE, sq0, sq1, sqn, sk0, sk1, skn, scj, scm,
+                        scr, shb, shn, heads,
                         sbb, sbh, sbi, sbj, KH, KW, smb, smh, smi, smj, LO, INVH,
                         D: tl.constexpr, G: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                         HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -182,15 +190,15 @@ if triton is not None:
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_d = tl.arange(0, D)
         offs_r = tl.arange(0, RP)
-        q = _rows(Q, bh, sqb, sqn, offs_m, offs_d, N)
+        q = _rows(Q, bh, heads, sq0, sq1, sqn, offs_m, offs_d, N)
         acc = tl.zeros((BM, RP), dtype=tl.float32)
         c_head = C + h * N * scj
         for j0 in range(0, N, BN):
             offs_n = j0 + tl.arange(0, BN)
-            kt = _cols(K, bh, skb, skn, offs_n, offs_d, N)
-            s, valid = _logits(q, kt, bh, heads, offs_m, offs_n, N, BIAS, sbb, sbh, sbi, sbj, RELH, RELW, KH, KW,
-                               MASK, smb, smh, smi, smj, HAS_BIAS, HAS_REL, HAS_MASK)
-            coef = c_head + offs_n[:, None] * scj + offs_r[None, :]
+            kt = _cols(K, bh, heads, sk0, sk1, skn, offs_n, offs_d, N)
+            s, valid = _logits(q, kt, SCALE, bh, heads, offs_m, offs_n, N, BIAS, sbb, sbh, sbi, sbj, RELH, RELW, KH,
+                               KW, MASK, smb, smh, smi, smj, HAS_BIAS, HAS_REL, HAS_MASK)
+            coef = c_head + offs_n[:, None] * scj + offs_r[None, :] * scr
             cmask = (offs_n[:, None] < N) & (offs_r[None, :] < R)
             if SPLINE == 0:
                 c1 = tl.where(valid, tl.cos(s), 0.0)  # zero features where masked: the recurrence keeps them zero
@@ -213,11 +221,11 @@ if triton is not None:
                  mask=(offs_m[:, None] < N) & (offs_r[None, :] < R))
 
     @triton.jit
-    def _dscore(s, valid, dh, c_head, offs_n, offs_r, N, R, scj, scm, LO, INVH, G: tl.constexpr,
+    def _dscore(s, valid, dh, c_head, offs_n, offs_r, N, R, scj, scm, scr, LO, INVH, G: tl.constexpr,
                 HAS_BASE: tl.constexpr, DOT: tl.constexpr, SPLINE: tl.constexpr, BROW: tl.constexpr):
         """dL/dS for one tile from dL/dH (``dh``, (BM, RP)); zero where the tile is not valid."""
         ds = tl.zeros_like(s)
-        coef_t = c_head + offs_n[None, :] * scj + offs_r[:, None]
+        coef_t = c_head + offs_n[None, :] * scj + offs_r[:, None] * scr
         cmask = (offs_n[None, :] < N) & (offs_r[:, None] < R)
         if SPLINE == 0:
             c1 = tl.where(valid, tl.cos(s), 0.0)
@@ -241,7 +249,7 @@ if triton is not None:
 
     @triton.jit
     def _phi_bwd_dq_kernel(Q, K, C, DH, DQ, BIAS, RELH, RELW, MASK, DB, DRELH, DRELW,
-                           N, R, sqb, sqn, skb, skn, scj, scm, shb, shn, heads,
+                           N, R, SCALE, sq0, sq1, sqn, sk0, sk1, skn, scj, scm, scr, shb, shn, heads,
                            sbb, sbh, sbi, sbj, KH, KW, smb, smh, smi, smj, LO, INVH,
                            D: tl.constexpr, G: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -254,7 +262,7 @@ if triton is not None:
         offs_d = tl.arange(0, D)
         offs_r = tl.arange(0, RP)
         mrow = offs_m[:, None] < N
-        q = _rows(Q, bh, sqb, sqn, offs_m, offs_d, N)
+        q = _rows(Q, bh, heads, sq0, sq1, sqn, offs_m, offs_d, N)
         dh = tl.load(DH + bh * shb + offs_m[:, None] * shn + offs_r[None, :], mask=mrow & (offs_r[None, :] < R),
                      other=0.0)
         dq = tl.zeros((BM, D), dtype=tl.float32)
@@ -263,10 +271,10 @@ if triton is not None:
         c_head = C + h * N * scj
         for j0 in range(0, N, BN):
             offs_n = j0 + tl.arange(0, BN)
-            kt = _cols(K, bh, skb, skn, offs_n, offs_d, N)
-            s, valid = _logits(q, kt, bh, heads, offs_m, offs_n, N, BIAS, sbb, sbh, sbi, sbj, RELH, RELW, KH, KW,
-                               MASK, smb, smh, smi, smj, HAS_BIAS, HAS_REL, HAS_MASK)
-            ds = _dscore(s, valid, dh, c_head, offs_n, offs_r, N, R, scj, scm, LO, INVH, G, HAS_BASE, DOT, SPLINE,
+            kt = _cols(K, bh, heads, sk0, sk1, skn, offs_n, offs_d, N)
+            s, valid = _logits(q, kt, SCALE, bh, heads, offs_m, offs_n, N, BIAS, sbb, sbh, sbi, sbj, RELH, RELW, KH,
+                               KW, MASK, smb, smh, smi, smj, HAS_BIAS, HAS_REL, HAS_MASK)
+            ds = _dscore(s, valid, dh, c_head, offs_n, offs_r, N, R, scj, scm, scr, LO, INVH, G, HAS_BASE, DOT, SPLINE,
                          BROW)
             dq += tl.dot(ds, tl.trans(kt), input_precision=DOT)
             if BIAS_GRAD:
@@ -277,7 +285,7 @@ if triton is not None:
                 onehot_w = ((offs_n % KW)[:, None] == tl.arange(0, KWP)[None, :]).to(tl.float32)
                 drh += tl.dot(ds, onehot_h, input_precision="ieee")
                 drw += tl.dot(ds, onehot_w, input_precision="ieee")
-        tl.store(DQ + bh * sqb + offs_m[:, None] * sqn + offs_d[None, :], dq, mask=mrow)
+        tl.store(DQ + bh * N * D + offs_m[:, None] * D + offs_d[None, :], dq * SCALE, mask=mrow)  # (B, H, N, D)
         if HAS_REL:
             offs_kh = tl.arange(0, KHP)
             offs_kw = tl.arange(0, KWP)
@@ -287,7 +295,8 @@ if triton is not None:
 
     @triton.jit
     def _phi_bwd_dk_kernel(Q, K, C, DH, DK, DC, BIAS, RELH, RELW, MASK,
-                           N, R, sqb, sqn, skb, skn, scj, scm, shb, shn, sdb, sdj, sdm, heads,
+                           N, R, SCALE, sq0, sq1, sqn, sk0, sk1, skn, scj, scm, scr, shb, shn, sdb, sdj, sdm, sdr,
+                           heads,
                            sbb, sbh, sbi, sbj, KH, KW, smb, smh, smi, smj, LO, INVH,
                            D: tl.constexpr, G: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -298,21 +307,22 @@ if triton is not None:
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_d = tl.arange(0, D)
         offs_r = tl.arange(0, RP)
-        kt = _cols(K, bh, skb, skn, offs_n, offs_d, N)
+        kt = _cols(K, bh, heads, sk0, sk1, skn, offs_n, offs_d, N)
         dk = tl.zeros((BN, D), dtype=tl.float32)
         c_head = C + h * N * scj
-        coef_t = c_head + offs_n[None, :] * scj + offs_r[:, None]
+        coef_t = c_head + offs_n[None, :] * scj + offs_r[:, None] * scr
         cmask_t = (offs_n[None, :] < N) & (offs_r[:, None] < R)
         dmask = (offs_n[:, None] < N) & (offs_r[None, :] < R)
-        dc_tile = DC + bh * sdb + offs_n[:, None] * sdj + offs_r[None, :]
+        dc_tile = DC + bh * sdb + offs_n[:, None] * sdj + offs_r[None, :] * sdr
         for i0 in range(0, N, BM):
             offs_m = i0 + tl.arange(0, BM)
             mrow = offs_m[:, None] < N
-            q = _rows(Q, bh, sqb, sqn, offs_m, offs_d, N)
+            q = _rows(Q, bh, heads, sq0, sq1, sqn, offs_m, offs_d, N)
             dh = tl.load(DH + bh * shb + offs_m[:, None] * shn + offs_r[None, :], mask=mrow & (offs_r[None, :] < R),
                          other=0.0)
-            s, valid = _logits(q, kt, bh, heads, offs_m, offs_n, N, BIAS, sbb, sbh, sbi, sbj, RELH, RELW, KH, KW,
-                               MASK, smb, smh, smi, smj, HAS_BIAS, HAS_REL, HAS_MASK)
+            s, valid = _logits(q, kt, SCALE, bh, heads, offs_m, offs_n, N, BIAS, sbb, sbh, sbi, sbj, RELH, RELW, KH,
+                               KW, MASK, smb, smh, smi, smj, HAS_BIAS, HAS_REL, HAS_MASK)
+            seen = dmask & (i0 > 0)  # the partial gradient starts in uninitialised memory: read it from the 2nd block
             ds = tl.zeros_like(s)
             # this program owns its key block's coefficient-gradient rows: load, add, store (no atomics)
             if SPLINE == 0:
@@ -324,9 +334,9 @@ if triton is not None:
                     dfc = tl.dot(dh, tl.load(coef_t + g * scm, mask=cmask_t, other=0.0), input_precision=DOT)
                     dfs = tl.dot(dh, tl.load(coef_t + (G + g) * scm, mask=cmask_t, other=0.0), input_precision=DOT)
                     ds += (g + 1.0) * (dfs * ck - dfc * sk)
-                    tl.store(dc_tile + g * sdm, tl.load(dc_tile + g * sdm, mask=dmask, other=0.0)
+                    tl.store(dc_tile + g * sdm, tl.load(dc_tile + g * sdm, mask=seen, other=0.0)
                              + tl.dot(tl.trans(ck), dh, input_precision=DOT), mask=dmask)
-                    tl.store(dc_tile + (G + g) * sdm, tl.load(dc_tile + (G + g) * sdm, mask=dmask, other=0.0)
+                    tl.store(dc_tile + (G + g) * sdm, tl.load(dc_tile + (G + g) * sdm, mask=seen, other=0.0)
                              + tl.dot(tl.trans(sk), dh, input_precision=DOT), mask=dmask)
                     ck, sk = ck * c1 - sk * s1, sk * c1 + ck * s1
             else:
@@ -334,18 +344,18 @@ if triton is not None:
                     f = tl.where(valid, _bspline(s, m, LO, INVH, SPLINE, 0), 0.0)
                     df = tl.dot(dh, tl.load(coef_t + m * scm, mask=cmask_t, other=0.0), input_precision=DOT)
                     ds += df * _bspline(s, m, LO, INVH, SPLINE, 1)
-                    tl.store(dc_tile + m * sdm, tl.load(dc_tile + m * sdm, mask=dmask, other=0.0)
+                    tl.store(dc_tile + m * sdm, tl.load(dc_tile + m * sdm, mask=seen, other=0.0)
                              + tl.dot(tl.trans(f), dh, input_precision=DOT), mask=dmask)
             if HAS_BASE:
                 sig = tl.sigmoid(s)
                 base = tl.where(valid, s * sig, 0.0)
                 dfb = tl.dot(dh, tl.load(coef_t + BROW * scm, mask=cmask_t, other=0.0), input_precision=DOT)
                 ds += dfb * (sig * (1.0 + s * (1.0 - sig)))
-                tl.store(dc_tile + BROW * sdm, tl.load(dc_tile + BROW * sdm, mask=dmask, other=0.0)
+                tl.store(dc_tile + BROW * sdm, tl.load(dc_tile + BROW * sdm, mask=seen, other=0.0)
                          + tl.dot(tl.trans(base), dh, input_precision=DOT), mask=dmask)
             ds = tl.where(valid, ds, 0.0)
             dk += tl.dot(tl.trans(ds), q, input_precision=DOT)
-        tl.store(DK + bh * skb + offs_n[:, None] * skn + offs_d[None, :], dk, mask=offs_n[:, None] < N)
+        tl.store(DK + bh * N * D + offs_n[:, None] * D + offs_d[None, :], dk * SCALE, mask=offs_n[:, None] < N)
 
 
 def _pad(n: int, least: int = 16) -> int:
@@ -378,7 +388,7 @@ class _Extras:
         self.flags = dict(HAS_BIAS=bias is not None, HAS_REL=rel_h is not None, HAS_MASK=mask is not None,
                           HAS_BASE=layer.has_base, SPLINE=spline, BROW=base_row)
         bias4 = bias.expand(b, h, n, n) if bias is not None else None
-        mask4 = mask.to(torch.uint8).expand(b, h, n, n) if mask is not None else None
+        mask4 = mask.view(torch.uint8).expand(b, h, n, n) if mask is not None else None  # a view, no copy
         self.kh, self.kw = (rel_h.shape[-1], rel_w.shape[-1]) if rel_h is not None else (1, 1)
         self.pointers = (q if bias4 is None else bias4, q if rel_h is None else rel_h, q if rel_w is None else rel_w,
                          q if mask4 is None else mask4)
@@ -386,104 +396,166 @@ class _Extras:
                          *(mask4.stride() if mask4 is not None else (0,) * 4), lo, inv_h))
 
 
-class _FusedPhi(torch.autograd.Function):
-    """``H = Phi(q k^T + bias)`` for the Fourier basis (and SiLU base) without materialising S, forward and
-    backward in Triton; a backward that fails to build falls back to the efficient path's recomputation."""
+def _rowwise(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself where its last dim is contiguous (the kernels read (B, H, N, D) views, e.g. slices of a fused
+    qkv, through their strides), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _phi_forward(q: torch.Tensor, k: torch.Tensor, coef: torch.Tensor, ex: _Extras, grid: int,
+                 scale: float) -> torch.Tensor:
+    """``H = Phi(scale q k^T + bias)``, (B, H, N, r) fp32, by the forward kernel; coef (H, N, r, M) fp32."""
+    b, h, n, d = q.shape
+    r = coef.shape[2]
+    bm, bn = block_sizes(d, coef.shape[3])
+    out = torch.empty(b, h, n, r, device=q.device, dtype=torch.float32)
+    _phi_fwd_kernel[(triton.cdiv(n, bm), b * h)](
+        q, k, coef, out, *ex.pointers, n, r, scale, *_qk_strides(q, k), *_coef_strides(coef),
+        out.stride(1), out.stride(2), h, *ex.scalars, D=d, G=grid, RP=_pad(r), BM=bm, BN=bn, DOT=DOT_PRECISION,
+        **ex.flags)
+    return out
+
+
+def _phi_backward(q, k, coef, bias, rel_h, rel_w, ex: _Extras, grid: int, scale: float, dh: torch.Tensor,
+                  need_bias: bool) -> tuple:
+    """(dq, dk, dcoef, dbias, drel_h, drel_w) from ``dL/dH`` by the dq and dk kernels, all fp32."""
+    b, h, n, d = q.shape
+    r = coef.shape[2]
+    bm, bn = block_sizes(d, coef.shape[3])
+    dq = torch.empty(b, h, n, d, device=q.device, dtype=torch.float32)  # contiguous: the kernels' layout
+    dk = torch.empty(b, h, n, d, device=q.device, dtype=torch.float32)
+    # per-batch partials, laid out (B, H, N, r, M) like the basis coefficients, so their gradient needs no copy
+    dc = torch.empty(b, h, n, r, coef.shape[3], device=q.device, dtype=torch.float32)
+    db = torch.empty(b, h, n, n, device=q.device, dtype=torch.float32) if need_bias else q
+    drh = torch.empty_like(rel_h, dtype=torch.float32) if rel_h is not None else q
+    drw = torch.empty_like(rel_w, dtype=torch.float32) if rel_w is not None else q
+    common = dict(D=d, G=grid, RP=_pad(r), BM=bm, BN=bn, DOT=DOT_PRECISION, **ex.flags)
+    strides = (*_qk_strides(q, k), *_coef_strides(coef), dh.stride(1), dh.stride(2))
+    _phi_bwd_dq_kernel[(triton.cdiv(n, bm), b * h)](
+        q, k, coef, dh, dq, *ex.pointers, db, drh, drw, n, r, scale, *strides, h, *ex.scalars,
+        BIAS_GRAD=need_bias, KHP=_pad(ex.kh), KWP=_pad(ex.kw), **common)
+    _phi_bwd_dk_kernel[(triton.cdiv(n, bn), b * h)](
+        q, k, coef, dh, dk, dc, *ex.pointers, n, r, scale, *strides, dc.stride(1), dc.stride(2), dc.stride(4),
+        dc.stride(3), h,
+        *ex.scalars, **common)
+    return (dq, dk, dc[0] if b == 1 else dc.sum(0), efficient._sum_to(db, bias.shape) if need_bias else None,
+            None if rel_h is None else drh, None if rel_w is None else drw)
+
+
+def _phi_backward_efficient(q, k, coef, bias, rel_h, rel_w, mask, layer: nn.Module, scale: float,
+                            dh: torch.Tensor) -> tuple:
+    """The same gradients through the efficient path's blockwise recomputation (autograd over it): what runs
+    when a backward kernel fails to build. ``coef`` is (H, N, r, M), the efficient path's the transpose."""
+    coef = coef.transpose(-1, -2)
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() if t is not None else None for t in (q, k, coef, bias, rel_h, rel_w)]
+        qd, kd, cd, bd, rh, rw = inputs
+        dense = bd if rh is None else (rh[..., :, None] + rw[..., None, :]).flatten(-2)
+        block = efficient.block_size(q.shape[0] * q.shape[1] * q.shape[2], coef.shape[2], q.shape[2], q.device)
+        hidden = efficient._ReduceKeysFromQK.apply(qd.float(), kd.float(), dense, cd, layer, mask, block, scale)
+        used = [t for t in inputs if t is not None]
+        grads = iter(torch.autograd.grad(hidden, used, dh, allow_unused=True))
+        dq, dk, dc, *rest = (next(grads) if t is not None else None for t in inputs)
+        return (dq, dk, dc.transpose(-1, -2), *rest)
+
+
+class _FusedAttention(torch.autograd.Function):
+    """``sigma(S) V = ((Phi(S) W^T) * mask) V`` for ``phi1_w2`` as one autograd node: ``Phi(S)`` by the Triton
+    kernels, the coefficient scaling and the rank expansion ``H (W^T V)`` by a few tensor ops whose gradients are
+    written out here. One node instead of a dozen keeps the host's share of a step small (at ViT-Tiny widths the
+    GPU waits on the host: benchmarks/README.md, "Host cost per layer"). A backward kernel that fails to build
+    falls back to the efficient path's recomputation."""
 
     @staticmethod
-    def forward(ctx, q, k, coef, bias, rel_h, rel_w, mask, layer, grid):
-        # q (pre-scaled), k: (B, H, N, D); coef: (H, N, M, r) fp32, M = 2G (+1 for the base); bias: broadcastable
-        # to (B, H, N, N) or None; rel_h / rel_w: contiguous (B, H, N, k_h / k_w) or None; mask: bool or None
-        b, h, n, d = q.shape
-        r = coef.shape[-1]
-        q, k, coef = q.contiguous(), k.contiguous(), coef.contiguous()
+    def forward(ctx, q, k, v, coefficients, basis_scale, base_weight, weight, bias, rel_h, rel_w, mask, layer, grid,
+                scale):
+        # q, k, v: (B, H, N, d), any strides with a contiguous last dim (q, k read in place; v in fp32);
+        # coefficients (H, N, r, M), basis_scale / base_weight / weight (H, N, r); bias: fp32 broadcastable to
+        # (B, H, N, N) or None; rel_h / rel_w: contiguous fp32 (B, H, N, k_h / k_w) or None; mask: bool or None
+        q, k = _rowwise(q), _rowwise(k)
+        v, weight32 = v.float(), weight.float()
+        coef = coefficients.float() * basis_scale.float().unsqueeze(-1)  # (H, N, r, M), read through its strides
+        if base_weight is not None:
+            coef = torch.cat([coef, base_weight.float().unsqueeze(-1)], dim=-1)
         ex = _Extras(q, bias, rel_h, rel_w, mask, layer, grid)
-        bm, bn = block_sizes(d, coef.shape[2])
-        out = torch.empty(b, h, n, r, device=q.device, dtype=torch.float32)
-        _phi_fwd_kernel[(triton.cdiv(n, bm), b * h)](
-            q, k, coef, out, *ex.pointers, n, r, q.stride(1), q.stride(2), k.stride(1), k.stride(2),
-            coef.stride(1), coef.stride(2), out.stride(1), out.stride(2), h, *ex.scalars,
-            D=d, G=grid, RP=_pad(r), BM=bm, BN=bn, DOT=DOT_PRECISION, **ex.flags)
-        ctx.save_for_backward(q, k, coef, bias, rel_h, rel_w, mask)
-        ctx.layer, ctx.grid = layer, grid
+        hidden = _phi_forward(q, k, coef, ex, grid, scale)
+        key_level = efficient._is_key_level(mask)
+        if key_level:  # H (W^T V): linear in N
+            vm = efficient._masked_rows(v, mask)
+            u = weight32.transpose(-1, -2) @ vm  # (B, H, r, d)
+            out = hidden @ u
+            ctx.save_for_backward(q, k, vm, coefficients, basis_scale, coef, weight32, hidden, u, bias, rel_h,
+                                  rel_w, mask)
+        else:  # a per-query mask (shifted windows) needs the N x N product
+            sigma = (hidden @ weight32.transpose(-1, -2)) * mask
+            out = sigma @ v
+            ctx.save_for_backward(q, k, v, coefficients, basis_scale, coef, weight32, hidden, sigma, bias, rel_h,
+                                  rel_w, mask)
+        ctx.layer, ctx.grid, ctx.scale, ctx.key_level = layer, grid, scale, key_level
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dh):
+    def backward(ctx, g):
+        q, k, vm, coefficients, basis_scale, coef, weight, hidden, u_or_sigma, bias, rel_h, rel_w, mask = \
+            ctx.saved_tensors
+        g = g.float()
+        need = ctx.needs_input_grad
+        if ctx.key_level:
+            u = u_or_sigma
+            dh = (g @ u.transpose(-1, -2)).contiguous()
+            du = hidden.transpose(-1, -2) @ g  # (B, H, r, d)
+            dv = efficient._masked_rows(weight @ du, mask) if need[2] else None
+            dw = (vm @ du.transpose(-1, -2)).sum(0) if need[6] else None
+        else:
+            sigma = u_or_sigma
+            dsigma = (g @ vm.transpose(-1, -2)) * mask
+            dh = (dsigma @ weight).contiguous()
+            dv = sigma.transpose(-1, -2) @ g if need[2] else None
+            dw = (dsigma.transpose(-1, -2) @ hidden).sum(0) if need[6] else None
+        ex = _Extras(q, bias, rel_h, rel_w, mask, ctx.layer, ctx.grid)
+        need_bias = bias is not None and need[7]
         try:
-            grads = _FusedPhi._kernels_backward(ctx, dh.contiguous().float())
+            dq, dk, dc, db, drh, drw = _phi_backward(q, k, coef, bias, rel_h, rel_w, ex, ctx.grid, ctx.scale, dh,
+                                                     need_bias)
         except Exception as e:  # noqa: BLE001  a backward kernel that fails to build must not end the run
             disable(f"backward: {type(e).__name__}: {e}")
-            grads = _FusedPhi._efficient_backward(ctx, dh.float())
-        return (*grads, None, None, None)
-
-    @staticmethod
-    def _kernels_backward(ctx, dh):
-        q, k, coef, bias, rel_h, rel_w, mask = ctx.saved_tensors
-        b, h, n, d = q.shape
-        r = coef.shape[-1]
-        ex = _Extras(q, bias, rel_h, rel_w, mask, ctx.layer, ctx.grid)
-        bm, bn = block_sizes(d, coef.shape[2])
-        need_bias = bias is not None and ctx.needs_input_grad[3]
-        dq = torch.empty_like(q, dtype=torch.float32)
-        dk = torch.empty_like(k, dtype=torch.float32)
-        dc = torch.zeros(b, h, n, coef.shape[2], r, device=q.device, dtype=torch.float32)  # per-batch partials
-        db = torch.empty(b, h, n, n, device=q.device, dtype=torch.float32) if need_bias else q
-        drh = torch.empty_like(rel_h, dtype=torch.float32) if rel_h is not None else q
-        drw = torch.empty_like(rel_w, dtype=torch.float32) if rel_w is not None else q
-        common = dict(D=d, G=ctx.grid, RP=_pad(r), BM=bm, BN=bn, DOT=DOT_PRECISION, **ex.flags)
-        strides = (q.stride(1), q.stride(2), k.stride(1), k.stride(2), coef.stride(1), coef.stride(2),
-                   dh.stride(1), dh.stride(2))
-        _phi_bwd_dq_kernel[(triton.cdiv(n, bm), b * h)](
-            q, k, coef, dh, dq, *ex.pointers, db, drh, drw, n, r, *strides, h, *ex.scalars,
-            BIAS_GRAD=need_bias, KHP=_pad(ex.kh), KWP=_pad(ex.kw), **common)
-        _phi_bwd_dk_kernel[(triton.cdiv(n, bn), b * h)](
-            q, k, coef, dh, dk, dc, *ex.pointers, n, r, *strides, dc.stride(1), dc.stride(2), dc.stride(3), h,
-            *ex.scalars, **common)
-        return (dq.to(q.dtype), dk.to(k.dtype), dc.sum(0).to(coef.dtype),
-                efficient._sum_to(db, bias.shape) if need_bias else None,
-                None if rel_h is None else drh.to(rel_h.dtype), None if rel_w is None else drw.to(rel_w.dtype))
-
-    @staticmethod
-    def _efficient_backward(ctx, dh):
-        """The same gradients through the efficient path's blockwise recomputation (autograd over it)."""
-        q, k, coef, bias, rel_h, rel_w, mask = ctx.saved_tensors
-        with torch.enable_grad():
-            inputs = [t.detach().requires_grad_() if t is not None else None for t in (q, k, coef, bias, rel_h, rel_w)]
-            qd, kd, cd, bd, rh, rw = inputs
-            dense = bd if rh is None else (rh[..., :, None] + rw[..., None, :]).flatten(-2)
-            block = efficient.block_size(q.shape[0] * q.shape[1] * q.shape[2], coef.shape[2], q.shape[2], q.device)
-            hidden = efficient._ReduceKeysFromQK.apply(qd.float(), kd.float(), dense, cd, ctx.layer, mask, block, 1.0)
-            used = [t for t in inputs if t is not None]
-            grads = iter(torch.autograd.grad(hidden, used, dh, allow_unused=True))
-            return tuple(next(grads) if t is not None else None for t in inputs)
+            dq, dk, dc, db, drh, drw = _phi_backward_efficient(q, k, coef, bias, rel_h, rel_w, mask, ctx.layer,
+                                                               ctx.scale, dh)
+        m = coefficients.shape[-1]
+        dc_basis = dc[..., :m]  # (H, N, r, M), the coefficients' layout
+        dcoefficients = dc_basis * basis_scale.float().unsqueeze(-1) if need[3] else None
+        dscale = (dc_basis * coefficients.float()).sum(-1) if need[4] else None
+        dbase = dc[..., m] if need[5] else None
+        return (dq, dk, dv, dcoefficients, dscale, dbase, dw, db, drh, drw, None, None, None, None)
 
 
-def phi_fused(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, bias: Optional[Bias] = None,
-              key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``Phi(q k^T + bias)`` (N x r per head, fp32) of a ``phi1_w2`` Fourier operator, q already scaled. q and k
-    may be half precision (the kernels load them as fp32); the coefficients go in, and H comes out, in fp32."""
-    coef = efficient._layer_coefficients(op.phi).to(torch.float32)
+def _coef_strides(coef: torch.Tensor) -> Tuple[int, int, int]:
+    """(key, feature, rank) strides of the (H, N, r, M) coefficients, as the kernels take them."""
+    return coef.stride(1), coef.stride(3), coef.stride(2)
+
+
+def _qk_strides(q: torch.Tensor, k: torch.Tensor) -> Tuple[int, ...]:
+    """(batch, head, token) strides of q and of k, as the kernels take them."""
+    return (*q.stride()[:3], *k.stride()[:3])
+
+
+def attend(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[Bias] = None,
+           key_mask: Optional[torch.Tensor] = None, scale: float = 1.0) -> torch.Tensor:
+    """``sigma(S) V = ((Phi(S) W^T) * mask) V`` of a ``phi1_w2`` operator by the fused kernels, in fp32 with autocast
+    off; q, k may be half precision and strided views. The output comes back in the autocast dtype under autocast,
+    else in q's dtype (``karat.precision``). ``karat.kernels.choose`` has checked :func:`supports` for this call."""
+    dtype = output_dtype(q)
+    phi = op.phi
     rel_h = rel_w = dense = None
     if isinstance(bias, DecomposedRelPos):
         rel_h, rel_w = (upcast(t).contiguous() for t in (bias.rel_h, bias.rel_w))
     elif bias is not None:
         dense = upcast(bias)
-    return _FusedPhi.apply(q, k, coef, dense, rel_h, rel_w, key_mask, op.phi, op.cfg.grid)
-
-
-def attend(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[Bias] = None,
-           key_mask: Optional[torch.Tensor] = None, scale: float = 1.0) -> torch.Tensor:
-    """``sigma(S) V = ((Phi(S) W^T) * mask) V`` with ``Phi(S)`` from the fused kernels, in fp32 with autocast off;
-    the output comes back in the autocast dtype under autocast, else in q's dtype (``karat.precision``)."""
-    reason = supports(op, q, bias, key_mask)
-    if reason is not None:
-        raise ValueError(f"impl='fused' cannot serve this call: {reason}. Use impl='auto' or 'efficient'.")
-    dtype = output_dtype(q)
     with autocast_off(q.device.type):
-        hidden = phi_fused(op, q * scale, k, bias, key_mask)
-        return efficient.expand_rank(op, hidden, upcast(v), key_mask).to(dtype)
+        out = _FusedAttention.apply(q, k, v, phi.basis.coefficients, phi.basis_scale, phi.base_weight, op.weight,
+                                    dense, rel_h, rel_w, key_mask, phi, op.cfg.grid, float(scale))
+    return out.to(dtype)
 
 
 KERNELS = ("_phi_fwd_kernel", "_phi_bwd_dq_kernel", "_phi_bwd_dk_kernel")
@@ -515,7 +587,7 @@ def compile_offline(arch: int, head_dim: int, grid: int, rank: int, dtype: str =
             elif a in _POINTERS:
                 sig[a] = _POINTERS[a] or f"*{dtype}"
             else:
-                sig[a] = "*fp32" if a in _FP32_POINTERS else "fp32" if a in ("LO", "INVH") else "i32"
+                sig[a] = "*fp32" if a in _FP32_POINTERS else "fp32" if a in ("LO", "INVH", "SCALE") else "i32"
         consts = {(kernel.arg_names.index(k),): v for k, v in const.items() if k in kernel.arg_names}
         compiled = triton.compile(ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32))
         shared[name] = compiled.metadata.shared
