@@ -26,7 +26,7 @@ def entry_points() -> list:
     found = []
     for path in sorted(ROOT.glob("**/*.py")):
         rel = path.relative_to(ROOT)
-        if rel.parts[0] in ("tests", ".venv", "outputs") or rel.parts[0].startswith("."):
+        if rel.parts[0] in ("tests", ".venv", "outputs", "build", "dist") or rel.parts[0].startswith("."):
             continue
         if re.search(r"^if __name__ == .__main__.:", path.read_text(), re.M):
             found.append(rel)

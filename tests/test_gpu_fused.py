@@ -204,6 +204,30 @@ def test_universal_model_step_matches_reference():
     assert compared >= 2  # the shared operator's tensors got gradients from both blocks
 
 
+@pytest.mark.skipif(INTERPRET, reason="Dynamo traces into Triton's interpreter; this needs real CUDA kernels")
+def test_fused_model_under_torch_compile_matches_eager():
+    """``torch.compile`` (Inductor) of a KArAt ViT on the fused path: the loss and every gradient equal eager
+    mode's. Compiling the step is how a user removes the host's per-op cost at small widths
+    (benchmarks/README.md, "Host cost per layer"); graph breaks at the kernels are allowed, wrong numbers are not."""
+    import timm
+
+    kw = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=5, grid=2, hidden_dim=8)
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224_karat", impl="fused", **kw).to(DEVICE)
+    x = torch.randn(4, 3, 32, 32, device=DEVICE)
+    results = []
+    for fn in (model, torch.compile(model)):
+        model.zero_grad(set_to_none=True)
+        loss = fn(x).square().mean()
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (eager_loss, eager), (loss, compiled) = results
+    assert abs(loss - eager_loss) <= TOLERANCE[torch.float32] * abs(eager_loss) + 1e-6
+    assert compiled.keys() == eager.keys() and any("karat" in n for n in eager)
+    for n, g in eager.items():
+        assert _rel_err(compiled[n], g) <= TOLERANCE[torch.float32] * 2, n
+
+
 COMPILE = """
 import json
 import torch

@@ -159,3 +159,22 @@ def test_command_line_keeps_the_paper_flags():
     assert "grid" not in karat_kwargs(get_args_parser().parse_args([]))  # the model's own G applies
     with pytest.raises(SystemExit):
         get_args_parser().parse_args(["--basis_type", "Chebyshev"])
+
+
+def test_the_readme_options_table_lists_every_option_and_every_choice():
+    """README's options table is written for people, so it is checked against the one table: every option under its
+    host name, every choice of a choice option in its row, and nothing that is not an option."""
+    from karat.options import host_name, option_fields
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("| option | default | meaning |"):].split("\n\n", 1)[0].splitlines()[2:]
+    rows = {}
+    for line in table:
+        first = line.split(" | ")[0]
+        for name in first.strip("| ").replace("`", "").replace(",", " ").replace("/", " ").split():
+            rows[name] = line
+    fields = {host_name(f): f for f in option_fields(KArAtConfig)}
+    assert rows.keys() == fields.keys(), (sorted(rows.keys() - fields.keys()), sorted(fields.keys() - rows.keys()))
+    for name, f in fields.items():
+        missing = [c for c in f.metadata.get("choices") or () if f"`{c}`" not in rows[name]]
+        assert not missing, f"README's options table: `{name}` does not mention {missing}"

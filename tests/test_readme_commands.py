@@ -99,6 +99,7 @@ PLAN: Dict[str, Plan] = {
     "benchmark.py --level model --model tiny --batch 8": Plan("shorten", "one step, one impl", BENCH_MODEL),
     "benchmark.py --device cuda": Plan("dry", "a GPU"),
     "--tokens 17 26 37 50 65": Plan("shorten", "17 tokens, one round", BENCH_ATTENTION),
+    "python -m tools.host_ops --paths softmax fused efficient": Plan("shorten", "20 steps", "--repeat 20"),
     "--repeat 2 --rounds 1 --profile 8": Plan("shorten", "17 tokens, one round, with its profile tables",
                                               BENCH_ATTENTION),
 }

@@ -84,9 +84,11 @@ def _offline_prefix() -> list:
 def test_wheelhouse_installs_offline_into_a_fresh_environment(tmp_path):
     t0 = time.time()
     house = tmp_path / "wheelhouse"
+    had_build = (ROOT / "build").exists()
     proc = _run([sys.executable, ROOT / "tools" / "wheelhouse.py", "--dest", house, "--provided", "scipy"],
                 timeout=900, cwd=tmp_path)
     assert "MiB  total" in proc.stdout
+    assert had_build or not (ROOT / "build").exists(), "building karat's wheel left build/ in the checkout"
     built_s = time.time() - t0
     manifest = json.loads((house / "manifest.json").read_text())
     names = {f["name"] for f in manifest["files"]}

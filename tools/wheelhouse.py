@@ -160,8 +160,17 @@ def requirements_of(path: Path, extras: Iterable[str], env: Dict[str, str]) -> L
 
 
 def build_own_wheel(staging: Path) -> Path:
-    """This project's wheel, built from the working tree (pure Python)."""
-    pip(["wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(staging), str(ROOT)])
+    """This project's wheel, built from the working tree (pure Python). setuptools stages it in ``build/`` and
+    ``*.egg-info`` inside the tree; whichever of those this build created is removed afterwards (a stale
+    ``build/lib`` holds a second copy of every package, which registries then see twice)."""
+    leftovers = [ROOT / "build", *ROOT.glob("*.egg-info")]
+    existed = {p for p in leftovers if p.exists()}
+    try:
+        pip(["wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(staging), str(ROOT)])
+    finally:
+        for p in [ROOT / "build", *ROOT.glob("*.egg-info")]:
+            if p not in existed and p.is_dir():
+                shutil.rmtree(p)
     return _single(staging, "karat-*.whl")
 
 

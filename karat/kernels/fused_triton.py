@@ -436,8 +436,7 @@ def _phi_backward(q, k, coef, bias, rel_h, rel_w, ex: _Extras, grid: int, scale:
         BIAS_GRAD=need_bias, KHP=_pad(ex.kh), KWP=_pad(ex.kw), **common)
     _phi_bwd_dk_kernel[(triton.cdiv(n, bn), b * h)](
         q, k, coef, dh, dk, dc, *ex.pointers, n, r, scale, *strides, dc.stride(1), dc.stride(2), dc.stride(4),
-        dc.stride(3), h,
-        *ex.scalars, **common)
+        dc.stride(3), h, *ex.scalars, **common)
     return (dq, dk, dc[0] if b == 1 else dc.sum(0), efficient._sum_to(db, bias.shape) if need_bias else None,
             None if rel_h is None else drh, None if rel_w is None else drw)
 
@@ -445,7 +444,7 @@ def _phi_backward(q, k, coef, bias, rel_h, rel_w, ex: _Extras, grid: int, scale:
 def _phi_backward_efficient(q, k, coef, bias, rel_h, rel_w, mask, layer: nn.Module, scale: float,
                             dh: torch.Tensor) -> tuple:
     """The same gradients through the efficient path's blockwise recomputation (autograd over it): what runs
-    when a backward kernel fails to build. ``coef`` is (H, N, r, M), the efficient path's the transpose."""
+    when a backward kernel fails to build. ``coef`` is (H, N, r, M); the efficient path takes its transpose."""
     coef = coef.transpose(-1, -2)
     with torch.enable_grad():
         inputs = [t.detach().requires_grad_() if t is not None else None for t in (q, k, coef, bias, rel_h, rel_w)]
