@@ -26,3 +26,20 @@ def test_benchmark_attention_level_small(tmp_path):
     again = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--json", str(out)],
                            capture_output=True, text=True, timeout=120)
     assert again.returncode != 0 and "exists" in again.stderr
+
+
+@pytest.mark.slow
+def test_benchmark_compiles_every_case_and_compares_compiled_with_compiled(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "tools.benchmark", "--level", "attention", "--tokens", "17",
+                           "--batch", "2", "--repeat", "1", "--rounds", "1", "--impl", "softmax", "efficient",
+                           "--compile", "aot_eager", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert [(r["impl"], r["compile"], r["warmup"]) for r in results] == [("softmax", "aot_eager", 3),
+                                                                         ("efficient", "aot_eager", 3)]
+    assert all("error" not in r for r in results)
+    assert "| efficient + compile (aot_eager) | efficient" in proc.stdout
+    speed = proc.stdout.split("| efficient + compile (aot_eager) |")[1].split("|")[5].strip()
+    assert speed.endswith("x") and speed != "-"  # its ratio is to the compiled softmax row of the same run

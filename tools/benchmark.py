@@ -75,6 +75,7 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
 
     if case["level"] == "host":
         module, x = host_model(case["model"], impl, karat_kw, device, batch)
+        module = _compiled(module, case)
 
         def step():
             out = module(x)
@@ -88,7 +89,7 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
         else:
             module = KArAtAttention(dim, num_heads=heads, qkv_bias=True, num_tokens=n,
                                     karat_cfg=KArAtConfig(impl=impl, **karat_kw))
-        module.to(device)
+        module = _compiled(module.to(device), case)
         x = torch.randn(batch, n, dim, device=device, requires_grad=True)
 
         def step():
@@ -98,12 +99,13 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
         name = f"vit_{size}_patch16_224" + ("" if impl == "softmax" else "_karat")
         kw = {} if impl == "softmax" else dict(impl=impl, **karat_kw)
         model = timm.create_model(name, num_classes=1000, **kw).to(device)
+        forward = _compiled(model, case)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         x = torch.randn(batch, 3, 224, 224, device=device)
         y = torch.randint(0, 1000, (batch,), device=device)
 
         def step():
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss = torch.nn.functional.cross_entropy(forward(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -139,14 +141,25 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
     if case["level"] == "model":
         model.eval()
         with torch.no_grad():
-            model(x)
+            forward(x)
             sync()
             t0 = time.perf_counter()
             for _ in range(case["repeat"]):
-                model(x)
+                forward(x)
             sync()
         result["infer_items_per_s"] = items * case["repeat"] / (time.perf_counter() - t0)
     return result
+
+
+def _compiled(module, case: Dict[str, Any]):
+    """``torch.compile(module, backend=case["compile"])`` where the case asks for it (``--compile``), else module:
+    compiling the step takes the host's per-op cost out, which dominates small widths on a GPU."""
+    if not case.get("compile"):
+        return module
+    import torch
+
+    torch._dynamo.reset()
+    return torch.compile(module, backend=case["compile"])
 
 
 # Host attentions against each host's own softmax model: detectron2's ViTDet ViT-Tiny backbone at 512 px (window
@@ -226,8 +239,13 @@ def spawn(case: Dict[str, Any]) -> Dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def label(r: Dict[str, Any]) -> str:
+    """The impl column: the impl, and the torch.compile backend where the case was compiled."""
+    return r["impl"] + (f" + compile ({r['compile']})" if r.get("compile") else "")
+
+
 def table(results: List[Dict[str, Any]]) -> str:
-    key = lambda r: (r["level"], r["model"], r.get("tokens"), r["batch"])  # noqa: E731
+    key = lambda r: (r["level"], r["model"], r.get("tokens"), r["batch"], r.get("compile"))  # noqa: E731
     softmax = {key(r): r for r in results if r["impl"] == "softmax" and "error" not in r}
     reference = {key(r): r for r in results if r["impl"] == "reference" and "error" not in r}
     model_level = any(r["level"] == "model" for r in results)
@@ -238,7 +256,7 @@ def table(results: List[Dict[str, Any]]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['level']} | {r['model']} | {r.get('tokens', 197)} | {r['batch']} | {r['impl']} | - | "
+            lines.append(f"| {r['level']} | {r['model']} | {r.get('tokens', 197)} | {r['batch']} | {label(r)} | - | "
                          f"error: {r['error'][:60]} |")
             continue
         base = softmax.get(key(r))
@@ -247,7 +265,7 @@ def table(results: List[Dict[str, Any]]) -> str:
         ref = reference.get(key(r))
         ref_mem = f"{r['peak_mb'] / ref['peak_mb']:.2f}x" if ref and ref["peak_mb"] > 0 else "-"
         ref_speed = f"{r['items_per_s'] / ref['items_per_s']:.2f}x" if ref else "-"
-        line = (f"| {r['level']} | {r['model']} | {r.get('tokens', 197)} | {r['batch']} | {r['impl']} | "
+        line = (f"| {r['level']} | {r['model']} | {r.get('tokens', 197)} | {r['batch']} | {label(r)} | "
                 f"{r.get('path', '-')} | "
                 f"{1000 * r['seconds']:.1f} | {r['items_per_s']:.1f} | {r['peak_mb']:.1f} | {mem_ratio} | "
                 f"{speed_ratio} | {ref_mem} | {ref_speed} |")
@@ -275,6 +293,9 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--profile", type=int, default=0, metavar="TOP",
                    help="also print the TOP operators by self CPU time of one step (torch.profiler), per case")
+    p.add_argument("--compile", metavar="BACKEND", default=None,
+                   help="torch.compile every case's module with this backend (inductor, aot_eager); ratios compare "
+                        "compiled with compiled")
     p.add_argument("--json", type=Path, help="write the results here (refuses to overwrite an existing file)")
     args = p.parse_args(argv)
     if args.case:
@@ -284,7 +305,7 @@ def main(argv: List[str] | None = None) -> int:
         sys.exit(f"error: {args.json} exists; choose another --json path")
     impls = args.impl or [i for i in IMPLS if i != "auto" and (i != "fused" or args.device.startswith("cuda"))]
     cases = make_cases(args.level, args.model, args.tokens, args.batch, impls, args.grid, args.device, args.repeat,
-                       args.warmup, args.profile)
+                       args.warmup, args.profile, args.compile)
     results = run_rounds(cases, args.rounds)
     meta = environment(args.device)
     print()
@@ -297,14 +318,16 @@ def main(argv: List[str] | None = None) -> int:
 
 
 def make_cases(level: str, models: List[str], tokens: List[int], batch: int, impls: List[str], grid: int | None,
-               device: str, repeat: int, warmup: int, profile: int = 0) -> List[Dict[str, Any]]:
+               device: str, repeat: int, warmup: int, profile: int = 0,
+               compile_backend: Optional[str] = None) -> List[Dict[str, Any]]:
     """One case per (model, token count, implementation); the model level always has 197 tokens, the host level
-    its host's (``HOSTS``)."""
+    its host's (``HOSTS``). A compiled case warms up at least 3 steps (the first ones compile and recompile)."""
     def token_counts(model: str) -> List[int]:
         return tokens if level == "attention" else [HOSTS[model]["tokens"]] if level == "host" else [197]
 
     return [dict(level=level, model=model, tokens=n, batch=batch, impl=impl, grid=grid, device=device,
-                 repeat=repeat, warmup=max(1, warmup), profile=profile)
+                 repeat=repeat, warmup=max(3 if compile_backend else 1, warmup), profile=profile,
+                 compile=compile_backend)
             for model in models for n in token_counts(model) for impl in impls]
 
 
@@ -323,7 +346,7 @@ def run_rounds(cases: List[Dict[str, Any]], rounds: int, in_process: bool = Fals
                 best[i] = r
             else:  # keep the fastest round; memory is deterministic up to allocator noise, keep its minimum
                 best[i] = dict(min(prev, r, key=lambda x: x["seconds"]), peak_mb=min(prev["peak_mb"], r["peak_mb"]))
-            print(f"  round {rnd + 1} {case['model']:5s} N={case['tokens']:5d} {case['impl']:9s} "
+            print(f"  round {rnd + 1} {case['model']:5s} N={case['tokens']:5d} {label(case):9s} "
                   + (f"{1000 * r['seconds']:9.1f} ms  {r['peak_mb']:9.1f} MB" if "error" not in r
                      else f"error: {r['error']}"), flush=True)
     return [best[i] for i in range(len(cases))]

@@ -129,12 +129,17 @@ def stage_bench(opts: argparse.Namespace) -> Dict[str, Any]:
         attention = benchmark.make_cases("attention", ["tiny"], [17], 2, impls, None, opts.device, 1, 0)
         model = benchmark.make_cases("model", ["tiny"], [197], 1, ["softmax", "efficient"], None, opts.device, 1, 0)
         host = benchmark.make_cases("host", ["swin"], [], 1, ["softmax", "auto"], None, opts.device, 1, 0)
+        compiled = []
     else:  # per layer at 224, 512 and 1024 px (ViTDet-B's global blocks: base at N = 4096, batch 1), the whole-model
         # training step at batch 32, and the hosts' models at batch 8 (ViTDet-T at 512 px, Swin-T at 224 px)
         sizes = ["tiny", "small", "base"]
         attention = [c for n, batch in ((197, 32), (1025, 8), (4096, 1))
                      for c in benchmark.make_cases("attention", sizes, [n], batch, impls, None, opts.device, 10, 3)]
         model = benchmark.make_cases("model", sizes, [197], 32, impls, None, opts.device, 10, 3)
+        # last (they compile for minutes): the same steps under torch.compile (Inductor) at the widths where the
+        # host's per-op cost dominates
+        compiled = benchmark.make_cases("model", ["tiny", "small"], [197], 32, ["softmax", "fused"], None,
+                                        opts.device, 10, 3, compile_backend="inductor")
         # fused and reference as well as auto: where the Triton path's small-window crossover lies (Swin's 49 keys)
         host = benchmark.make_cases("host", ["vitdet", "swin"], [], 8, ["softmax", "auto", "fused", "reference"],
                                     None, opts.device, 10, 3)
@@ -149,7 +154,7 @@ def stage_bench(opts: argparse.Namespace) -> Dict[str, Any]:
             f.write(json.dumps(result) + "\n")
 
     t0 = time.time()
-    results = benchmark.run_rounds(attention + model + host, rounds=1, in_process=opts.device == "cuda",
+    results = benchmark.run_rounds(attention + model + host + compiled, rounds=1, in_process=opts.device == "cuda",
                                    on_result=keep)
     failed = [r for r in results if "error" in r and "out of memory" not in r["error"].lower()]
     # the host's share of a layer step (tools/host_ops.py): ops and launches beside the kernels, and the step's time
