@@ -108,4 +108,8 @@ if __name__ == "__main__":
         dist.init_process_group("gloo")
         for part in backbones:
             {"detectron2": detectron2_backbone, "mmseg": mmseg_backbone}[part]()
+        # every rank's gloo work done before either tears the group down (as classification.main does): a rank
+        # that destroyed it while the other's last work was in flight once aborted at exit (SIGABRT, "terminate
+        # called without an active exception") on a loaded 2-core CI machine
+        dist.barrier()
         dist.destroy_process_group()
