@@ -7,9 +7,8 @@ This counts, for one forward + backward of timm's softmax ``Attention`` and of `
 ops that can launch a kernel, view ops (metadata only), Triton launches, and the host time per step at a size
 where the arithmetic is negligible.
 
-Without CUDA the Triton path runs with its kernels replaced by launch counters (``--stub-kernels``, the default
-there): every op around them is the real one, only the kernels' arithmetic is skipped, so its outputs are garbage
-and its time is the host's time alone.
+Without CUDA the Triton path runs with its kernels replaced by launch counters: every op around them is the real
+one, only the kernels' arithmetic is skipped, so its outputs are garbage and its time is the host's time alone.
 
   python -m tools.host_ops                       # softmax, fused (kernels stubbed on a CPU-only machine), efficient
   python -m tools.host_ops --device cuda --tokens 197 --batch 32
