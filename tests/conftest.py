@@ -28,6 +28,17 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+def assert_grads_close(got, want) -> None:
+    """``torch.autograd.grad(..., allow_unused=True)`` results of two paths agree: equal where the reference has a
+    gradient; where it has none (an input the function does not use), the other path has none or only zeros."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, w)
+
+
 def lazyconfig_train(argv: list) -> None:
     """``tools/lazyconfig_train.py``'s entry point in this process (detectron2's launch() with one process)."""
     from tools import lazyconfig_train as launcher

@@ -127,6 +127,18 @@ if triton is not None:
                        mask=offs[None, :] < N, other=0.0).to(tl.float32)
 
     @triton.jit
+    def _rank_rows(P, bh, sb, sn, offs, offs_r, N, R):
+        """A (rows, RP) tile of a (B*H, N, r) fp32 tensor (dL/dH); rows past N and ranks past r read as zeros."""
+        return tl.load(P + bh * sb + offs[:, None] * sn + offs_r[None, :],
+                       mask=(offs[:, None] < N) & (offs_r[None, :] < R), other=0.0)
+
+    @triton.jit
+    def _add_feature_grad(P, seen, dmask, f, dh, DOT: tl.constexpr):
+        """``dc += f^T dh`` for one feature's rows of this key block: read (where ``seen``), add, store. The key
+        block's program owns those rows, so no atomics."""
+        tl.store(P, tl.load(P, mask=seen, other=0.0) + tl.dot(tl.trans(f), dh, input_precision=DOT), mask=dmask)
+
+    @triton.jit
     def _logits(q, kt, SCALE, bh, heads, offs_m, offs_n, N, BIAS, sbb, sbh, sbi, sbj, RELH, RELW, KH, KW,
                 MASK, smb, smh, smi, smj, HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, HAS_MASK: tl.constexpr):
         """The (BM, BN) tile of S = scale q k^T (+ bias) and where it is valid (inside N, not masked)."""
@@ -263,8 +275,7 @@ if triton is not None:
         offs_r = tl.arange(0, RP)
         mrow = offs_m[:, None] < N
         q = _rows(Q, bh, heads, sq0, sq1, sqn, offs_m, offs_d, N)
-        dh = tl.load(DH + bh * shb + offs_m[:, None] * shn + offs_r[None, :], mask=mrow & (offs_r[None, :] < R),
-                     other=0.0)
+        dh = _rank_rows(DH, bh, shb, shn, offs_m, offs_r, N, R)
         dq = tl.zeros((BM, D), dtype=tl.float32)
         drh = tl.zeros((BM, KHP), dtype=tl.float32)
         drw = tl.zeros((BM, KWP), dtype=tl.float32)
@@ -316,15 +327,12 @@ if triton is not None:
         dc_tile = DC + bh * sdb + offs_n[:, None] * sdj + offs_r[None, :] * sdr
         for i0 in range(0, N, BM):
             offs_m = i0 + tl.arange(0, BM)
-            mrow = offs_m[:, None] < N
             q = _rows(Q, bh, heads, sq0, sq1, sqn, offs_m, offs_d, N)
-            dh = tl.load(DH + bh * shb + offs_m[:, None] * shn + offs_r[None, :], mask=mrow & (offs_r[None, :] < R),
-                         other=0.0)
+            dh = _rank_rows(DH, bh, shb, shn, offs_m, offs_r, N, R)
             s, valid = _logits(q, kt, SCALE, bh, heads, offs_m, offs_n, N, BIAS, sbb, sbh, sbi, sbj, RELH, RELW, KH,
                                KW, MASK, smb, smh, smi, smj, HAS_BIAS, HAS_REL, HAS_MASK)
             seen = dmask & (i0 > 0)  # the partial gradient starts in uninitialised memory: read it from the 2nd block
             ds = tl.zeros_like(s)
-            # this program owns its key block's coefficient-gradient rows: load, add, store (no atomics)
             if SPLINE == 0:
                 c1 = tl.where(valid, tl.cos(s), 0.0)  # zero on padded rows and masked entries
                 s1 = tl.where(valid, tl.sin(s), 0.0)
@@ -334,25 +342,21 @@ if triton is not None:
                     dfc = tl.dot(dh, tl.load(coef_t + g * scm, mask=cmask_t, other=0.0), input_precision=DOT)
                     dfs = tl.dot(dh, tl.load(coef_t + (G + g) * scm, mask=cmask_t, other=0.0), input_precision=DOT)
                     ds += (g + 1.0) * (dfs * ck - dfc * sk)
-                    tl.store(dc_tile + g * sdm, tl.load(dc_tile + g * sdm, mask=seen, other=0.0)
-                             + tl.dot(tl.trans(ck), dh, input_precision=DOT), mask=dmask)
-                    tl.store(dc_tile + (G + g) * sdm, tl.load(dc_tile + (G + g) * sdm, mask=seen, other=0.0)
-                             + tl.dot(tl.trans(sk), dh, input_precision=DOT), mask=dmask)
+                    _add_feature_grad(dc_tile + g * sdm, seen, dmask, ck, dh, DOT)
+                    _add_feature_grad(dc_tile + (G + g) * sdm, seen, dmask, sk, dh, DOT)
                     ck, sk = ck * c1 - sk * s1, sk * c1 + ck * s1
             else:
                 for m in tl.static_range(G + SPLINE):
                     f = tl.where(valid, _bspline(s, m, LO, INVH, SPLINE, 0), 0.0)
                     df = tl.dot(dh, tl.load(coef_t + m * scm, mask=cmask_t, other=0.0), input_precision=DOT)
                     ds += df * _bspline(s, m, LO, INVH, SPLINE, 1)
-                    tl.store(dc_tile + m * sdm, tl.load(dc_tile + m * sdm, mask=seen, other=0.0)
-                             + tl.dot(tl.trans(f), dh, input_precision=DOT), mask=dmask)
+                    _add_feature_grad(dc_tile + m * sdm, seen, dmask, f, dh, DOT)
             if HAS_BASE:
                 sig = tl.sigmoid(s)
                 base = tl.where(valid, s * sig, 0.0)
                 dfb = tl.dot(dh, tl.load(coef_t + BROW * scm, mask=cmask_t, other=0.0), input_precision=DOT)
                 ds += dfb * (sig * (1.0 + s * (1.0 - sig)))
-                tl.store(dc_tile + BROW * sdm, tl.load(dc_tile + BROW * sdm, mask=seen, other=0.0)
-                         + tl.dot(tl.trans(base), dh, input_precision=DOT), mask=dmask)
+                _add_feature_grad(dc_tile + BROW * sdm, seen, dmask, base, dh, DOT)
             ds = tl.where(valid, ds, 0.0)
             dk += tl.dot(tl.trans(ds), q, input_precision=DOT)
         tl.store(DK + bh * N * D + offs_n[:, None] * D + offs_d[None, :], dk * SCALE, mask=offs_n[:, None] < N)

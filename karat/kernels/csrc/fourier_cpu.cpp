@@ -130,6 +130,29 @@ struct Logits {
   int64_t npad;
 };
 
+// A worker thread's tile buffers, its padded query tile and where its logits live, and the start of
+// every (batch, head) pair both passes share: load the scaled queries and, when the pair's logits fit one GEMM
+// (`whole`), compute them all at once.
+template <typename T>
+struct PairTiles {
+  Scratch<T> sc;
+  at::Tensor qpad;
+  Logits<T> lg;
+  int64_t nk;
+  PairTiles(int64_t tk, int64_t m, int64_t d, int64_t r, int64_t npad, int64_t nk, bool whole,
+            const at::Tensor& like)
+      : sc(tk, m, d, r, npad, whole ? nk * npad : 0), qpad(blob(sc.qt.data(), {npad, d}, like)),
+        lg{whole ? sc.whole.data() : nullptr, npad}, nk(nk) {}
+  // The pair's (nk, npad) logits when `whole`, else an undefined tensor (the tiles compute theirs).
+  at::Tensor start(const at::Tensor& qp, const at::Tensor& kp, int64_t n, double scale) {
+    load_queries<T>(sc, qp, n, qpad.size(1), scale);
+    if (lg.whole == nullptr) return at::Tensor();
+    at::Tensor all = blob(lg.whole, {nk, lg.npad}, qp);
+    at::mm_out(all, kp, qpad.t());
+    return all;
+  }
+};
+
 // The optional additive bias and boolean mask of one (batch, head) pair: element (i, j) at i * sq + j * sk
 // (strides 0 where the host's tensor broadcasts); null pointers where absent.
 template <typename T>
@@ -303,9 +326,7 @@ at::Tensor fourier_reduce_forward(at::Tensor q, at::Tensor k, at::Tensor coef, d
     const ExtrasAll<scalar_t> extras{bview, mview};
     at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
       at::NoGradGuard no_grad;
-      Scratch<scalar_t> sc(tk, m, d, r, npad, whole ? nk * npad : 0);
-      at::Tensor qpad = blob(sc.qt.data(), {npad, d}, q);
-      const Logits<scalar_t> lg{whole ? sc.whole.data() : nullptr, npad};
+      PairTiles<scalar_t> pt(tk, m, d, r, npad, nk, whole, q);
       std::vector<scalar_t> acc(r * TQ);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t b = p / heads, h = p % heads;
@@ -313,18 +334,14 @@ at::Tensor fourier_reduce_forward(at::Tensor q, at::Tensor k, at::Tensor coef, d
         const scalar_t* cp = coef[h].data_ptr<scalar_t>();
         scalar_t* op = out[b][h].data_ptr<scalar_t>();
         const Extras<scalar_t> ex = extras.pair(b, h);
-        load_queries<scalar_t>(sc, q[b][h], n, d, scale);
-        if (whole) {
-          at::Tensor all = blob(lg.whole, {nk, npad}, q);
-          at::mm_out(all, kp, qpad.t());
-        }
+        pt.start(q[b][h], kp, n, scale);
         for (int64_t i0 = 0; i0 < n; i0 += TQ) {
           const int64_t ni = std::min(TQ, n - i0);
           std::fill(acc.begin(), acc.end(), scalar_t(0));
           for (int64_t j0 = 0; j0 < nk; j0 += tk) {
             const int64_t nj = std::min(tk, nk - j0);
-            logits_and_features<scalar_t>(sc, lg, qpad, kp, i0, j0, nj, ni, grid, ex);
-            contract<scalar_t>(sc.feats.data(), cp + j0 * m * r, nj * m, r, acc.data());
+            logits_and_features<scalar_t>(pt.sc, pt.lg, pt.qpad, kp, i0, j0, nj, ni, grid, ex);
+            contract<scalar_t>(pt.sc.feats.data(), cp + j0 * m * r, nj * m, r, acc.data());
           }
           for (int64_t i = 0; i < ni; ++i)
             for (int64_t o = 0; o < r; ++o) op[(i0 + i) * r + o] = acc[o * TQ + i];
@@ -361,11 +378,9 @@ std::vector<at::Tensor> fourier_reduce_backward(at::Tensor dy, at::Tensor q, at:
     const ExtrasAll<scalar_t> extras{bview, mview};
     at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
       at::NoGradGuard no_grad;
-      Scratch<scalar_t> sc(tk, m, d, r, npad, whole ? nk * npad : 0);
-      at::Tensor qpad = blob(sc.qt.data(), {npad, d}, q);
-      const Logits<scalar_t> lg{whole ? sc.whole.data() : nullptr, npad};
-      at::Tensor dyt = blob(sc.dyt.data(), {r, TQ}, q);
-      at::Tensor dqt = blob(sc.dq.data(), {TQ, d}, q);
+      PairTiles<scalar_t> pt(tk, m, d, r, npad, nk, whole, q);
+      at::Tensor dyt = blob(pt.sc.dyt.data(), {r, TQ}, q);
+      at::Tensor dqt = blob(pt.sc.dq.data(), {TQ, d}, q);
       at::Tensor dcoef = at::zeros({nk * m, r}, q.options());
       int64_t dcoef_head = -1;
       auto flush = [&] {
@@ -386,23 +401,21 @@ std::vector<at::Tensor> fourier_reduce_backward(at::Tensor dy, at::Tensor q, at:
         const scalar_t* dyp = dy[b][h].data_ptr<scalar_t>();
         const Extras<scalar_t> ex = extras.pair(b, h);
         scalar_t* dbp = need_bias ? dbias.data_ptr<scalar_t>() + (b * heads + h) * n * nk : nullptr;
-        load_queries<scalar_t>(sc, q[b][h], n, d, scale);
-        at::Tensor all = whole ? blob(lg.whole, {nk, npad}, q) : at::Tensor();
-        if (whole) at::mm_out(all, kp, qpad.t());
+        at::Tensor all = pt.start(q[b][h], kp, n, scale);
         for (int64_t i0 = 0; i0 < n; i0 += TQ) {
           const int64_t ni = std::min(TQ, n - i0);
-          std::fill(sc.dyt.begin(), sc.dyt.end(), scalar_t(0));
+          std::fill(pt.sc.dyt.begin(), pt.sc.dyt.end(), scalar_t(0));
           for (int64_t i = 0; i < ni; ++i)
-            for (int64_t o = 0; o < r; ++o) sc.dyt[o * TQ + i] = dyp[(i0 + i) * r + o];
+            for (int64_t o = 0; o < r; ++o) pt.sc.dyt[o * TQ + i] = dyp[(i0 + i) * r + o];
           if (!whole) dqt.zero_();
-          at::Tensor qt = qpad.narrow(0, i0, TQ);
+          at::Tensor qt = pt.qpad.narrow(0, i0, TQ);
           for (int64_t j0 = 0; j0 < nk; j0 += tk) {
             const int64_t nj = std::min(tk, nk - j0);
-            auto [x, ld] = logits_and_features<scalar_t>(sc, lg, qpad, kp, i0, j0, nj, ni, grid, ex);
-            at::Tensor feats = blob(sc.feats.data(), {nj * m, TQ}, q);
+            auto [x, ld] = logits_and_features<scalar_t>(pt.sc, pt.lg, pt.qpad, kp, i0, j0, nj, ni, grid, ex);
+            at::Tensor feats = blob(pt.sc.feats.data(), {nj * m, TQ}, q);
             dcoef.narrow(0, j0 * m, nj * m).addmm_(feats, dyt.t());
             // dL/dlogit[j, i] = sum_m feats[j, m, i] sum_o dy[i, o] coef_rot[j, m, o], over the logits just used
-            logit_grads<scalar_t>(sc, crot + j0 * m * r, nj, m, r, x, ld);
+            logit_grads<scalar_t>(pt.sc, crot + j0 * m * r, nj, m, r, x, ld);
             if (dbp != nullptr) {  // dL/dbias = dL/dS
               for (int64_t i = 0; i < ni; ++i) {
                 scalar_t* row = dbp + (i0 + i) * nk + j0;
@@ -419,7 +432,7 @@ std::vector<at::Tensor> fourier_reduce_backward(at::Tensor dy, at::Tensor q, at:
         }
         if (whole) {  // all logit gradients of the pair at once: padded queries have zero gradients
           dqp.add_(at::mm(all.t(), kp).narrow(0, 0, n), s);
-          dkp.addmm_(all, qpad);
+          dkp.addmm_(all, pt.qpad);
         }
       }
       flush();
