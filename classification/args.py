@@ -6,6 +6,7 @@ import argparse
 from timm.utils import ParseKwargs
 
 from karat.config import add_argparse_arguments, kwargs_from_namespace
+from karat.distributed import DEFAULT_INIT_TIMEOUT
 from karat.options import str2bool
 
 DATASETS = ("CIFAR10", "CIFAR100", "IMNET", "SVHN", "Flowers102", "STL10", "DIGITS")
@@ -32,6 +33,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-every", type=int, default=0, metavar="K",
                    help="also keep every K-th epoch's weights as checkpoint-epochNNN.pth (for the optimizer-path "
                         "analysis, python -m tools.analyze); 0: keep only checkpoint.pth")
+    g.add_argument("--dist-init-timeout", type=float, default=DEFAULT_INIT_TIMEOUT, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others to start the process group before it "
+                        "fails naming the missing rank (the collectives keep torch's own timeout)")
     g.add_argument("--amp", type=str2bool, default=None,
                    help="mixed precision: fp16 autocast + GradScaler on CUDA (the default there), bf16 autocast on "
                         "CPU (only when given: --amp True)")

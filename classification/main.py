@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 import karat  # noqa: F401  registers the KArAt models
 from karat import load_checkpoint, param_groups, save_checkpoint
+from karat.distributed import DEFAULT_INIT_TIMEOUT, init_method as karat_init_method
 from karat.models.vision_transformer import karat_vit_filter_fn
 
 from .args import get_args_parser, karat_kwargs
@@ -45,12 +46,13 @@ from .resume import (all_rank_rng_states, check_output_dir, read_resume_checkpoi
 _logger = logging.getLogger("classification")
 
 
-def init_distributed() -> tuple[bool, int, int]:
-    """torchrun's environment -> (distributed, rank, world size); gloo on CPU, nccl on CUDA."""
+def init_distributed(init_timeout: float = DEFAULT_INIT_TIMEOUT) -> tuple[bool, int, int]:
+    """torchrun's environment -> (distributed, rank, world size); gloo on CPU, nccl on CUDA. ``karat-env://`` keeps
+    a group that torchrun restarts (``--max-restarts``) off the keys of the attempt before (karat/distributed.py)."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return False, 0, 1
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, init_method=karat_init_method(init_timeout))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return True, dist.get_rank(), dist.get_world_size()
@@ -205,7 +207,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
 def setup(args: argparse.Namespace) -> Run:
     """Logging, the process group, the device, this rank's seed, and a checked output folder."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    distributed, rank, world = init_distributed()
+    distributed, rank, world = init_distributed(args.dist_init_timeout)
     device = torch.device(args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and distributed:
         device = torch.device("cuda", torch.cuda.current_device())

@@ -14,6 +14,9 @@ from .relpos import DecomposedRelPos
 from .resample import TokenLayout, resample_karat_state_dict
 from .simplex import project_to_simplex
 from . import models  # noqa: F401  (registers timm models)
+from . import distributed
+
+distributed.register()  # the karat-env:// init method (restart-safe env://)
 
 __version__ = "0.1.0"
 

@@ -7,6 +7,9 @@ _base_ = [
     'mmdet::_base_/schedules/schedule_1x.py', 'mmdet::_base_/default_runtime.py', '../_base_/models/karat.py'
 ]
 custom_imports = dict(imports=['mmseg_configs'], allow_failed_imports=False)
+# Process groups start through karat-env:// (karat/distributed.py): a group that torchrun restarts
+# (--max-restarts) never reads the keys its killed workers left in torchrun's store.
+env_cfg = dict(dist_cfg=dict(init_method='karat-env://'))
 image_size = (1024, 1024)
 embed_dims = 768
 model = dict(

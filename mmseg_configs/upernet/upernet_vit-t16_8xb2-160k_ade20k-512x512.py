@@ -3,6 +3,9 @@ _base_ = [
     '../_base_/models/upernet_vit.py', '../_base_/datasets/ade20k_checked.py',
     'mmseg::_base_/default_runtime.py', 'mmseg::_base_/schedules/schedule_160k.py'
 ]
+# Process groups start through karat-env:// (karat/distributed.py): a group that torchrun restarts
+# (--max-restarts) never reads the keys its killed workers left in torchrun's store.
+env_cfg = dict(dist_cfg=dict(init_method='karat-env://'))
 embed_dims = 192
 model = dict(
     backbone=dict(type='VisionTransformer', img_size=(512, 512), embed_dims=embed_dims, num_heads=3,
