@@ -6,14 +6,17 @@ test with the reason, but under CI (``CI=true``) it is a failure, so CI can neve
 """
 from __future__ import annotations
 
+import errno
+import functools
 import importlib
 import itertools
 import os
+import socket
 import sys
 from collections import OrderedDict
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 import pytest
 import torch
@@ -58,6 +61,40 @@ def require_triton() -> ModuleType:
         missing_dependency(f"Triton is not installed ({exc}), so the fused Triton kernels "
                            f"(karat/kernels/fused_triton.py) cannot be tested: install torch's CUDA wheel or "
                            f"`pip install triton`")
+
+
+LOOPBACK = ("localhost", "::1", "::", "0.0.0.0")
+
+
+def _is_this_machine(host: object) -> bool:
+    return str(host) in LOOPBACK or str(host).startswith("127.") or str(host) == socket.gethostname()
+
+
+def _offline(connect: Callable, returns_errno: bool = False) -> Callable:
+    """``socket.connect`` (``connect_ex``: ``returns_errno``) that refuses hosts other than this machine, as a
+    machine without a network does."""
+    @functools.wraps(connect)
+    def guarded(sock: socket.socket, address: Any, *args: Any) -> Any:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_this_machine(address[0]):
+            if returns_errno:
+                return errno.ENETUNREACH
+            raise OSError(errno.ENETUNREACH, f"Network is unreachable: the tests run offline (tests/conftest.py), "
+                                             f"so no test depends on whether this machine has a network; "
+                                             f"connecting to {address!r} was refused")
+        return connect(sock, address, *args)
+
+    return guarded
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_network() -> Iterator[None]:
+    """In this process every test runs as on a machine without a network (loopback stays open: DDP's rendezvous,
+    local servers): a download a test did not mean to make fails alike everywhere, instead of passing only offline.
+    (Subprocesses are not covered: tests/test_timm_suite.py fetches timm's sources with pip on purpose.)"""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", _offline(socket.socket.connect))
+        mp.setattr(socket.socket, "connect_ex", _offline(socket.socket.connect_ex, returns_errno=True))
+        yield
 
 
 @pytest.fixture(autouse=True)

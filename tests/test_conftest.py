@@ -1,7 +1,14 @@
-"""The rule of tests/conftest.py: what a test needs (a framework, our C++ CPU kernel, Triton for our fused kernels)
-skips the test with the reason where it is missing, and fails it under CI (``CI=true``), so a broken kernel build
-turns CI red instead of every "efficient" test quietly running the PyTorch path."""
+"""The rules of tests/conftest.py.
+
+* What a test needs (a framework, our C++ CPU kernel, Triton for our fused kernels) skips the test with the reason
+  where it is missing, and fails it under CI (``CI=true``), so a broken kernel build turns CI red instead of every
+  "efficient" test quietly running the PyTorch path.
+* A test starts from the mmengine default scope the one before it found, whatever scope that one left current.
+* Tests run offline in the test process, so none passes or fails by whether the machine has a network.
+"""
+import errno
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +21,11 @@ from karat.kernels import fused_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Run with tests/conftest.py as a plugin (its autouse fixtures included), CI=true and the C++ kernel disabled.
 CHECKS = """
 import sys
 
-from conftest import require, require_cpu_kernel, require_triton
+from conftest import leave_default_scope, require, require_cpu_kernel, require_triton
 
 
 def test_cpu_kernel():
@@ -31,6 +39,17 @@ def test_triton():
 
 def test_framework():
     require("karat_no_such_framework")
+
+
+def test_a_runner_leaves_its_scope():
+    require("mmengine")
+    leave_default_scope("mmdet")
+
+
+def test_the_next_test_starts_without_it():
+    from mmengine.registry import DefaultScope
+
+    assert DefaultScope.get_current_instance() is None
 """
 
 
@@ -38,10 +57,10 @@ def test_under_ci_a_missing_dependency_fails_with_its_reason(tmp_path):
     (tmp_path / "test_checks.py").write_text(CHECKS)
     env = dict(os.environ, CI="true", KARAT_CPU_KERNEL="0", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_checks.py"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest",
+                           "test_checks.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 1 and "3 failed" in out, out[-3000:]
+    assert proc.returncode == 1 and "3 failed, 2 passed" in out, out[-3000:]
     for reason in ("disabled by KARAT_CPU_KERNEL=0", "Triton is not installed", "'karat_no_such_framework'"):
         assert reason in out, out[-3000:]
 
@@ -84,3 +103,16 @@ def test_a_failed_build_keeps_its_whole_error_for_the_test_report(outside_ci, mo
     monkeypatch.setattr(conftest, "IN_CI", True)
     failure = _reason(require_cpu_kernel, pytest.fail.Exception)
     assert error in failure and "CI=true" in failure
+
+
+def test_tests_run_offline_but_this_machine_stays_reachable():
+    with pytest.raises(OSError, match="the tests run offline") as e:
+        socket.create_connection(("192.0.2.1", 443), timeout=1)  # TEST-NET-1: never a real host
+    assert e.value.errno == errno.ENETUNREACH
+    with socket.socket() as probe:
+        assert probe.connect_ex(("192.0.2.1", 443)) == errno.ENETUNREACH
+    with socket.socket() as server:  # loopback, as DDP's rendezvous and local servers use it
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        with socket.create_connection(server.getsockname(), timeout=5):
+            pass
