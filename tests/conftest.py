@@ -1,8 +1,12 @@
-"""Shared test helpers.
+"""Shared test helpers, and the rules every test runs under (tests/test_conftest.py checks them).
 
-Tests that need something optional say so with :func:`require` (a framework), :func:`require_cpu_kernel` (our C++
-CPU kernel) or :func:`require_triton` (Triton, for our fused kernels): on a user's machine its absence skips the
-test with the reason, but under CI (``CI=true``) it is a failure, so CI can never go green by silently skipping.
+* Tests that need something optional say so with :func:`require` (a framework), :func:`require_cpu_kernel` (our
+  C++ CPU kernel) or :func:`require_triton` (Triton, for our fused kernels): on a user's machine its absence skips
+  the test with the reason, but under CI (``CI=true``) it is a failure, so CI can never go green by silently
+  skipping.
+* Tests run offline in this process (only this machine is reachable), so none passes or fails by whether the
+  machine has a network.
+* mmengine's default scope is put back after each test; registry builds still name their scope.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ def missing_dependency(reason: str) -> NoReturn:
 
 
 def require(module: str) -> ModuleType:
+    """``module``, imported; absent, the test skips (fails under CI)."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
