@@ -1,10 +1,13 @@
 """Classification datasets refuse what would silently train wrong: mismatched class folders, a training set that
 cannot fill one batch, and layout errors that give advice which cannot work (issue 14, items 5 and 7)."""
 import argparse
+import errno
+import urllib.error
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from torchvision.datasets import svhn
 
 from classification.args import get_args_parser
 from classification.datasets import DatasetLayoutError, DatasetTooSmallError, build_dataset
@@ -88,7 +91,7 @@ def test_the_entry_point_reports_a_too_small_set_instead_of_dividing_by_zero(tmp
         main(_args("--data-set", "IMNET", "--data-path", str(root), "--batch-size", "4", "--epochs", "1"))
 
 
-def test_layout_errors_only_suggest_a_download_where_one_can_work(tmp_path):
+def test_layout_errors_only_suggest_a_download_where_one_can_work(tmp_path, monkeypatch):
     missing = str(tmp_path / "nope")
     with pytest.raises(DatasetLayoutError) as e:
         build_dataset(True, _args("--data-set", "IMNET", "--data-path", missing))
@@ -99,6 +102,14 @@ def test_layout_errors_only_suggest_a_download_where_one_can_work(tmp_path):
     with pytest.raises(DatasetLayoutError, match="Pass --download to let torchvision fetch it"):
         build_dataset(True, _args("--data-set", "CIFAR10", "--data-path", missing))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DatasetLayoutError) as e:  # a download that failed here (no network) must not advise one
+    # a download that failed (no network) must not advise one: torchvision's fetch fails here as it does offline,
+    # whether or not this machine has a network (with one, it would fetch 180 MB)
+    monkeypatch.setattr(svhn, "download_url", _unreachable)
+    with pytest.raises(DatasetLayoutError) as e:
         build_dataset(True, _args("--data-set", "SVHN", "--data-path", str(tmp_path / "empty"), "--download"))
     assert "Pass --download" not in str(e.value) and "--download was given" in str(e.value)
+    assert "Network is unreachable" in str(e.value)  # the error torchvision's download really raised
+
+
+def _unreachable(url: str, *args, **kwargs) -> None:
+    raise urllib.error.URLError(OSError(errno.ENETUNREACH, "Network is unreachable"))

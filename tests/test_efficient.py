@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from conftest import assert_grads_close
+from conftest import assert_grads_close, require_cpu_kernel
 from karat import KArAtConfig, KArAtCore
 from karat.kernels import REFERENCE_MAX_TOKENS
-from karat.kernels import efficient, fused_cpu
+from karat.kernels import efficient
 
 BASES = [
     dict(basis_type="FourierBasis", grid=3),
@@ -66,10 +66,10 @@ def test_auto_picks_efficient_unless_the_matrix_is_needed_or_small():
     assert KArAtCore(2, 49, KArAtConfig(impl="efficient")).resolve_impl() == "efficient"  # unless asked
 
 
-@pytest.mark.skipif(not fused_cpu.available(), reason="the C++ CPU kernel did not build here")
 def test_auto_gives_small_windows_to_the_cpu_kernel_past_its_crossover():
     """A Swin window (49 keys, bias table, shift mask) runs the C++ kernel, measured faster and leaner than the
     materialised matrix there (benchmarks/README.md); a matrix below the kernel's crossover stays materialised."""
+    require_cpu_kernel()
     most = REFERENCE_MAX_TOKENS["C++ CPU kernel"]
     window = KArAtCore(3, 49, KArAtConfig())
     q = torch.randn(2, 3, 49, 32)

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_triton
+
 
 @pytest.mark.slow
 def test_fused_kernels_match_reference_under_the_interpreter():
     """Every small variant of tests/test_gpu_fused.py (plain, bias, masks, rel-pos, base, B-splines, in fp32, bf16
     and fp16, against float64, forward and every gradient), run by Triton's interpreter on the CPU: one list of
     variants serves the GPU and the CPU."""
-    pytest.importorskip("triton")
+    require_triton()
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                            str(root / "tests" / "test_gpu_fused.py"), "-k", "test_fused_matches"],
@@ -101,7 +103,7 @@ BACKWARD_FALLBACK = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_a_backward_kernel_that_fails_falls_back_with_the_same_gradients():
-    pytest.importorskip("triton")
+    require_triton()
     proc = subprocess.run([sys.executable, "-c", BACKWARD_FALLBACK], env={**os.environ, "TRITON_INTERPRET": "1"},
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from conftest import require_triton
+
 # (head_dim, G, r, q/k dtype, flags): the plain ViT kernel; every flag at once (bias, decomposed rel-pos, mask,
 # SiLU base: each adds code, none removes any); the largest program (head_dim 256, G = 16) with every flag; cubic
 # B-splines with every flag.
@@ -29,7 +31,7 @@ print(json.dumps(fused_triton.compile_offline(arch, d, g, r, dtype, **flags)))
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("variant", VARIANTS, ids=["plain", "all-flags", "d256-g16-all-flags", "bspline-all-flags"])
 def test_every_kernel_variant_compiles_for_the_gpu(arch, variant):
-    pytest.importorskip("triton")
+    require_triton()
     import json
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a real compile, not the interpreter

@@ -23,9 +23,9 @@ from typing import Dict, List
 import pytest
 import torch
 
+from conftest import require_triton
 from karat import KArAtConfig, KArAtCore
 from karat.relpos import DecomposedRelPos
-from karat.kernels import fused_triton as fused
 
 pytestmark = pytest.mark.gpu
 
@@ -33,8 +33,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 if DEVICE == "cpu" and not INTERPRET:
     pytest.skip("needs a CUDA device (or TRITON_INTERPRET=1 for the CPU interpreter)", allow_module_level=True)
-if fused.triton is None:
-    pytest.skip("Triton is not installed", allow_module_level=True)
+require_triton()  # absent: skipped with the reason, a failure under CI
 
 # float32: the coefficient products run as TF32 tensor-core dots on CUDA (10-bit mantissa; q k^T itself is
 # IEEE fp32); the interpreter computes in fp32 throughout. bf16 / fp16: inputs, the kernel's output Phi(S)

@@ -5,6 +5,7 @@ serves the attention: fvcore as detectron2's ``tools/analyze_model.py --tasks fl
 Without the handles, fvcore counted ``prim::PythonOp._ReduceKeysFromQK``, ``aten::cos`` and ``aten::sin`` as zero.
 """
 import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import torch
 from karat import KArAtConfig
 from karat.flops import count_flops
 
-from conftest import require
+from conftest import leave_default_scope, require, require_triton
 
 ROOT = Path(__file__).resolve().parents[1]
 MMSEG_EMBEDDED = ROOT / "mmseg_configs" / "upernet" / "upernet_vit-t2-karat_1xb8-60iter_embedded-16x16.py"
@@ -69,26 +70,29 @@ for impl in sys.argv[1:]:
 """
 
 
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.slow
-def test_one_count_per_core_call_whichever_impl_serves_it():
+@pytest.fixture(scope="module")
+def core_counts() -> dict:
+    """``{impl: rows}``: fvcore's and mmengine's counts of a host in miniature, for every impl at once in one
+    process (fused: Triton, interpreted on the CPU, where it is installed)."""
     require("fvcore")
     require("mmengine")
-    impls = ["reference", "efficient"] + (["fused"] if _has_triton() else [])  # fused: Triton, interpreted on the CPU
+    impls = ["reference", "efficient"] + (["fused"] if importlib.util.find_spec("triton") else [])
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", CORE_CHECK, *impls], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split(" ", 4) for line in proc.stdout.splitlines()]
-    assert len(rows) == 4 * len(impls)
-    for impl, num_attention, analyzer, total, rest in rows:
+    return {impl: [row for row in rows if row[0] == impl] for impl in impls}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["reference", "efficient", "fused"])
+def test_one_count_per_core_call_whichever_impl_serves_it(impl, core_counts):
+    if impl == "fused":
+        require_triton()
+    rows = core_counts[impl]
+    assert len(rows) == 4  # two analyzers, num_attention 2 and 1
+    for _, num_attention, analyzer, total, rest in rows:
         # num_attention 1: one KArAt head and one softmax head, both inside the one counted call
         assert int(total) == _expected(2, int(num_attention), n=16, d=16, r=4, grid=3), (impl, analyzer)
         assert rest == "{} []", (impl, analyzer, rest)  # nothing unsupported, no submodule reported as never called
@@ -134,19 +138,19 @@ def test_mmseg_get_flops_counts_a_karat_upernet_backbone_like_karat_flops():
     require("mmseg")
     from mmengine import Config
     from mmengine.analysis import FlopAnalyzer, get_model_complexity_info
-    from mmengine.registry import init_default_scope
+    from mmengine.registry import DefaultScope
     from mmseg.registry import MODELS
     from mmseg.structures import SegDataSample
 
     cfg = Config.fromfile(str(MMSEG_EMBEDDED))
-    init_default_scope("mmseg")
     # the config's custom_imports imported mmseg_configs, which registered the handle for every FlopAnalyzer
     tables = importlib.import_module("mmengine.analysis.complexity_analysis")
     assert "prim::PythonOp.KArAtCall" in tables._DEFAULT_SUPPORTED_FLOP_OPS
     counts = {}
     for impl in ("reference", "efficient"):
         cfg.model.backbone.impl = impl
-        model = MODELS.build(cfg.model)  # as get_flops.py: no auxiliary head, a preprocessed random picture
+        with DefaultScope.overwrite_default_scope(cfg.default_scope):  # mmseg's, whichever scope is current
+            model = MODELS.build(cfg.model)  # as get_flops.py: no auxiliary head, a preprocessed random picture
         model.auxiliary_head = None
         shape = (3, 16, 16)
         data = model.data_preprocessor({"inputs": [torch.rand(shape)],
@@ -164,6 +168,21 @@ def test_mmseg_get_flops_counts_a_karat_upernet_backbone_like_karat_flops():
         assert host.by_operator()["karat_operator"] == 12 * 3 * 64 * 64 * 12 * 10
         counts[impl] = info["flops"]
     assert counts["reference"] == counts["efficient"]
+
+
+@pytest.mark.parametrize("ambient", ["mmdet", "mmengine"])
+def test_tools_flops_builds_in_the_configs_scope_and_leaves_the_current_one(ambient):
+    """A scope left current by an earlier runner neither misdirects the build nor is replaced by mmseg's."""
+    require("mmseg")
+    from mmengine.registry import DefaultScope
+
+    from mmseg_configs import KArAtVisionTransformer
+    from tools.flops import mmseg_backbone
+
+    leave_default_scope(ambient)
+    backbone, size = mmseg_backbone(str(MMSEG_EMBEDDED), None)
+    assert type(backbone) is KArAtVisionTransformer and size == 16
+    assert DefaultScope.get_current_instance().scope_name == ambient
 
 
 @pytest.mark.slow

@@ -6,9 +6,14 @@ by launch counters (``tools.host_ops``), which needs no GPU: what is counted is 
 """
 import pytest
 
-pytest.importorskip("triton")
+from conftest import require_triton
+from tools import host_ops
 
-from tools import host_ops  # noqa: E402
+
+@pytest.fixture(autouse=True)
+def _triton() -> None:
+    require_triton()
+
 
 # The fused layer's launching ops beyond timm's softmax layer (its SDPA forward and backward), forward + backward:
 # the coefficient scaling (1), the rank expansion and its gradients (2 + 4, one sum), the coefficient gradients

@@ -48,12 +48,15 @@ def test_mask_rcnn_karat_vit_trains_with_mmdet_runner(tmp_path, request):
     from mmengine.runner import Runner
 
     ann = make_coco(tmp_path / "coco")
+    from mmengine.registry import DefaultScope
+
     cfg = Config.fromfile(str(CONFIG))
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
 
     register_all_modules(init_default_scope=False)
-    full = MODELS.build(cfg.model)  # the full-size config builds (ViT-B, 4096 tokens)
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):  # mmdet's, whichever scope is current
+        full = MODELS.build(cfg.model)  # the full-size config builds (ViT-B, 4096 tokens)
     assert type(full.backbone).__name__ == "KArAtVisionTransformer" and full.backbone.num_tokens == 4096
     assert type(full.neck).__name__ == "SimpleFeaturePyramid"
     del full

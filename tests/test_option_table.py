@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import karat.config
-from conftest import require
+from conftest import leave_default_scope, require
 from karat.config import KArAtConfig, config_from_kwargs, pop_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,21 +101,28 @@ def test_fake_option_is_a_detectron2_backbone_kwarg(fake):
         KArAtViT(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, karat=dict(fake_steps=5))
 
 
+# A runner built earlier in the process leaves its scope current ('mmdet', or 'mmengine' where a config names
+# none): the builds name mmseg's scope, so they resolve in mmseg's registry whatever is current.
+@pytest.mark.parametrize("ambient", ["mmdet", "mmengine"])
 @pytest.mark.parametrize("backbone", ["KArAtVisionTransformer", "KArAtSwinTransformer"])
-def test_fake_option_is_an_mmseg_backbone_kwarg(fake, backbone):
+def test_fake_option_is_an_mmseg_backbone_kwarg(fake, backbone, ambient):
     require("mmseg")
+    from mmengine.registry import DefaultScope
     from mmseg.registry import MODELS
 
     import mmseg_configs  # noqa: F401  (registers the backbones, as custom_imports does)
 
+    leave_default_scope(ambient)
     sizes = dict(KArAtVisionTransformer=dict(img_size=(16, 16), patch_size=8, embed_dims=16, num_layers=1,
                                              num_heads=2, out_indices=(0,)),
                  KArAtSwinTransformer=dict(pretrain_img_size=16, embed_dims=16, depths=(1,), num_heads=(2,),
                                            window_size=2, strides=(4,), out_indices=(0,)))[backbone]
-    model = MODELS.build(dict(type=backbone, grid=1, hidden_dim=2, fake_gain=6.0, karat_fake_steps=7, **sizes))
-    _reached(model, fake, 6.0, 7)
-    with pytest.raises(ValueError, match=f"keyword.*in {backbone}. 'fake_gian': did you mean 'fake_gain'"):
-        MODELS.build(dict(type=backbone, fake_gian=6.0, **sizes))  # a typo: not a TypeError inside mmseg
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        model = MODELS.build(dict(type=backbone, grid=1, hidden_dim=2, fake_gain=6.0, karat_fake_steps=7, **sizes))
+        _reached(model, fake, 6.0, 7)
+        with pytest.raises(ValueError, match=f"keyword.*in {backbone}. 'fake_gian': did you mean 'fake_gain'"):
+            MODELS.build(dict(type=backbone, fake_gian=6.0, **sizes))  # a typo: not a TypeError inside mmseg
+    assert DefaultScope.get_current_instance().scope_name == ambient  # the override is undone
 
 
 def test_host_names_are_applied_in_one_place():

@@ -36,15 +36,16 @@ def detectron2_backbone(path: str, size: Optional[int]) -> Tuple[torch.nn.Module
 def mmseg_backbone(path: str, size: Optional[int]) -> Tuple[torch.nn.Module, int]:
     """The backbone of an mmseg config (built in mmseg's registry scope) and its image size."""
     from mmengine import Config
-    from mmengine.registry import init_default_scope
+    from mmengine.registry import DefaultScope
 
     cfg = Config.fromfile(path)
-    init_default_scope(cfg.get("default_scope", "mmseg"))
     from mmseg.registry import MODELS
 
     crop = cfg.get("crop_size") or cfg.model.backbone.get("img_size", 512)
     crop = crop if isinstance(crop, int) else crop[0]
-    return MODELS.build(cfg.model.backbone), size or int(crop)
+    # the config's scope for this build only: whatever scope was current before stays current for the caller
+    with DefaultScope.overwrite_default_scope(cfg.get("default_scope", "mmseg")):
+        return MODELS.build(cfg.model.backbone), size or int(crop)
 
 
 def parse_value(text: str):

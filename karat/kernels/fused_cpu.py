@@ -10,8 +10,8 @@ the host's boolean mask, one GEMM against the coefficients; backward recomputes 
 
 The build is cached under ``~/.cache/karat`` (``KARAT_CACHE`` overrides) and keyed by the CPU's instruction set
 (it is built with ``-march=native``), the torch version and the kernel's source. Without a compiler, or if the
-build fails, :func:`available` returns False after one warning and ``karat.kernels.efficient`` keeps its PyTorch
-path; ``KARAT_CPU_KERNEL=0`` disables it.
+build fails, :func:`available` returns False after one warning (:func:`unavailable_reason` keeps the whole error)
+and ``karat.kernels.efficient`` keeps its PyTorch path; ``KARAT_CPU_KERNEL=0`` disables it.
 """
 from __future__ import annotations
 
@@ -57,15 +57,20 @@ def _build() -> Any:
 
 
 def extension() -> Optional[Any]:
-    """The compiled extension, building it on first use; None (after one warning) where it cannot be built."""
+    """The compiled extension, building it on first use; None (after one warning) where it cannot be built. Why
+    it is missing is kept for :func:`unavailable_reason`."""
     if "ext" not in _state:
         _state["ext"] = None
-        if os.environ.get("KARAT_CPU_KERNEL", "1") != "0":
+        if os.environ.get("KARAT_CPU_KERNEL", "1") == "0":
+            _state["error"] = "disabled by KARAT_CPU_KERNEL=0"
+        else:
             try:
                 _state["ext"] = _build()
             except Exception as exc:  # noqa: BLE001 - any build failure means: use the PyTorch path
+                text = str(exc).strip()
+                _state["error"] = f"{type(exc).__name__}: {text or repr(exc)}"
                 warnings.warn(f"karat: the fused CPU kernel could not be built ({type(exc).__name__}: "
-                              f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}); using the "
+                              f"{text.splitlines()[-1] if text else repr(exc)}); using the "
                               f"slower PyTorch path. Install a C++ compiler (g++) to enable it.", stacklevel=3)
     return _state["ext"]
 
@@ -73,6 +78,12 @@ def extension() -> Optional[Any]:
 def available() -> bool:
     """Whether the fused kernel is built (building it now if needed)."""
     return extension() is not None
+
+
+def unavailable_reason() -> Optional[str]:
+    """None where the kernel is built (building it now if needed); else why not: ``KARAT_CPU_KERNEL=0``, or the
+    build's whole error (the compiler's output included), which the one-line warning shortens."""
+    return None if available() else _state.get("error", "unknown")
 
 
 def _check_extras(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor],
