@@ -30,8 +30,8 @@ TINY = ["--data-set", "DIGITS", "--input-size", "8", "--model", "vit_tiny_patch1
         "patch_size=2", "in_chans=1", "depth=2", "embed_dim=32", "num_heads=2", "--grid", "2", "--hidden_dim", "4",
         "--batch-size", "16", "--train-subset", "64", "--num_workers", "0", "--device", "cpu", "--warmup-epochs", "0",
         "--mixup", "0.8", "--cutmix", "0", "--drop-path", "0.1", "--lr", "2e-3", "--epochs", "3"]
-# TINY has 17 keys, where `auto` materialises sigma(S). In patches of one pixel the same model sees 65 keys, as many
-# as users' models and more than karat.kernels.REFERENCE_MAX_TOKENS: `auto` runs the C++ CPU kernel.
+# TINY has 17 keys, where `auto` materialises sigma(S). In patches of one pixel the same model sees 65 keys, more than
+# karat.kernels.REFERENCE_MAX_TOKENS: `auto` runs the C++ CPU kernel, as it does for users' models.
 KERNEL_SIZE = ["--model-kwargs", "patch_size=1", "in_chans=1", "depth=2", "embed_dim=32", "num_heads=2"]
 assert (8 // 1) ** 2 + 1 >= CPU_KERNEL_MIN_TOKENS
 
