@@ -1,8 +1,11 @@
-"""detectron2 ViTDet backbone with KArAt: detectron2's rel-pos bias, padded window keys masked, yacs registry path."""
+"""detectron2 ViTDet backbone with KArAt: detectron2's rel-pos bias, padded window keys masked, yacs registry path.
+The masks are checked at the small sizes, where ``impl="auto"`` materialises sigma(S), and above
+``karat.kernels.REFERENCE_MAX_TOKENS`` keys, where it runs the C++ CPU kernel."""
 import pytest
 import torch
 
 from conftest import require
+from kernel_calls import assert_kernel_path_matches_reference, cpu_kernel_calls, require_cpu_kernel
 
 require("detectron2")
 from detectron2.modeling.backbone.utils import add_decomposed_rel_pos, window_partition  # noqa: E402
@@ -35,22 +38,40 @@ def test_padded_window_mask_follows_window_partition():
     assert padded_window_key_mask((8, 8), (8, 8), 4, 2, torch.device("cpu")) is None
 
 
-def test_masked_padded_keys_do_not_change_valid_outputs():
+@pytest.mark.parametrize("side", [4, 6], ids=["16 keys", "36 keys"])
+def test_masked_padded_keys_do_not_change_valid_outputs(side):
     """Without a softmax a -inf bias masks nothing: the padded keys must go in as key_mask, and then their content
-    cannot reach the valid tokens' outputs."""
-    attn = KArAtViTAttention(16, 2, use_rel_pos=True, rel_pos_zero_init=False, input_size=(4, 4),
+    cannot reach the valid tokens' outputs. 36 keys run on the C++ kernel."""
+    attn = KArAtViTAttention(16, 2, use_rel_pos=True, rel_pos_zero_init=False, input_size=(side, side),
                              karat_cfg=KArAtConfig(grid=2, hidden_dim=4)).eval()
-    x = torch.randn(1, 4, 4, 16)
-    mask = torch.ones(4, 4, dtype=torch.bool)
-    mask[3] = False  # the last row is padding
-    key_mask = mask.view(1, 1, 1, 16)
+    x = torch.randn(1, side, side, 16)
+    mask = torch.ones(side, side, dtype=torch.bool)
+    mask[-1] = False  # the last row is padding
+    key_mask = mask.view(1, 1, 1, side * side)
     x2 = x.clone()
-    x2[:, 3] = torch.randn(4, 16) * 5
-    with torch.no_grad():
+    x2[:, -1] = torch.randn(side, 16) * 5
+    with torch.no_grad(), cpu_kernel_calls() as calls:
         a, b = attn(x, key_mask), attn(x2, key_mask)
         c, d = attn(x), attn(x2)
-    torch.testing.assert_close(a[:, :3], b[:, :3])
-    assert (c[:, :3] - d[:, :3]).abs().max() > 1e-3  # unmasked, the padded content would leak in
+    torch.testing.assert_close(a[:, :-1], b[:, :-1])
+    assert (c[:, :-1] - d[:, :-1]).abs().max() > 1e-3  # unmasked, the padded content would leak in
+    if side * side > 24:
+        require_cpu_kernel()
+        assert calls["forward"] == 4, calls  # impl="auto" took the C++ kernel
+
+
+def test_padded_windows_on_the_cpu_kernel_match_the_reference():
+    """Windows of 6 x 6 over an 8 x 8 map: window_partition pads it to 12 x 12, and three of the four windows hold
+    padded keys. ``impl="auto"`` runs the C++ kernel with detectron2's rel-pos bias and the padding mask; in float64
+    it computes what the reference path computes, gradients included."""
+    x = torch.randn(2, 8, 8, 16, dtype=torch.float64)
+
+    def build(impl):
+        return KArAtBlock(16, 2, karat_cfg=KArAtConfig(grid=2, hidden_dim=4, impl=impl), window_size=6,
+                          use_rel_pos=True, rel_pos_zero_init=False, input_size=(8, 8))
+
+    calls = assert_kernel_path_matches_reference(build, lambda block: block(x))
+    assert calls["forward"] == 1
 
 
 def test_window_blocks_pass_the_padding_mask(monkeypatch):

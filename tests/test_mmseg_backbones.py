@@ -1,13 +1,16 @@
 """KArAt backbones in mmseg / mmdet: every config builds, Swin mask semantics, weight loading and its reports,
-and clear errors for bad input."""
+and clear errors for bad input. The masks are checked at the small sizes, where ``impl="auto"`` materialises
+sigma(S), and above ``karat.kernels.REFERENCE_MAX_TOKENS`` keys, where it runs the C++ CPU kernel."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import require
+from kernel_calls import assert_kernel_path_matches_reference, cpu_kernel_calls, require_cpu_kernel
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "mmseg_configs" / "upernet").glob("*.py"))
@@ -18,12 +21,18 @@ KARAT_OPTS = dict(basis_type="FourierBasis", grid=2, hidden_dim=4)
 def adapter():
     require("mmseg")
     require("mmdet")
+    from mmengine.registry import DefaultScope
     from mmseg.utils import register_all_modules
 
     register_all_modules(init_default_scope=False)
     import mmseg_configs.backbones as backbones
 
-    return backbones
+    # Registry builds that name no scope (mmcv's bricks inside mmseg's ViT and Swin: norms, activations, drop path,
+    # weight initialisers) resolve against the default scope, and runners built earlier in this process leave
+    # theirs behind ('mmengine', 'mmdet'). The tests here run in mmseg's, as mmseg's tools do
+    # (init_default_scope('mmseg')), whatever ran before them; configs read from files carry it too (_scope_).
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        yield backbones
 
 
 def small_vit(adapter, **kw):
@@ -44,6 +53,7 @@ def test_every_config_builds(adapter, path):
         assert cfg.model == Config.fromfile(str(path).replace("80k", "160k")).model
         assert cfg.train_cfg.max_iters == 80000 and cfg.param_scheduler[-1].end == 80000
         return
+    assert cfg.model["_scope_"] == "mmseg"  # the config's default_scope: the build cannot take a leftover one
     model = MODELS.build(cfg.model)
     karat = "karat" in path.name
     assert ("KArAt" in type(model.backbone).__name__) == karat
@@ -80,24 +90,51 @@ def test_vit_keeps_mmseg_names_and_pads_small_inputs(adapter):
         model(torch.randn(1, 3, 40, 32))
 
 
-def test_vit_padding_masks_padded_keys(adapter):
+# (img_size, input size): a 4 x 4 grid with 3 x 3 valid patches (16 keys, sigma(S) materialised), a 6 x 6 grid
+# with 5 x 5 valid (36 keys: the C++ kernel)
+PADDED_VIT = {"16 keys": (32, 24), "36 keys": (48, 40)}
+
+
+@pytest.mark.parametrize("size", PADDED_VIT)
+def test_vit_padding_masks_padded_keys(adapter, size):
     """Valid tokens do not see the padding: what the padded area holds changes nothing."""
-    model = small_vit(adapter, with_cls_token=False)
+    img, inp = PADDED_VIT[size]
+    grid, valid = img // 8, math.ceil(inp / 8)
+    model = small_vit(adapter, img_size=(img, img), with_cls_token=False)
     model.eval()  # mmseg's train() returns None
-    x = torch.randn(1, 3, 24, 24)
-    base = model(x)[-1]
-    mask = model._padding_key_mask((3, 3), x.device)
-    assert mask.sum() == 9 and mask.shape[-1] == 16
-    # the same image embedded in a full-size input with garbage around it, but the garbage keys masked
-    big = torch.randn(1, 3, 32, 32)
-    big[..., :24, :24] = x
-    tokens = model.patch_embed(big)[0]
-    tokens = tokens + model.pos_embed[:, 1:]
-    for layer in model.layers:
-        tokens = model._run_layer(layer, tokens, mask)
-    tokens = model.norm1(tokens)
-    valid = tokens.reshape(1, 4, 4, 48)[:, :3, :3].permute(0, 3, 1, 2)
-    torch.testing.assert_close(valid, base, atol=1e-5, rtol=1e-5)
+    x = torch.randn(1, 3, inp, inp)
+    with cpu_kernel_calls() as calls:
+        base = model(x)[-1]
+        mask = model._padding_key_mask((valid, valid), x.device)
+        assert mask.sum() == valid ** 2 and mask.shape[-1] == grid ** 2
+        # the same image embedded in a full-size input with garbage around it, but the garbage keys masked
+        big = torch.randn(1, 3, img, img)
+        big[..., :inp, :inp] = x
+        tokens = model.patch_embed(big)[0]
+        tokens = tokens + model.pos_embed[:, 1:]
+        for layer in model.layers:
+            tokens = model._run_layer(layer, tokens, mask)
+        tokens = model.norm1(tokens)
+    kept = tokens.reshape(1, grid, grid, 48)[:, :valid, :valid].permute(0, 3, 1, 2)
+    torch.testing.assert_close(kept, base, atol=1e-5, rtol=1e-5)
+    if grid ** 2 > 24:
+        require_cpu_kernel()
+        assert calls["forward"] == 2 * len(model.layers), calls  # impl="auto" took the C++ kernel
+
+
+def test_vit_padding_mask_on_the_cpu_kernel_matches_the_reference(adapter):
+    """At 37 keys (6 x 6 patches and the class token) ``impl="auto"`` runs the C++ kernel with the padding mask; in
+    float64 it computes what the reference path (sigma(S) materialised, then masked) computes, gradients included."""
+    x = torch.randn(2, 3, 40, 36, dtype=torch.float64)  # 5 x 5 valid patches (the last ones partly padded)
+
+    def build(impl):
+        return small_vit(adapter, img_size=(48, 48), impl=impl)
+
+    def run(model):
+        assert model._padding_key_mask((5, 5), x.device).sum() == 26  # the class token and 25 patches kept
+        return torch.cat([o.flatten() for o in model(x)])
+
+    assert_kernel_path_matches_reference(build, run)
 
 
 def test_vit_matches_timm_karat_vit_after_conversion(adapter):
@@ -127,52 +164,78 @@ def small_swin(adapter, **kw):
     return adapter.KArAtSwinTransformer(**args)
 
 
-def test_swin_masked_keys_change_nothing(adapter):
+@pytest.mark.parametrize("window", [3, 5], ids=["9 keys", "25 keys"])
+def test_swin_masked_keys_change_nothing(adapter, window):
     """Spec section 5: in a shifted window with padding, a query's output does not depend on the keys masked for it
-    (other shifted-window regions, padding); changing an unmasked key does change it."""
-    swin = small_swin(adapter)
+    (other shifted-window regions, padding); changing an unmasked key does change it. Windows of 25 keys run on the
+    C++ kernel."""
+    swin = small_swin(adapter, window_size=window)
     swin.eval()
     attn = swin.stages[0].blocks[1].attn  # shifted block
     assert attn.shift_size > 0
-    H, W = 7, 8  # not multiples of the window (3): padded, and shifted
+    H, W = 7, 8  # not multiples of the window: padded, and shifted
     keep = attn.window_keep_mask((H, W), batch=1, device=torch.device("cpu"))
     assert keep is not None and (~keep).any()
     n = attn.window_size ** 2
     windows = torch.randn(keep.shape[0], n, 24)
-    out = attn.w_msa(windows, key_mask=keep)
     checked = 0
-    for w in range(keep.shape[0]):
-        for i in range(n):
-            masked = ~keep[w, 0, i]
-            if not masked.any() or masked[i] or keep[w, 0, i].sum() < 2:
-                continue
-            changed = windows.clone()
-            changed[w, masked] = torch.randn(int(masked.sum()), 24) * 10
-            torch.testing.assert_close(attn.w_msa(changed, key_mask=keep)[w, i], out[w, i], atol=1e-5, rtol=1e-5)
-            visible = keep[w, 0, i].nonzero().flatten()
-            other = visible[visible != i][0]
-            changed[w, other] += 5.0
-            assert not torch.allclose(attn.w_msa(changed, key_mask=keep)[w, i], out[w, i], atol=1e-4)
-            checked += 1
+    with cpu_kernel_calls() as calls:
+        out = attn.w_msa(windows, key_mask=keep)
+        for w in range(keep.shape[0]):
+            for i in range(n):
+                masked = ~keep[w, 0, i]
+                if not masked.any() or masked[i] or keep[w, 0, i].sum() < 2:
+                    continue
+                changed = windows.clone()
+                changed[w, masked] = torch.randn(int(masked.sum()), 24) * 10
+                torch.testing.assert_close(attn.w_msa(changed, key_mask=keep)[w, i], out[w, i], atol=1e-5, rtol=1e-5)
+                visible = keep[w, 0, i].nonzero().flatten()
+                other = visible[visible != i][0]
+                changed[w, other] += 5.0
+                assert not torch.allclose(attn.w_msa(changed, key_mask=keep)[w, i], out[w, i], atol=1e-4)
+                checked += 1
     assert checked > 10
+    if n > 24:
+        require_cpu_kernel()
+        assert calls["forward"] == 1 + 2 * checked, calls  # every call on the C++ kernel (impl="auto")
 
 
-def test_swin_padding_content_changes_nothing(adapter):
+@pytest.mark.parametrize("window", [3, 5], ids=["9 keys", "25 keys"])
+def test_swin_padding_content_changes_nothing(adapter, window):
     """The whole shifted-window attention: the valid area's output is the same whatever the padding holds."""
-    swin = small_swin(adapter)
+    swin = small_swin(adapter, window_size=window)
     swin.eval()
     attn = swin.stages[0].blocks[1].attn
     H, W, ws = 7, 8, attn.window_size
     x = torch.randn(2, H * W, 24)
-    ref = attn(x, (H, W))
-    Hp, Wp = 9, 9
+    Hp, Wp = math.ceil(H / ws) * ws, math.ceil(W / ws) * ws
     padded = torch.randn(2, Hp, Wp, 24) * 10
     padded[:, :H, :W] = x.view(2, H, W, 24)
-    shifted = torch.roll(padded, (-attn.shift_size, -attn.shift_size), (1, 2))
-    windows = attn.window_partition(shifted).view(-1, ws * ws, 24)
-    out = attn.w_msa(windows, key_mask=attn.window_keep_mask((H, W), 2, x.device)).view(-1, ws, ws, 24)
+    with cpu_kernel_calls() as calls:
+        ref = attn(x, (H, W))
+        shifted = torch.roll(padded, (-attn.shift_size, -attn.shift_size), (1, 2))
+        windows = attn.window_partition(shifted).view(-1, ws * ws, 24)
+        out = attn.w_msa(windows, key_mask=attn.window_keep_mask((H, W), 2, x.device)).view(-1, ws, ws, 24)
     out = torch.roll(attn.window_reverse(out, Hp, Wp), (attn.shift_size, attn.shift_size), (1, 2))
     torch.testing.assert_close(out[:, :H, :W].reshape(2, H * W, 24), ref, atol=1e-5, rtol=1e-5)
+    if ws * ws > 24:
+        require_cpu_kernel()
+        assert calls["forward"] == 2, calls
+
+
+def test_swin_masks_on_the_cpu_kernel_match_the_reference(adapter):
+    """Windows of 25 keys: ``impl="auto"`` runs the C++ kernel with the relative-position bias and the shifted-window
+    and padding masks; in float64 it computes what the reference path computes, gradients included."""
+    x = torch.randn(2, 3, 40, 44, dtype=torch.float64)  # maps of 10 x 11 (padded to 10 x 15) and 5 x 6
+
+    def build(impl):
+        return small_swin(adapter, window_size=5, impl=impl)
+
+    def run(model):
+        return torch.cat([o.flatten() for o in model(x)])
+
+    calls = assert_kernel_path_matches_reference(build, run)
+    assert calls["forward"] == 4  # every block of both stages
 
 
 def test_swin_forward_backward_and_softmax_checkpoint(adapter, tmp_path):

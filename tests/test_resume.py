@@ -18,7 +18,10 @@ import torch
 from classification import main as cls_main
 from classification.args import get_args_parser
 from classification.resume import ResumeError, restore_rng_states, restore_scaler, rng_state
+from ddp_driver import parse_reports
 from karat import load_checkpoint
+from karat.kernels import fused_cpu
+from kernel_calls import CPU_KERNEL_MIN_TOKENS, cpu_kernel_calls, require_cpu_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 # The cheapest real run: scikit-learn's digits, a 2-block 32-wide KArAt ViT on 2 x 2 patches, 4 steps an epoch.
@@ -27,6 +30,10 @@ TINY = ["--data-set", "DIGITS", "--input-size", "8", "--model", "vit_tiny_patch1
         "patch_size=2", "in_chans=1", "depth=2", "embed_dim=32", "num_heads=2", "--grid", "2", "--hidden_dim", "4",
         "--batch-size", "16", "--train-subset", "64", "--num_workers", "0", "--device", "cpu", "--warmup-epochs", "0",
         "--mixup", "0.8", "--cutmix", "0", "--drop-path", "0.1", "--lr", "2e-3", "--epochs", "3"]
+# TINY has 17 keys, where `auto` materialises sigma(S). In patches of one pixel the same model sees 65 keys, more than
+# karat.kernels.REFERENCE_MAX_TOKENS: `auto` runs the C++ CPU kernel, as it does for users' models.
+KERNEL_SIZE = ["--model-kwargs", "patch_size=1", "in_chans=1", "depth=2", "embed_dim=32", "num_heads=2"]
+assert (8 // 1) ** 2 + 1 >= CPU_KERNEL_MIN_TOKENS
 
 
 def _args(out: Path, *extra: str):
@@ -65,22 +72,22 @@ def uninterrupted(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.slow
-def test_interrupted_run_resumed_equals_uninterrupted_bit_for_bit(tmp_path, uninterrupted, monkeypatch):
-    out = tmp_path / "run"
+def _stop_after_first_checkpoint(out: Path, monkeypatch, *extra: str) -> None:
+    """The run stops right after its first checkpoint (epoch 0 of 0, 1, 2)."""
     real_save = cls_main.save_checkpoint
 
-    def save_then_stop(state, path):  # the run stops right after its first checkpoint (epoch 0 of 0, 1, 2)
+    def save_then_stop(state, path):
         real_save(state, path)
         raise _Interrupted
 
     monkeypatch.setattr(cls_main, "save_checkpoint", save_then_stop)
     with pytest.raises(_Interrupted):
-        cls_main.main(_args(out))
+        cls_main.main(_args(out, *extra))
     monkeypatch.undo()
     assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 0
-    cls_main.main(_args(out, "--resume", "auto"))
 
+
+def _assert_resumed_equals_uninterrupted(out: Path, uninterrupted: Path) -> None:
     assert _log(out) == _log(uninterrupted)  # losses, accuracies, max_accuracy, lr of every epoch
     a, b = load_checkpoint(uninterrupted / "checkpoint.pth"), load_checkpoint(out / "checkpoint.pth")
     assert b["epoch"] == 2 and b["max_accuracy"] == max(r["test_acc1"] for r in _log(uninterrupted))
@@ -88,6 +95,51 @@ def test_interrupted_run_resumed_equals_uninterrupted_bit_for_bit(tmp_path, unin
         _assert_same_state(a[key], b[key], key)
     assert json.loads((out / "args.json").read_text())["resume"] == ""  # the first run's args, kept
     assert json.loads((out / "args_resume_epoch1.json").read_text())["resume"] == str(out / "checkpoint.pth")
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumed_equals_uninterrupted_bit_for_bit(tmp_path, uninterrupted, monkeypatch):
+    out = tmp_path / "run"
+    _stop_after_first_checkpoint(out, monkeypatch)
+    cls_main.main(_args(out, "--resume", "auto"))
+    _assert_resumed_equals_uninterrupted(out, uninterrupted)
+
+
+@pytest.mark.slow
+def test_resume_is_bit_exact_on_the_cpu_kernel(tmp_path, monkeypatch):
+    """The same at 65 keys, where ``impl="auto"`` (the default, not pinned here) runs the C++ kernel forward and
+    backward: its gradients must repeat bit for bit, or the resumed run drifts from the uninterrupted one."""
+    require_cpu_kernel()
+    full, out = tmp_path / "full", tmp_path / "run"
+    with cpu_kernel_calls() as uninterrupted_calls:
+        cls_main.main(_args(full, *KERNEL_SIZE))
+    _stop_after_first_checkpoint(out, monkeypatch, *KERNEL_SIZE)
+    with cpu_kernel_calls() as resumed_calls:
+        cls_main.main(_args(out, *KERNEL_SIZE, "--resume", "auto"))
+    assert min(uninterrupted_calls["forward"], uninterrupted_calls["backward"]) > 0, uninterrupted_calls
+    assert min(resumed_calls["forward"], resumed_calls["backward"]) > 0, resumed_calls
+    assert load_checkpoint(out / "checkpoint.pth")["model"]["blocks.0.attn.karat.operator.weight"].shape[1] == 65
+    _assert_resumed_equals_uninterrupted(out, full)
+
+
+def test_cpu_kernel_gradients_repeat_bit_for_bit_on_many_threads():
+    """What bit-exact resume needs of the C++ kernel: the same inputs give the same gradients. Its threads each
+    sum a coefficient gradient over their pairs of one head; with more threads than cores, several share a head
+    and finish in a varying order, and summing their parts as they finished changed the last bits from call to
+    call. The parts are summed in pair order."""
+    require_cpu_kernel()
+    q, k = (torch.randn(16, 2, 65, 16, requires_grad=True) for _ in range(2))
+    coef = torch.randn(2, 65, 4, 4, requires_grad=True)  # (heads, keys, 2 G, r): grid G = 2
+    dy = torch.randn(16, 2, 65, 4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(8)  # 4 threads per head
+    try:
+        grads = [torch.autograd.grad(fused_cpu.fourier_reduce(q, k, coef, 0.25, 2), (q, k, coef), dy)
+                 for _ in range(6)]
+    finally:
+        torch.set_num_threads(threads)
+    for again in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], again))
 
 
 def test_output_dir_holding_a_run_is_refused_without_resume(tmp_path):
@@ -212,26 +264,62 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one_and_resumes(tmp
 
 
 
-@pytest.mark.slow
-def test_two_rank_resume_gives_each_rank_its_own_streams(tmp_path):
-    """Under torchrun each rank draws its own drop-path masks, mixup coefficients and shifts: the checkpoint holds
-    every rank's streams and each rank takes its own back, so a resumed 2-process run equals an uninterrupted
-    one. (A constant schedule lets a 1-epoch run stand for the first epoch of a 2-epoch one.)"""
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    ddp = TINY[:-2] + ["--sched", "step", "--decay-epochs", "100", "--batch-size", "8"]
+# Under torchrun each rank draws its own drop-path masks, mixup coefficients and shifts. A constant schedule lets a
+# 1-epoch run stand for the first epoch of a 2-epoch one.
+TWO_RANKS = TINY[:-2] + ["--sched", "step", "--decay-epochs", "100", "--batch-size", "8"]
+SIZES = {"17 keys": [], "65 keys": KERNEL_SIZE}
 
-    def launch(out: Path, *extra: str) -> None:
-        proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "classification.main", *ddp,
-                               "--output_dir", str(out), *extra], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
 
-    launch(tmp_path / "full", "--epochs", "2")
-    launch(tmp_path / "part", "--epochs", "1")
-    launch(tmp_path / "part", "--epochs", "2", "--resume", "auto")
-    a, b = (load_checkpoint(tmp_path / d / "checkpoint.pth") for d in ("full", "part"))
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
+    """For each size, an uninterrupted 2-epoch run and a 1-epoch run resumed for a second, by 2 processes. One
+    torchrun (tests/ddp_driver.py) runs all six one after the other: each starts from its seed or its checkpoint,
+    as it would in a process of its own. Returns the folder and the driver's ``{run: C++ kernel calls}``."""
+    fused_cpu.available()  # built once here, not by both ranks at once
+    root = tmp_path_factory.mktemp("two_ranks")
+    runs = []
+    for size, extra in SIZES.items():
+        full, part = root / size / "full", root / size / "part"
+        runs += [dict(name=f"{size} uninterrupted", argv=[*TWO_RANKS, *extra, "--output_dir", str(full),
+                                                             "--epochs", "2"]),
+                 dict(name=f"{size} first epoch", argv=[*TWO_RANKS, *extra, "--output_dir", str(part),
+                                                           "--epochs", "1"]),
+                 dict(name=f"{size} resumed", argv=[*TWO_RANKS, *extra, "--output_dir", str(part), "--epochs", "2",
+                                                       "--resume", "auto"])]
+    (root / "runs.json").write_text(json.dumps(runs))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "tests" / "ddp_driver.py"), f"runs={root / 'runs.json'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    done = parse_reports(proc.stdout)
+    assert list(done) == [r["name"] for r in runs], proc.stdout[-2000:]
+    return root, done
+
+
+def _assert_two_rank_resume_exact(root: Path) -> None:
+    """The checkpoint holds every rank's streams and each rank takes its own back: the resumed run equals the
+    uninterrupted one."""
+    a, b = (load_checkpoint(root / d / "checkpoint.pth") for d in ("full", "part"))
     assert len(b["rng"]) == 2 and not torch.equal(b["rng"][0]["torch"], b["rng"][1]["torch"])
     _assert_same_state(a["model"], b["model"], "model")
+    _assert_same_state(a["optimizer"], b["optimizer"], "optimizer")
     _assert_same_state(a["rng"], b["rng"], "rng")
-    assert _log(tmp_path / "full") == _log(tmp_path / "part")
+    assert _log(root / "full") == _log(root / "part")
+
+
+@pytest.mark.slow
+def test_two_rank_resume_gives_each_rank_its_own_streams(two_rank_runs):
+    root, _ = two_rank_runs
+    _assert_two_rank_resume_exact(root / "17 keys")
+
+
+@pytest.mark.slow
+def test_two_rank_resume_is_bit_exact_on_the_cpu_kernel(two_rank_runs):
+    """The same at 65 keys, where ``impl="auto"`` runs the C++ kernel in every rank, forward and backward."""
+    require_cpu_kernel()
+    root, calls = two_rank_runs
+    for run in ("uninterrupted", "first epoch", "resumed"):
+        assert min(calls[f"65 keys {run}"]) > 0, (run, calls)
+    _assert_two_rank_resume_exact(root / "65 keys")

@@ -1,4 +1,5 @@
-"""KArAt Swin: timm's Swin with KArAt window attention, shifted-window masks with KArAt semantics."""
+"""KArAt Swin: timm's Swin with KArAt window attention, shifted-window masks with KArAt semantics (windows of 16
+keys, where ``impl="auto"`` materialises sigma(S), and of 36, where it runs the C++ CPU kernel)."""
 import pytest
 import timm
 import torch
@@ -6,6 +7,7 @@ import torch
 import karat  # noqa: F401
 from karat import KArAtConfig
 from karat.models import KArAtWindowAttention, is_karat_key
+from kernel_calls import assert_kernel_path_matches_reference, cpu_kernel_calls
 
 SMALL = dict(img_size=32, patch_size=4, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4), num_classes=5)
 
@@ -44,3 +46,38 @@ def test_shifted_window_mask_changing_masked_keys_changes_nothing(impl, mode):
     torch.testing.assert_close(out2[:, region == 0], out[:, region == 0])  # region-0 queries see none of them
     assert not torch.allclose(out2[:, region == 1], out[:, region == 1])
     assert not torch.allclose(attn(x, None)[:, region == 0], out[:, region == 0])  # the mask does something
+
+
+def test_shifted_window_masks_on_the_cpu_kernel():
+    """Windows of 36 keys, the default impl="auto": the C++ kernel evaluates the masked window, region-0 queries see
+    nothing of region 1, and in float64 the result and its gradients are the reference path's."""
+    region = torch.tensor([0] * 15 + [1] * 21)
+    mask = torch.where(region[:, None] == region[None, :], 0.0, -100.0)[None].double()
+    x = torch.randn(3, 36, 16, dtype=torch.float64)
+
+    def build(impl):
+        return KArAtWindowAttention(16, 2, window_size=6, karat_cfg=KArAtConfig(impl=impl))
+
+    assert_kernel_path_matches_reference(build, lambda attn: attn(x, mask))
+    attn = build("auto").double()
+    x2 = x.clone()
+    x2[:, region == 1] += 3 * torch.randn_like(x2[:, region == 1])
+    with cpu_kernel_calls() as calls:
+        out, out2 = attn(x, mask), attn(x2, mask)
+    assert calls["forward"] == 2
+    torch.testing.assert_close(out2[:, region == 0], out[:, region == 0])
+    assert not torch.allclose(out2[:, region == 1], out[:, region == 1])
+
+
+def test_swin_on_the_cpu_kernel_matches_the_reference():
+    """A whole KArAt Swin with windows of 36 keys (12 x 12 tokens, the second block shifted by 3): every window
+    attention on the C++ kernel, and in float64 the logits and gradients are the reference path's."""
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+
+    def build(impl):
+        return timm.create_model("swin_tiny_patch4_window7_224_karat", img_size=12, patch_size=1, window_size=6,
+                                 embed_dim=16, depths=(2,), num_heads=(2,), num_classes=5, impl=impl)
+
+    assert build("auto").layers[0].blocks[1].shift_size == (3, 3)
+    calls = assert_kernel_path_matches_reference(build, lambda model: model(x))
+    assert calls["forward"] == 2

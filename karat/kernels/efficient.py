@@ -199,8 +199,8 @@ def _layer_coefficients(layer: KANLayer) -> torch.Tensor:
 def _fused_cpu(layer: KANLayer, q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor],
                key_mask: Optional[torch.Tensor]) -> bool:
     """Whether the fused CPU kernel (``karat.kernels.fused_cpu``) serves this call: Fourier, no base, fp32/float64, a
-    floating bias and a bool mask if any. Its threads add their coefficient gradients in whatever order they finish,
-    so ``torch.use_deterministic_algorithms`` keeps the PyTorch path."""
+    floating bias and a bool mask if any. Its threads' coefficient gradients are summed in a fixed order (the same
+    bits for the same inputs and thread count); ``torch.use_deterministic_algorithms`` still keeps the PyTorch path."""
     return (q.device.type == "cpu" and isinstance(layer.basis, FourierBasis) and not layer.has_base
             and not torch.are_deterministic_algorithms_enabled()
             and (bias is None or (bias.device.type == "cpu" and bias.is_floating_point()))

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <mutex>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -368,8 +369,11 @@ std::vector<at::Tensor> fourier_reduce_backward(at::Tensor dy, at::Tensor q, at:
   const bool whole = nk * npad <= whole_limit;
   at::Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options());
   // Pairs run head-major (p = h * batch + b) in contiguous ranges per thread, so a thread accumulates the
-  // coefficient gradient of one head at a time in its own buffer and adds it in when the head changes.
+  // coefficient gradient of one head at a time in its own buffer, kept with the first pair it covers. The buffers
+  // are summed after the loop in pair order, not as threads finish: the same inputs and thread count give the same
+  // bits (a resumed run continues bit for bit), however many threads share a head.
   at::Tensor dcoef_all = at::zeros({heads, nk * m, r}, q.options());
+  std::vector<std::tuple<int64_t, int64_t, at::Tensor>> dcoef_parts;  // (first pair, head, partial gradient)
   at::Tensor bview = optional_view(bias, q, nk), mview = optional_view(key_mask, q, nk);
   // every (query, key) entry is written below
   at::Tensor dbias = need_bias ? at::empty({batch, heads, n, nk}, q.options()) : at::empty({0}, q.options());
@@ -381,12 +385,12 @@ std::vector<at::Tensor> fourier_reduce_backward(at::Tensor dy, at::Tensor q, at:
       PairTiles<scalar_t> pt(tk, m, d, r, npad, nk, whole, q);
       at::Tensor dyt = blob(pt.sc.dyt.data(), {r, TQ}, q);
       at::Tensor dqt = blob(pt.sc.dq.data(), {TQ, d}, q);
-      at::Tensor dcoef = at::zeros({nk * m, r}, q.options());
-      int64_t dcoef_head = -1;
+      at::Tensor dcoef;
+      int64_t dcoef_head = -1, dcoef_first = -1;
       auto flush = [&] {
         if (dcoef_head < 0) return;
         std::lock_guard<std::mutex> guard(dcoef_lock);
-        dcoef_all[dcoef_head].add_(dcoef);
+        dcoef_parts.emplace_back(dcoef_first, dcoef_head, dcoef);
       };
       const scalar_t s = static_cast<scalar_t>(scale);
       for (int64_t p = begin; p < end; ++p) {
@@ -394,8 +398,9 @@ std::vector<at::Tensor> fourier_reduce_backward(at::Tensor dy, at::Tensor q, at:
         at::Tensor kp = k[b][h], dkp = dk[b][h], dqp = dq[b][h];
         if (h != dcoef_head) {
           flush();
-          dcoef.zero_();
+          dcoef = at::zeros({nk * m, r}, q.options());
           dcoef_head = h;
+          dcoef_first = p;
         }
         const scalar_t* crot = coef_rot[h].data_ptr<scalar_t>();
         const scalar_t* dyp = dy[b][h].data_ptr<scalar_t>();
@@ -438,6 +443,9 @@ std::vector<at::Tensor> fourier_reduce_backward(at::Tensor dy, at::Tensor q, at:
       flush();
     });
   });
+  std::sort(dcoef_parts.begin(), dcoef_parts.end(),
+            [](const auto& a, const auto& b) { return std::get<0>(a) < std::get<0>(b); });
+  for (const auto& [first, h, part] : dcoef_parts) dcoef_all[h].add_(part);
   return {dq, dk, dcoef_all.view({heads, nk, m, r}), dbias};
 }
 
