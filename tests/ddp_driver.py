@@ -15,7 +15,6 @@ case, ``DDP-OK <case> | cpu_kernel <forward calls> <backward calls>``, so the te
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -26,6 +25,7 @@ from typing import Callable, Dict, Iterable, List, Tuple
 import torch
 import torch.distributed as dist
 
+from karat.distributed import init_method as karat_init_method
 from kernel_calls import cpu_kernel_calls
 
 COMMON = ["--data-set", "DIGITS", "--input-size", "8", "--batch-size", "4", "--epochs", "1", "--train-subset", "16",
@@ -92,19 +92,12 @@ def run_main(runs: Iterable[Tuple[str, List[str]]]) -> None:
     from classification.args import get_args_parser
     from classification.main import main
 
-    # main() initialises and destroys its process group; run again in the same process, gloo would read the last
-    # run's peer addresses from torchrun's store. Each run gets a namespace of its own in that store.
-    store, rank, world = next(dist.rendezvous("env://"))
-    init = dist.init_process_group
-    try:
-        for name, argv in runs:
-            dist.init_process_group = functools.partial(init, store=dist.PrefixStore(name, store), rank=rank,
-                                                        world_size=world)
-            with cpu_kernel_calls() as calls:
-                main(get_args_parser().parse_args(argv))
-            report(name, calls)
-    finally:
-        dist.init_process_group = init
+    # Each main() starts and ends its own process group in these processes; karat-env:// gives every start a fresh
+    # namespace in torchrun's store, as it does for a group that torchrun restarts.
+    for name, argv in runs:
+        with cpu_kernel_calls() as calls:
+            main(get_args_parser().parse_args(argv))
+        report(name, calls)
 
 
 def check_backbone(name: str, model: torch.nn.Module, wrap: Callable[[torch.nn.Module], torch.nn.Module],
@@ -172,7 +165,7 @@ if __name__ == "__main__":
             run_main((r["name"], r["argv"]) for r in json.loads(Path(part.removeprefix("runs=")).read_text()))
     backbones = [p for p in parts if p in ("detectron2", "mmseg")]
     if backbones:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", init_method=karat_init_method())
         for part in backbones:
             {"detectron2": detectron2_backbone, "mmseg": mmseg_backbone}[part]()
         # every rank's gloo work done before either tears the group down (as classification.main does): a rank

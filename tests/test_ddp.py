@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IN_CI
+from conftest import IN_CI, require_cpu_kernel
 from ddp_driver import CASES, KERNEL_SUFFIX, WITHOUT_CPU_KERNEL, parse_reports
-from kernel_calls import require_cpu_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONES = {"detectron2": "detectron2 KArAtViT", "mmseg": "mmseg KArAtVisionTransformer"}

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from conftest import lazyconfig_train, require
-from kernel_calls import cpu_kernel_calls, require_cpu_kernel
+from conftest import lazyconfig_train, require, require_cpu_kernel
+from kernel_calls import cpu_kernel_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import require
-from kernel_calls import assert_kernel_path_matches_reference, cpu_kernel_calls, require_cpu_kernel
+from conftest import require, require_cpu_kernel
+from kernel_calls import assert_kernel_path_matches_reference, cpu_kernel_calls
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "mmseg_configs" / "upernet").glob("*.py"))

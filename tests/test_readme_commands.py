@@ -54,7 +54,8 @@ PLAN: Dict[str, Plan] = {
                               "by tests/test_demo.py, its stages below and by their own tests"),
     "make test": Plan("skip", "the test suite itself"),
     "torchrun --nproc_per_node=8 --max-restarts=3 main.py": Plan(
-        "dry", "8 GPUs and ImageNet; tests/test_torchrun_restart.py runs the same recipe on 2 CPU workers and kills one"),
+        "dry", "8 GPUs and ImageNet; tests/test_torchrun_restart.py runs this recipe on 2 CPU workers and "
+                "kills one"),
     "torchrun --nproc_per_node=8 main.py": Plan("dry", "8 GPUs and ImageNet; tests/test_classification.py runs the "
                                                        "same flags with python main.py on a generated ImageNet tree"),
     "convert_to_detectron2.py runs/vit_b_karat": Plan("dry", "needs a ViT-B classifier trained on ImageNet"),

@@ -18,9 +18,8 @@ import psutil
 import pytest
 import torch
 
-from conftest import IN_CI
+from conftest import require_cpu_kernel
 from karat import KArAtConfig, KArAtCore, load_checkpoint
-from karat.kernels import fused_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 # Patch 1 on the 8 px digits: 64 patch tokens + the class token, past the C++ kernel's crossover (24 keys).
@@ -61,9 +60,7 @@ def _finish(agent: subprocess.Popen) -> str:
 
 
 def test_the_run_takes_the_cpu_kernel():
-    if not fused_cpu.available():
-        (pytest.fail if IN_CI else pytest.skip)("the C++ CPU kernel did not build here: the restart test would run "
-                                                "the PyTorch path instead of the default one")
+    require_cpu_kernel()  # without it the restart test would run the PyTorch path instead of the default one
     q = torch.randn(2, 2, 65, 8)
     assert KArAtCore(2, 65, KArAtConfig()).choose_path(q).detail == "C++ CPU kernel"
 
