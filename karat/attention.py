@@ -47,6 +47,20 @@ def mask_to_keep(attn_mask: Optional[torch.Tensor]) -> tuple[Optional[torch.Tens
     return (None if bool(keep.all()) else keep), attn_mask.masked_fill(~keep, 0.0)
 
 
+class InputLayout:
+    """Where a host model leaves the token layout of its current input for its attentions, which timm's ``Block``
+    calls with the tokens only: the model sets ``layout`` when it embeds the patches (it knows the grid), every
+    attention of the model reads it."""
+
+    def __init__(self) -> None:
+        self.layout: Optional[TokenLayout] = None
+
+    def get(self, num_tokens: int) -> Optional[TokenLayout]:
+        """The current layout if it describes ``num_tokens`` tokens, else None (the core then wants its own)."""
+        layout = self.layout
+        return layout if layout is not None and layout.num_tokens == num_tokens else None
+
+
 # torch.fx sees the core as one leaf call (timm's way for modules whose forward branches on shapes and flags:
 # token-count check, impl choice, mixed heads), so timm's fx feature extraction traces every host around it.
 @register_notrace_module
@@ -71,6 +85,7 @@ class KArAtCore(nn.Module):
         if layout is not None and layout.num_tokens != num_tokens:
             raise ValueError(f"layout {layout} has {layout.num_tokens} tokens, not num_tokens={num_tokens}")
         self.cfg, self.num_heads, self.num_tokens, self.layout = cfg, num_heads, num_tokens, layout
+        self.input_layout: Optional[InputLayout] = None  # where a host model says its current input's layout
         self.num_karat_heads = cfg.karat_heads(num_heads)
         factory = operator_factory or OperatorProvider(cfg)
         self.operator = factory(self.num_karat_heads, num_tokens)
@@ -89,6 +104,8 @@ class KArAtCore(nn.Module):
             traced = trace_core_call(self, q, k, v, dense_bias(bias), key_mask, scale, layout)
             if traced is not None:
                 return traced
+        if layout is None and self.input_layout is not None:
+            layout = self.input_layout.get(k.shape[-2])
         op = self.operator_for(k.shape[-2], layout)
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         h = self.num_karat_heads
@@ -183,20 +200,6 @@ def split_attn_mask(attn_mask: Optional[torch.Tensor], is_causal: bool = False
     return mask_to_keep(attn_mask)
 
 
-class InputLayout:
-    """Where a host model leaves the token layout of its current input for its attentions, which timm's ``Block``
-    calls with the tokens only: the model sets ``layout`` when it embeds the patches (it knows the grid), every
-    attention of the model reads it."""
-
-    def __init__(self) -> None:
-        self.layout: Optional[TokenLayout] = None
-
-    def get(self, num_tokens: int) -> Optional[TokenLayout]:
-        """The current layout if it describes ``num_tokens`` tokens, else None (the core then wants its own)."""
-        layout = self.layout
-        return layout if layout is not None and layout.num_tokens == num_tokens else None
-
-
 class KArAtAttention(nn.Module):
     """Drop-in ``attn_layer`` for ``timm.models.vision_transformer.VisionTransformer``.
 
@@ -226,7 +229,7 @@ class KArAtAttention(nn.Module):
         self.q_norm = norm_layer(head_dim) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(head_dim) if qk_norm else nn.Identity()
         self.karat = KArAtCore(num_heads, num_tokens, karat_cfg, operator_factory, attn_drop, layout=layout)
-        self.input_layout = input_layout
+        self.karat.input_layout = input_layout  # read inside the core: torch.fx traces around it
         self.norm = norm_layer(self.attn_dim) if scale_norm else nn.Identity()
         self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -252,8 +255,6 @@ class KArAtAttention(nn.Module):
                 is_causal: bool = False, layout: Optional[TokenLayout] = None) -> torch.Tensor:
         """x: ``(B, N, C)``; layout: the tokens' layout, by default what the model set in ``input_layout``."""
         B, N, _ = x.shape
-        if layout is None and self.input_layout is not None:
-            layout = self.input_layout.get(N)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Tuple
 
 import torch
+import torch.nn as nn
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-from timm.layers import to_2tuple
+from timm.layers import register_notrace_module, to_2tuple
 
 from ..attention import InputLayout, KArAtAttention, is_karat_key  # noqa: F401  (re-exported by karat.models)
 from ..config import pop_config
@@ -68,6 +69,21 @@ def vit_layout(img_size: Any = 224, patch_size: Any = 16, class_token: bool = Tr
     return TokenLayout(int(class_token) + reg_tokens, (h // ph, w // pw))
 
 
+@register_notrace_module  # fx: reads shapes and sets state, as a leaf call on the data path
+class NoteLayout(nn.Module):
+    """Tells the model's attentions the token layout of the current input (``InputLayout``), from the patch grid
+    (NHWC when ``dynamic_img_size``) and the tokens after the prefix tokens joined; returns the tokens."""
+
+    def __init__(self, input_layout: InputLayout, grid_size: Tuple[int, int]) -> None:
+        super().__init__()
+        self.input_layout, self.grid_size = input_layout, tuple(grid_size)
+
+    def forward(self, patches: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        grid = tuple(patches.shape[1:3]) if patches.ndim == 4 else self.grid_size
+        self.input_layout.layout = TokenLayout(tokens.shape[1] - grid[0] * grid[1], grid)
+        return tokens
+
+
 class KArAtVisionTransformer(VisionTransformer):
     """timm's ``VisionTransformer`` whose attentions learn each input's token layout from the model, so that
     ``dynamic_img_size=True`` and ``set_input_size`` work as in timm: at another grid the KArAt operators are
@@ -76,12 +92,10 @@ class KArAtVisionTransformer(VisionTransformer):
     def __init__(self, *args: Any, input_layout: InputLayout, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.input_layout = input_layout
+        self.note_layout = NoteLayout(input_layout, self.patch_embed.grid_size)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        grid = tuple(x.shape[1:3]) if x.ndim == 4 else tuple(self.patch_embed.grid_size)  # NHWC when dynamic
-        x = super()._pos_embed(x)
-        self.input_layout.layout = TokenLayout(x.shape[1] - grid[0] * grid[1], grid)
-        return x
+        return self.note_layout(x, super()._pos_embed(x))
 
     def set_input_size(self, img_size: Any = None, patch_size: Any = None) -> None:
         """timm's in-place change of input (and patch) size; the KArAt operators are resampled in place to the
@@ -89,7 +103,7 @@ class KArAtVisionTransformer(VisionTransformer):
         old = tuple(self.patch_embed.grid_size)
         super().set_input_size(img_size=img_size, patch_size=patch_size)
         new = tuple(self.patch_embed.grid_size)
-        self.input_layout.layout = None
+        self.input_layout.layout, self.note_layout.grid_size = None, new
         if new == old:
             return
         for block in self.blocks:
