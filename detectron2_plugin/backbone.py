@@ -6,6 +6,7 @@ replaced by :class:`KArAtViTAttention`. That attention keeps detectron2's parame
 ``rel_pos_h``, ``rel_pos_w``), computes the relative-position bias the way detectron2 does and hands it to
 ``karat.KArAtCore`` as an additive logits bias. Windowed blocks pad the feature map to a multiple of the window;
 without a softmax, an additive ``-inf`` masks nothing, so the padded tokens are passed as masked keys instead.
+Global blocks tell the core the grid they see, so an input of any size is evaluated with the operator resampled to it.
 
 Only this module knows detectron2; ``karat`` itself does not.
 """
@@ -19,7 +20,7 @@ import torch.utils.checkpoint
 from detectron2.modeling.backbone.utils import get_abs_pos, get_rel_pos, window_partition, window_unpartition
 from detectron2.modeling.backbone.vit import Block, ViT
 
-from karat import KArAtConfig, KArAtCore, OperatorProvider
+from karat import KArAtConfig, KArAtCore, OperatorProvider, TokenLayout
 from karat.attention import OperatorFactory
 from karat.config import config_from_kwargs
 from karat.relpos import DecomposedRelPos
@@ -107,21 +108,18 @@ class KArAtViTAttention(nn.Module):
             if not rel_pos_zero_init:
                 nn.init.trunc_normal_(self.rel_pos_h, std=0.02)
                 nn.init.trunc_normal_(self.rel_pos_w, std=0.02)
-        self.karat = KArAtCore(num_heads, input_size[0] * input_size[1], karat_cfg, operator_factory)
+        self.karat = KArAtCore(num_heads, input_size[0] * input_size[1], karat_cfg, operator_factory,
+                               layout=TokenLayout(0, self.input_size))
 
     def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: ``(B, H, W, C)``; key_mask: bool broadcastable to ``(B, heads, HW, HW)``, False = padded key."""
+        """x: ``(B, H, W, C)``, any ``H x W`` (a global block at another image size: the operator is evaluated
+        resampled to it, as detectron2 interpolates its position tables); key_mask: bool broadcastable to
+        ``(B, heads, HW, HW)``, False = padded key."""
         b, h, w, _ = x.shape
-        if (h, w) != self.input_size:
-            raise ValueError(
-                f"This KArAt ViTDet attention was built for {self.input_size[0]}x{self.input_size[1]} tokens but got "
-                f"{h}x{w}. Global blocks need a fixed input size: pad every image to the config's img_size "
-                f"(SimpleFeaturePyramid square_pad=img_size, as ViTDet does), or change img_size and resample the "
-                f"checkpoint (tools/convert_to_detectron2.py).")
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, HW, d)
         bias = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w)) if self.use_rel_pos else None
-        out = self.karat(q, k, v, bias=bias, key_mask=key_mask, scale=self.scale)
+        out = self.karat(q, k, v, bias=bias, key_mask=key_mask, scale=self.scale, layout=TokenLayout(0, (h, w)))
         out = out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         return self.proj(out)
 
@@ -169,8 +167,11 @@ class KArAtViT(ViT):
         use_act_checkpoint: recompute each block in backward (``torch.utils.checkpoint``; detectron2's ViT
             needs fairscale for this, this backbone does not). Parameter names are unchanged.
 
-    Windowed blocks see ``window_size ** 2`` tokens, global blocks ``(img_size // patch_size) ** 2``; inputs must
-    be padded to ``img_size`` (SimpleFeaturePyramid's ``square_pad``), as ViTDet does. One ``OperatorProvider``
+    Windowed blocks see ``window_size ** 2`` tokens (detectron2 pads the map to whole windows; the padding is
+    masked). Global blocks store their operator for ``(img_size // patch_size) ** 2`` tokens and take any grid, below
+    or above ``img_size``, square or not, with or without ``square_pad``: the operator is evaluated resampled to the
+    input's grid (spec section 6), as detectron2 interpolates its position embedding and relative-position tables.
+    One ``OperatorProvider``
     serves the whole backbone, so ``universal=True`` shares one operator per (heads, tokens) across blocks.
     """
 

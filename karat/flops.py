@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from .operator import KArAtOperator
+from .resample import TokenLayout
 
 KARAT_CALL = "prim::PythonOp.KArAtCall"
 
@@ -73,12 +74,12 @@ class KArAtCall(torch.autograd.Function):
     custom function as one ``prim::PythonOp`` without its body, so the counter sees this node and its cost."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, key_mask, scale, core, cost):
+    def forward(ctx, q, k, v, bias, key_mask, scale, layout, core, cost):
         # the body is computed, not traced: a traced body would hold the core's parameters as constants
         state = torch._C._get_tracing_state()
         torch._C._set_tracing_state(None)
         try:
-            return core.forward(q, k, v, bias=bias, key_mask=key_mask, scale=scale)
+            return core.forward(q, k, v, bias=bias, key_mask=key_mask, scale=scale, layout=layout)
         finally:
             torch._C._set_tracing_state(state)
 
@@ -107,7 +108,7 @@ def _mark_submodules_called(core: nn.Module, out: torch.Tensor) -> torch.Tensor:
 
 def trace_core_call(core: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     bias: Optional[torch.Tensor], key_mask: Optional[torch.Tensor],
-                    scale: Optional[float]) -> Optional[torch.Tensor]:
+                    scale: Optional[float], layout: Optional[TokenLayout] = None) -> Optional[torch.Tensor]:
     """``KArAtCore.forward`` as one ``KArAtCall`` node while a FLOP counter traces it, else None (go on as usual).
 
     Other jit traces (exports) are left exactly as they were."""
@@ -116,7 +117,7 @@ def trace_core_call(core: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.
     cost = CallCost(core_call_macs(core, q.shape, k.shape, v.shape))
     # counting is forward only: detached inputs keep autograd (and with it the tracer) off the untraced body
     q, k, v, bias = (None if t is None else t.detach() for t in (q, k, v, bias))
-    return _mark_submodules_called(core, KArAtCall.apply(q, k, v, bias, key_mask, scale, core, cost))
+    return _mark_submodules_called(core, KArAtCall.apply(q, k, v, bias, key_mask, scale, layout, core, cost))
 
 
 def karat_call_flop_jit(inputs: List, outputs: List) -> Counter:

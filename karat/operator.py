@@ -12,6 +12,11 @@ from .kan import KANLayer
 from .simplex import project_to_simplex
 
 
+# Caches that karat.resample keeps on an operator as plain attributes (run-time resampled operators, their weightless
+# skeletons, in-place resampling targets): never in state_dict(), and dropped when the operator is pickled or copied.
+RUNTIME_ATTRS = ("_karat_runtime_cache", "_karat_skeletons", "_resampled_to")
+
+
 class KArAtOperator(nn.Module):
     """``sigma`` for ``num_heads`` heads over ``num_tokens`` keys, evaluated by materialising ``sigma(S)``.
 
@@ -46,8 +51,8 @@ class KArAtOperator(nn.Module):
         if logits.shape[-1] != self.num_tokens:
             raise ValueError(
                 f"KArAt operator was built for {self.num_tokens} key tokens but got {logits.shape[-1]}: its "
-                f"weights are indexed by key position. Build the model for this input size (img_size=...), "
-                f"or resample a checkpoint with karat.resample_karat_state_dict (spec section 6).")
+                f"weights are indexed by key position. Evaluate it through KArAtCore with the input's "
+                f"layout=TokenLayout(prefix, (h, w)), which resamples it (karat.resample.operator_at).")
         if self.mode == "phi1_w2":
             hidden = self.phi(logits, key_mask)
             sigma = torch.einsum("bhir,hjr->bhij", hidden, self.weight.to(hidden.dtype))
@@ -63,6 +68,9 @@ class KArAtOperator(nn.Module):
         if self.cfg.project_l1:
             sigma = project_to_simplex(sigma, key_mask)
         return sigma
+
+    def __getstate__(self) -> Dict[str, object]:
+        return {k: v for k, v in super().__getstate__().items() if k not in RUNTIME_ATTRS}
 
     def key_axes(self) -> Dict[str, Tuple[int, ...]]:
         """Parameter name -> the axes indexed by key position (what spec section 6 resamples)."""

@@ -8,18 +8,25 @@ to another layout (another image size, a ViTDet window of 14 x 14 without class 
 * every sum over keys keeps its magnitude: the multiplicative weights of grid keys (``weight``, the basis
   scale ``w_s`` and the base weight ``w_b``) are multiplied by ``h w / (h' w')``, so a sum over the new keys
   approximates the old sum over the old keys.
+
+The same function serves twice. Once on a checkpoint (:func:`resample_karat_state_dict`, :func:`resample_operator`),
+and at run time (:func:`operator_at`), the way timm and mmseg interpolate absolute position embeddings on every
+forward: a model built for one grid evaluates another with its operator resampled to that grid. The run-time
+operator is a differentiable function of the stored one (training at several sizes trains the stored weights);
+where nothing needs gradients it is cached per layout until the weights change.
 """
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, Hashable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .operator import KArAtOperator
+from .operator import RUNTIME_ATTRS, KArAtOperator
 
 # Parameter names (last component) that multiply an edge or a key's contribution: rescaled with the key count.
 SUM_WEIGHTS = ("weight", "basis_scale", "base_weight")
@@ -60,7 +67,8 @@ def resample_key_axis(t: torch.Tensor, axis: int, src: TokenLayout, dst: TokenLa
     grid = moved[..., src.prefix:]
     if src.grid != dst.grid:
         lead = grid.shape[:-1]
-        img = grid.reshape(1, -1, *src.grid).float()
+        # bicubic needs fp32 or more: half precision is upcast, float64 (tests, exact comparisons) kept
+        img = grid.reshape(1, -1, *src.grid).to(torch.promote_types(t.dtype, torch.float32))
         antialias = dst.grid[0] < src.grid[0] or dst.grid[1] < src.grid[1]
         img = F.interpolate(img, size=dst.grid, mode="bicubic", align_corners=False, antialias=antialias)
         grid = img.reshape(*lead, dst.grid[0] * dst.grid[1]).to(t.dtype)
@@ -86,17 +94,13 @@ def resample_operator(op: KArAtOperator, src: TokenLayout, dst: TokenLayout) -> 
     and dtype with the same ``requires_grad`` flags: what a host's ``set_input_size`` / ``set_window_size`` swaps in,
     as timm swaps in resized position tables. An operator shared by several blocks (universal) is resampled once per
     target, so every block that held it gets the same new one."""
-    if src.num_tokens != op.num_tokens:
-        raise ValueError(f"Source layout {_describe(src)} does not match the operator, "
-                         f"built for {op.num_tokens} tokens.")
+    _check_source(op, src)
     if src == dst:
         return op
-    done: Dict[TokenLayout, KArAtOperator] = op.__dict__.setdefault("_resampled_to", {})
+    done: Dict[TokenLayout, KArAtOperator] = op.__dict__.setdefault(_DONE_ATTR, {})
     if dst in done:
         return done[dst]
-    ref = next(op.parameters())
-    with torch.device(ref.device), torch.random.fork_rng(devices=[]):  # its random init is overwritten below
-        new = KArAtOperator(op.num_heads, dst.num_tokens, op.cfg).to(ref.dtype)
+    new = _build_like(op, dst.num_tokens)
     with torch.no_grad():
         new.load_state_dict(resample_operator_state(op.state_dict(), op.key_axes(), src, dst))
     flags = {name: p.requires_grad for name, p in op.named_parameters()}
@@ -104,6 +108,109 @@ def resample_operator(op: KArAtOperator, src: TokenLayout, dst: TokenLayout) -> 
         p.requires_grad_(flags[name])
     done[dst] = new.train(op.training)
     return new
+
+
+def _build_like(op: KArAtOperator, num_tokens: int) -> KArAtOperator:
+    """A fresh operator like ``op`` for ``num_tokens`` keys, on ``op``'s device and dtype. Built on the CPU under a
+    forked generator: its random initialisation is overwritten by the caller and must not move anyone's RNG."""
+    ref = next(op.parameters())
+    with torch.device("cpu"), torch.random.fork_rng(devices=[]):
+        new = KArAtOperator(op.num_heads, num_tokens, op.cfg)
+    return new.to(device=ref.device, dtype=ref.dtype)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Run time: a model built for one token layout evaluates another
+# ------------------------------------------------------------------------------------------------------------------
+# Layouts (and operator skeletons) kept per operator: multi-scale training and `mode='whole'` inference on images of
+# many sizes would otherwise grow the cache without bound. Recomputing an evicted entry costs one interpolation.
+RUNTIME_CACHE_SIZE = 16
+_CACHE_ATTR, _SKELETON_ATTR, _DONE_ATTR = RUNTIME_ATTRS  # plain attributes: never in state_dict() nor pickled
+
+
+def _lru_get(table: "OrderedDict[Hashable, object]", key: Hashable, make: Callable[[], object]) -> object:
+    if key in table:
+        table.move_to_end(key)
+        return table[key]
+    value = table[key] = make()
+    while len(table) > RUNTIME_CACHE_SIZE:
+        table.popitem(last=False)
+    return value
+
+
+def _skeleton(op: KArAtOperator, num_tokens: int) -> KArAtOperator:
+    """An operator for ``num_tokens`` keys without weights (its parameter slots empty): the attributes and buffers
+    (frequencies, knots, a Shannon window over the keys) exactly as :func:`resample_operator` would build them."""
+    ref = next(op.parameters())
+    table = op.__dict__.setdefault(_SKELETON_ATTR, OrderedDict())
+
+    def make() -> KArAtOperator:
+        new = _build_like(op, num_tokens).train(op.training)
+        for module in new.modules():
+            for name in module._parameters:
+                module._parameters[name] = None
+        return new
+
+    return _lru_get(table, (num_tokens, ref.device, ref.dtype), make)
+
+
+def _with_parameters(skeleton: nn.Module, tensors: Dict[str, torch.Tensor], prefix: str = "") -> nn.Module:
+    """A shallow copy of ``skeleton`` (buffers and attributes shared) whose parameter slots hold ``tensors``: plain
+    tensors, so gradients flow through them to whatever they were computed from."""
+    new = type(skeleton).__new__(type(skeleton))
+    new.__dict__.update(skeleton.__dict__)
+    new.__dict__["_parameters"] = {name: tensors[prefix + name] for name in skeleton._parameters}
+    new.__dict__["_modules"] = {name: _with_parameters(child, tensors, f"{prefix}{name}.")
+                                for name, child in skeleton._modules.items()}
+    return new
+
+
+def resampled_operator(op: KArAtOperator, src: TokenLayout, dst: TokenLayout) -> KArAtOperator:
+    """``op`` (stored for ``src``) as an operator for ``dst``: its parameters are :func:`resample_operator_state` of
+    ``op``'s, a differentiable function of them, so gradients reach the stored weights. Every evaluation path
+    (reference, efficient, the C++ and Triton kernels) reads its tensors from the operator it is given, so each
+    evaluates this one unchanged. Not cached: see :func:`operator_at`."""
+    _check_source(op, src)
+    tensors = resample_operator_state(dict(op.named_parameters()), op.key_axes(), src, dst)
+    return _with_parameters(_skeleton(op, dst.num_tokens), tensors)
+
+
+def _weights_key(op: KArAtOperator) -> Tuple:
+    """Changes whenever the weights may have: an optimizer step or ``load_state_dict`` (in-place: the version
+    counter), ``.to()`` / ``.data =`` (another storage), a swapped parameter (another object)."""
+    return tuple((id(p), p.data_ptr(), p._version, p.device, p.dtype) for p in op.parameters())
+
+
+def operator_at(op: KArAtOperator, src: TokenLayout, dst: TokenLayout) -> KArAtOperator:
+    """The operator to evaluate for ``dst`` keys, ``op`` being stored for ``src``: ``op`` itself when they are equal,
+    else :func:`resampled_operator`.
+
+    Where autograd would record nothing (``torch.no_grad``, inference, frozen KArAt weights) the result is cached on
+    ``op`` per layout, so a fixed non-native size pays the interpolation once, and an operator shared by all blocks
+    (universal) is resampled once per layout for all of them. The cache is dropped as soon as the weights change
+    (optimizer step, ``load_state_dict``, ``.to()``). While training, each call resamples, differentiably: a cached
+    tensor would carry a graph that the first backward frees."""
+    if src == dst:
+        return op
+    params = list(op.parameters())
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return resampled_operator(op, src, dst)
+    key = (torch.is_inference_mode_enabled(), _weights_key(op))
+    cache = op.__dict__.get(_CACHE_ATTR)
+    if cache is None or cache[0] != key:
+        cache = op.__dict__[_CACHE_ATTR] = (key, OrderedDict())
+
+    def make() -> KArAtOperator:
+        with torch.no_grad():
+            return resampled_operator(op, src, dst)
+
+    return _lru_get(cache[1], (src, dst), make)
+
+
+def _check_source(op: KArAtOperator, src: TokenLayout) -> None:
+    if src.num_tokens != op.num_tokens:
+        raise ValueError(f"Source layout {_describe(src)} does not match the operator, "
+                         f"built for {op.num_tokens} tokens.")
 
 
 LayoutFn = Callable[[str, KArAtOperator], TokenLayout]

@@ -4,8 +4,8 @@ Configs load the package, ``custom_imports = dict(imports=['mmseg_configs'], all
 whose ``__init__`` imports this module (``imports=['mmseg_configs.backbones']`` loads the same). The core
 ``karat`` package never imports OpenMMLab; this adapter does. This module registers the models only.
 
-* ``KArAtVisionTransformer``: mmseg's ``VisionTransformer`` (all its options) whose attentions evaluate
-  ``sigma(S) V`` with ``karat.KArAtCore``. Parameter names stay mmseg's (``layers.{i}.attn.attn.in_proj_weight``,
+* ``KArAtVisionTransformer``: mmseg's ``VisionTransformer`` (all its options, every input size) with
+  ``karat.KArAtCore`` evaluating ``sigma(S) V``. Parameter names stay mmseg's (``layers.{i}.attn.attn.in_proj_weight``,
   ``...out_proj``, ``ln1``, ``ffn``), so mmseg / timm ViT weights load; KArAt tensors live under
   ``layers.{i}.attn.karat.operator.*``.
 * ``KArAtSwinTransformer``: mmseg's ``SwinTransformer`` with KArAt in every window attention. The relative
@@ -33,7 +33,7 @@ from mmseg.models.backbones.swin import ShiftWindowMSA, SwinTransformer, WindowM
 from mmseg.models.backbones.vit import VisionTransformer
 from mmseg.registry import MODELS as SEG_MODELS
 
-from karat import KArAtConfig, KArAtCore, OperatorProvider
+from karat import KArAtConfig, KArAtCore, OperatorProvider, TokenLayout
 from karat.attention import OperatorFactory
 from karat.config import check_host_keywords, pop_config
 
@@ -68,16 +68,18 @@ class KArAtMultiheadAttention(MultiheadAttention):
     def __init__(self, embed_dims: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  dropout_layer: Optional[dict] = None, init_cfg: Optional[dict] = None, batch_first: bool = True,
                  *, karat_cfg: KArAtConfig, num_tokens: int, operator_factory: Optional[OperatorFactory] = None,
-                 **kwargs: Any) -> None:
+                 layout: Optional[TokenLayout] = None, **kwargs: Any) -> None:
         if not batch_first:
             raise ValueError("KArAtMultiheadAttention works on batch-first tokens (B, N, C); set batch_first=True.")
         super().__init__(embed_dims, num_heads, attn_drop, proj_drop, dropout_layer, init_cfg, batch_first, **kwargs)
-        self.karat = KArAtCore(num_heads, num_tokens, karat_cfg, operator_factory, attn_drop)
+        self.karat = KArAtCore(num_heads, num_tokens, karat_cfg, operator_factory, attn_drop, layout=layout)
 
     def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
                 identity: Optional[torch.Tensor] = None, query_pos: Optional[torch.Tensor] = None,
-                key_mask: Optional[torch.Tensor] = None, **unsupported: Any) -> torch.Tensor:
-        """Self-attention of ``query`` (B, N, C); ``key_mask`` bool broadcastable to (B, H, N, N), False = masked."""
+                key_mask: Optional[torch.Tensor] = None, layout: Optional[TokenLayout] = None,
+                **unsupported: Any) -> torch.Tensor:
+        """Self-attention of ``query`` (B, N, C); ``key_mask`` bool broadcastable to (B, H, N, N), False = masked;
+        ``layout``: the tokens' layout when it is not the one the model was built for."""
         if (key is not None and key is not query) or (value is not None and value is not query):
             raise ValueError("KArAtMultiheadAttention is self-attention only (its operator is indexed by the "
                              "query's own token positions); do not pass a different key/value.")
@@ -91,20 +93,21 @@ class KArAtMultiheadAttention(MultiheadAttention):
         h = self.num_heads
         qkv = F.linear(query, self.attn.in_proj_weight, self.attn.in_proj_bias)  # rows: q, k, v (torch's order)
         q, k, v = qkv.reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)
-        out = self.karat(q, k, v, key_mask=key_mask)
+        out = self.karat(q, k, v, key_mask=key_mask, layout=layout)
         out = self.attn.out_proj(out.transpose(1, 2).reshape(b, n, c))
         return identity + self.dropout_layer(self.proj_drop(out))
 
 
 @SEG_MODELS.register_module()
 class KArAtVisionTransformer(VisionTransformer):
-    """mmseg's ``VisionTransformer`` with KArAt attention in every layer.
+    """mmseg's ``VisionTransformer`` with KArAt attention in every layer; it takes every input size mmseg's does.
 
-    The operator is indexed by key position, so the model has a fixed token count: patches of ``img_size``
-    plus the class token when ``with_cls_token``. Inputs smaller than ``img_size`` (the last window of a
-    slide inference, a detector's padded batch) are padded to it and the padded keys masked out; the
-    outputs are cropped back. Larger inputs are refused with a pointer to slide inference, since the
-    run-time position-embedding interpolation of mmseg's ViT cannot apply to KArAt weights.
+    The operator is stored for the token layout of ``img_size`` (its patches plus the class token when
+    ``with_cls_token``). An input no larger than ``img_size`` (the last window of a slide inference, a detector's
+    padded batch) is padded to it and the padded keys masked out; the outputs are cropped back. A larger one (in
+    either direction: ``mode='whole'`` inference, multi-scale training) is padded to at least ``img_size`` the same
+    way, and its grid evaluated with the operators resampled to it at run time (spec section 6), as mmseg
+    interpolates the position embedding on every forward.
 
     Args:
         **kwargs: mmseg ``VisionTransformer`` options plus KArAt options (``KArAtConfig`` field names,
@@ -127,7 +130,8 @@ class KArAtVisionTransformer(VisionTransformer):
             new = KArAtMultiheadAttention(
                 old.embed_dims, old.num_heads, attn_drop=old.attn.dropout, proj_drop=old.proj_drop.p,
                 dropout_layer=None, batch_first=True, bias=old.attn.in_proj_bias is not None,
-                karat_cfg=cfg, num_tokens=self.num_tokens, operator_factory=provider)
+                karat_cfg=cfg, num_tokens=self.num_tokens, operator_factory=provider,
+                layout=TokenLayout(int(self.with_cls_token), self.grid))
             new.dropout_layer = old.dropout_layer
             layer.attn = new
         self.load_report: Optional[convert.LoadReport] = None
@@ -151,22 +155,18 @@ class KArAtVisionTransformer(VisionTransformer):
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, inputs: torch.Tensor) -> Tuple[Any, ...]:
         b, _, h, w = inputs.shape
-        H, W = self.img_size
-        if h > H or w > W:
-            raise ValueError(
-                f"{type(self).__name__} was built for img_size={tuple(self.img_size)} ({self.num_tokens} tokens) "
-                f"but got a {h}x{w} input. KArAt weights are tied to the token count: use slide inference "
-                f"(test_cfg=dict(mode='slide', crop_size={tuple(self.img_size)}, stride=...)) or build the model "
-                f"with a larger img_size and resample the checkpoint (tools/convert_to_mmseg.py --img-size).")
+        H, W = max(h, self.img_size[0]), max(w, self.img_size[1])  # never below the built size: padded and masked
         if (h, w) != (H, W):
             inputs = F.pad(inputs, (0, W - w, 0, H - h))
         ph, pw = to_2tuple(self.patch_size)
         valid = (math.ceil(h / ph), math.ceil(w / pw))
-        key_mask = None if valid == self.grid else self._padding_key_mask(valid, inputs.device)
 
-        x, hw_shape = self.patch_embed(inputs)
+        x, hw_shape = self.patch_embed(inputs)  # mmseg pads to whole patches
+        grid = tuple(hw_shape)
+        key_mask = None if valid == grid else self._padding_key_mask(grid, valid, inputs.device)
+        layout = TokenLayout(int(self.with_cls_token), grid)  # the built one, or the operators are resampled to it
         x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1)
-        x = self._pos_embeding(x, hw_shape, self.pos_embed)
+        x = self._pos_embeding(x, hw_shape, self.pos_embed)  # mmseg interpolates it to the grid
         if not self.with_cls_token:
             x = x[:, 1:]
         if self.pre_norm:
@@ -174,36 +174,37 @@ class KArAtVisionTransformer(VisionTransformer):
 
         outs: List[Any] = []
         if self.out_origin:
-            outs.append(self._feature_map(x, valid))
+            outs.append(self._feature_map(x, grid, valid))
         for i, layer in enumerate(self.layers):
-            x = self._run_layer(layer, x, key_mask)
+            x = self._run_layer(layer, x, key_mask, layout)
             if i == len(self.layers) - 1 and self.final_norm:
                 x = self.norm1(x)
             if i in self.out_indices:
-                outs.append(self._feature_map(x, valid))
+                outs.append(self._feature_map(x, grid, valid))
         return tuple(outs)
 
-    def _padding_key_mask(self, valid: Tuple[int, int], device: torch.device) -> torch.Tensor:
-        grid = torch.zeros(self.grid, dtype=torch.bool, device=device)
-        grid[: valid[0], : valid[1]] = True
-        keep = grid.flatten()
+    def _padding_key_mask(self, grid: Tuple[int, int], valid: Tuple[int, int], device: torch.device) -> torch.Tensor:
+        keep = torch.zeros(grid, dtype=torch.bool, device=device)
+        keep[: valid[0], : valid[1]] = True
+        keep = keep.flatten()
         if self.with_cls_token:
             keep = torch.cat([keep.new_ones(1), keep])
         return keep.view(1, 1, 1, -1)
 
-    def _run_layer(self, layer: nn.Module, x: torch.Tensor, key_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _run_layer(self, layer: nn.Module, x: torch.Tensor, key_mask: Optional[torch.Tensor],
+                   layout: Optional[TokenLayout] = None) -> torch.Tensor:
         def inner(x: torch.Tensor) -> torch.Tensor:
-            x = layer.attn(layer.norm1(x), identity=x, key_mask=key_mask)
+            x = layer.attn(layer.norm1(x), identity=x, key_mask=key_mask, layout=layout)
             return layer.ffn(layer.norm2(x), identity=x)
 
         if layer.with_cp and x.requires_grad:
             return cp.checkpoint(inner, x, use_reentrant=False)
         return inner(x)
 
-    def _feature_map(self, x: torch.Tensor, valid: Tuple[int, int]) -> Any:
+    def _feature_map(self, x: torch.Tensor, grid: Tuple[int, int], valid: Tuple[int, int]) -> Any:
         tokens = x[:, 1:] if self.with_cls_token else x
         b, _, c = tokens.shape
-        out = tokens.reshape(b, *self.grid, c)[:, : valid[0], : valid[1]].permute(0, 3, 1, 2).contiguous()
+        out = tokens.reshape(b, *grid, c)[:, : valid[0], : valid[1]].permute(0, 3, 1, 2).contiguous()
         return [out, x[:, 0]] if self.output_cls_token else out
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -47,9 +47,11 @@ def _scene(rng: np.random.Generator, size: Tuple[int, int]) -> Tuple[np.ndarray,
 
 
 def make_embedded_ade20k(root: Union[str, Path], num_train: int = 32, num_val: int = 8,
-                         size: Tuple[int, int] = (16, 16), seed: int = 0) -> Path:
+                         size: Tuple[int, int] = (16, 16), seed: int = 0,
+                         val_sizes: Optional[Sequence[Tuple[int, int]]] = None) -> Path:
     """Write the dataset under ``root`` (once: an existing complete copy is reused, never overwritten) and
-    return its ``data_root`` (``root/ADEChallengeData2016``)."""
+    return its ``data_root`` (``root/ADEChallengeData2016``). ``val_sizes``: validation images take these sizes in
+    turn (as ADE20K's own differ from image to image), else ``size``."""
     from PIL import Image
 
     data_root = Path(root) / ROOT_NAME
@@ -68,7 +70,7 @@ def make_embedded_ade20k(root: Union[str, Path], num_train: int = 32, num_val: i
         (tmp / "annotations" / split).mkdir(parents=True, exist_ok=True)
         prefix = "ADE_train" if split == "training" else "ADE_val"
         for i in range(counts[split]):
-            img, label = _scene(rng, size)
+            img, label = _scene(rng, val_sizes[i % len(val_sizes)] if val_sizes and split == "validation" else size)
             stem = f"{prefix}_{i:08d}"
             Image.fromarray(img).save(tmp / "images" / split / f"{stem}.jpg", quality=95)
             Image.fromarray(label).save(tmp / "annotations" / split / f"{stem}.png")
@@ -114,12 +116,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("num_train", type=int, nargs="?", default=32, help="training images (default 32)")
     p.add_argument("num_val", type=int, nargs="?", default=8, help="validation images (default 8)")
     p.add_argument("--size", type=int, nargs=2, default=(16, 16), metavar=("H", "W"), help="image size (16 16)")
+    p.add_argument("--val-sizes", type=int, nargs="+", default=None, metavar="H W",
+                   help="validation image sizes in turn, as H W pairs (e.g. 20 28 24 16): images of several sizes")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    if a.val_sizes and len(a.val_sizes) % 2:
+        p.error("--val-sizes takes H W pairs")
     if a.num_train < 1 or a.num_val < 1:
         p.error("num_train and num_val must be at least 1")
     try:
-        print(make_embedded_ade20k(a.root, a.num_train, a.num_val, size=tuple(a.size), seed=a.seed))
+        val_sizes = list(zip(a.val_sizes[::2], a.val_sizes[1::2])) if a.val_sizes else None
+        print(make_embedded_ade20k(a.root, a.num_train, a.num_val, size=tuple(a.size), seed=a.seed,
+                                   val_sizes=val_sizes))
     except (FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -122,10 +122,36 @@ def test_universal_shares_one_operator_per_token_count():
     assert net.blocks[0].attn.karat.operator is net.blocks[1].attn.karat.operator
 
 
-def test_wrong_input_size_is_a_clear_error():
-    net = KArAtViT(**SMALL).eval()
-    with pytest.raises(ValueError, match="square_pad"):
-        net(torch.randn(1, 3, 40, 32))
+@pytest.mark.parametrize("size", [(320, 320), (192, 256), (256, 384)], ids=["larger", "smaller", "non-square"])
+def test_global_blocks_take_any_grid(size):
+    """Built for 256 px (a 16 x 16 global grid), the backbone takes other sizes without square padding: windowed
+    blocks keep their 4 x 4 windows (the map padded to whole windows as before), the global block's operator is
+    resampled to the map's grid, and gradients reach its stored weights."""
+    torch.manual_seed(0)
+    net = KArAtViT(**{**SMALL, "img_size": 256, "patch_size": 16, "window_size": 4, "pretrain_img_size": 256})
+    out = net(torch.randn(1, 3, *size))["last_feat"]
+    assert out.shape == (1, 24, size[0] // 16, size[1] // 16)
+    out.square().mean().backward()
+    glob = net.blocks[2].attn.karat
+    assert glob.operator.num_tokens == 256 and glob.operator.weight.grad.abs().sum() > 0
+    assert net.blocks[0].attn.karat.operator.num_tokens == 16
+
+
+def test_global_attention_at_another_grid_is_the_converted_one():
+    from karat import TokenLayout
+    from karat.resample import resample_operator_state
+
+    cfg = KArAtConfig(grid=2, hidden_dim=4)
+    built = KArAtViTAttention(16, 2, input_size=(4, 4), karat_cfg=cfg).double().eval()
+    other = KArAtViTAttention(16, 2, input_size=(5, 6), karat_cfg=cfg).double().eval()
+    state = built.state_dict()
+    op = built.karat.operator
+    moved = resample_operator_state(op.state_dict(), op.key_axes(), TokenLayout(0, (4, 4)), TokenLayout(0, (5, 6)))
+    state.update({f"karat.operator.{k}": v for k, v in moved.items()})
+    other.load_state_dict(state)
+    x = torch.randn(2, 5, 6, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(built(x), other(x))
 
 
 def test_bad_karat_options_are_clear_errors():

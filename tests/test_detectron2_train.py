@@ -93,3 +93,28 @@ def test_launcher_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="KArAt shapes dataset is not at"):
         lazyconfig_train(["--config-file", CONFIG, *SMALL, f"train.output_dir={tmp_path / 'x'}",
                "dataloader.train.dataset.names=karat_shapes_gone_train"])
+
+
+@pytest.mark.slow
+def test_eval_only_at_another_test_size(tmp_path, shapes, monkeypatch):
+    """detectron2's own evaluation (the launcher's --eval-only: DetectionCheckpointer, COCOEvaluator) of the shapes
+    config at 40 px without square padding: the global blocks, built for 32 px (16 x 16 tokens), see 20 x 20."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import LazyConfig, instantiate
+
+    from detectron2_plugin import backbone
+    from detectron2_plugin.data import register_shapes
+
+    register_shapes(shapes)
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(str(ROOT / CONFIG)), SMALL)
+    DetectionCheckpointer(instantiate(cfg.model), save_dir=str(tmp_path)).save("init")
+    grids = set()
+    real = backbone.KArAtViTAttention.forward
+    monkeypatch.setattr(backbone.KArAtViTAttention, "forward",
+                        lambda self, x, key_mask=None: grids.add(tuple(x.shape[1:3])) or real(self, x, key_mask))
+    size = ["model.backbone.square_pad=0", "dataloader.test.mapper.augmentations.0.short_edge_length=40",
+            "dataloader.test.mapper.augmentations.0.max_size=40"]
+    lazyconfig_train(["--config-file", CONFIG, "--eval-only", *SMALL, *size, f"train.output_dir={tmp_path / 'eval'}",
+                      f"train.init_checkpoint={tmp_path / 'init.pth'}"])
+    assert set(json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())) >= {"bbox", "segm"}
+    assert grids == {(4, 4), (20, 20)}  # the windows as built, the global block at the test size

@@ -86,8 +86,51 @@ def test_vit_keeps_mmseg_names_and_pads_small_inputs(adapter):
     assert [o.shape for o in out] == [torch.Size([2, 48, 4, 4])] * 2
     small = model(torch.randn(2, 3, 20, 27))  # padded to 32 x 32, padded keys masked, outputs cropped
     assert [o.shape for o in small] == [torch.Size([2, 48, 3, 4])] * 2
-    with pytest.raises(ValueError, match="slide inference"):
-        model(torch.randn(1, 3, 40, 32))
+
+
+@pytest.mark.parametrize("size,grid,resampled", [((256, 256), (16, 16), True), ((112, 224), (7, 14), False),
+                                                  ((112, 320), (7, 20), True)], ids=["larger", "smaller", "mixed"])
+def test_vit_takes_every_input_size(adapter, monkeypatch, size, grid, resampled):
+    """Built for 224 px: a smaller input is padded and masked as before (the stored operators, untouched); a
+    larger one in any direction is padded to at least 224 px and evaluated with the operators resampled to its
+    grid, once per layer and size outside training; training there reaches the stored weights."""
+    import karat.resample as resample_mod
+
+    model = small_vit(adapter, img_size=(224, 224), patch_size=16, embed_dims=24, num_heads=2)
+    calls = []
+    real = resample_mod.resample_operator_state
+    monkeypatch.setattr(resample_mod, "resample_operator_state", lambda *a: calls.append(a[3]) or real(*a))
+    model.eval()
+    with torch.no_grad():
+        outs = [model(torch.randn(1, 3, *size)) for _ in range(2)]
+    assert [o.shape[-2:] for o in outs[0]] == [grid] * 2
+    assert len(calls) == (2 if resampled else 0)  # two layers (blockwise), the second forward from the cache
+    model.train()
+    model(torch.randn(2, 3, *size))[-1].square().mean().backward()
+    grad = model.layers[0].attn.karat.operator.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_vit_whole_inference_in_an_encoder_decoder(adapter):
+    """mmseg's own EncoderDecoder with test_cfg mode='whole' on images larger than img_size, not square."""
+    from mmengine.config import ConfigDict
+    from mmengine.registry import DefaultScope
+    from mmseg.registry import MODELS
+    from mmseg.structures import SegDataSample
+
+    backbone = dict(type="KArAtVisionTransformer", img_size=(32, 32), patch_size=8, embed_dims=24, num_layers=2,
+                    num_heads=2, out_indices=(1,), **KARAT_OPTS)
+    head = dict(type="FCNHead", in_channels=24, channels=8, num_convs=1, num_classes=3, in_index=0,
+                norm_cfg=dict(type="BN"), align_corners=False, loss_decode=dict(type="CrossEntropyLoss"))
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        model = MODELS.build(dict(type="EncoderDecoder", backbone=backbone, decode_head=head,
+                                  data_preprocessor=dict(type="SegDataPreProcessor", mean=[0.0] * 3, std=[1.0] * 3),
+                                  test_cfg=ConfigDict(mode="whole"))).eval()
+    for h, w in ((40, 56), (64, 36)):
+        meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w), padding_size=[0, 0, 0, 0])
+        with torch.no_grad():
+            pred = model.predict(torch.randn(1, 3, h, w), [SegDataSample(metainfo=meta)])
+        assert pred[0].pred_sem_seg.data.shape == (1, h, w)
 
 
 # (img_size, input size): a 4 x 4 grid with 3 x 3 valid patches (16 keys, sigma(S) materialised), a 6 x 6 grid
@@ -105,7 +148,7 @@ def test_vit_padding_masks_padded_keys(adapter, size):
     x = torch.randn(1, 3, inp, inp)
     with cpu_kernel_calls() as calls:
         base = model(x)[-1]
-        mask = model._padding_key_mask((valid, valid), x.device)
+        mask = model._padding_key_mask((grid, grid), (valid, valid), x.device)
         assert mask.sum() == valid ** 2 and mask.shape[-1] == grid ** 2
         # the same image embedded in a full-size input with garbage around it, but the garbage keys masked
         big = torch.randn(1, 3, img, img)
@@ -131,7 +174,7 @@ def test_vit_padding_mask_on_the_cpu_kernel_matches_the_reference(adapter):
         return small_vit(adapter, img_size=(48, 48), impl=impl)
 
     def run(model):
-        assert model._padding_key_mask((5, 5), x.device).sum() == 26  # the class token and 25 patches kept
+        assert model._padding_key_mask((6, 6), (5, 5), x.device).sum() == 26  # the class token and 25 patches kept
         return torch.cat([o.flatten() for o in model(x)])
 
     assert_kernel_path_matches_reference(build, run)

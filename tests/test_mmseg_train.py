@@ -113,3 +113,41 @@ def test_embedded_data_is_deterministic_and_read_by_ade20k(tmp_path):
     assert sample["img"].shape == (16, 16, 3) and sample["gt_seg_map"][0, 0] == 255  # 0 -> ignore (255)
     with pytest.raises(FileExistsError):
         make_embedded_ade20k(tmp_path / "a", num_train=5, num_val=2)
+
+
+@pytest.mark.slow
+def test_test_tool_whole_inference_on_images_of_several_sizes(tmp_path):
+    """mmseg's tools/test.py, mode='whole', on validation images of different, non-square sizes, larger than the
+    model's 16 x 16 img_size in either direction: every one evaluated whole at its own size."""
+    import argparse
+
+    import numpy as np
+    import torch
+    from mmengine.config import Config, DictAction
+    from mmengine.registry import DefaultScope
+    from PIL import Image
+
+    import mmseg_configs  # noqa: F401  registers the backbones
+    from mmseg.registry import MODELS
+    from mmseg_configs.data import make_embedded_ade20k
+
+    test = _tool("test.py")
+    sizes = [(20, 28), (24, 16), (12, 36)]
+    data_root = make_embedded_ade20k(tmp_path / "data", num_train=1, num_val=3, val_sizes=sizes)
+    options = _options(data_root, 1) + ["test_dataloader.batch_size=1"]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction)
+    cfg = Config.fromfile(str(CONFIG))
+    cfg.merge_from_dict(parser.parse_args(options).cfg_options)
+    assert cfg.model.test_cfg.mode == "whole"
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        model = MODELS.build(cfg.model)
+    torch.save({"state_dict": model.state_dict(), "meta": {}}, tmp_path / "model.pth")
+    out = tmp_path / "pred"
+    r = _run([test, CONFIG, tmp_path / "model.pth", "--work-dir", tmp_path / "test", "--out", out, *options],
+             cwd=tmp_path)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-4000:]
+    assert re.search(r"Iter\(test\).*mIoU: [\d.]+", log), log[-2000:]
+    preds = sorted(out.glob("*.png"))
+    assert [np.array(Image.open(p)).shape for p in preds] == sizes

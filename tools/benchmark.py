@@ -8,6 +8,7 @@ untimed step). Prints a markdown table with ratios to softmax and writes JSON.
 
   python tools/benchmark.py --level attention --tokens 197 --model tiny --batch 8
   python tools/benchmark.py --level model --model tiny small base --batch 32 --device cuda
+  python tools/benchmark.py --level size --model tiny --img-size 256   # run-time resampling vs built for 256 px
 """
 from __future__ import annotations
 
@@ -278,8 +279,11 @@ def table(results: List[Dict[str, Any]]) -> str:
 def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", help=argparse.SUPPRESS)
-    p.add_argument("--level", choices=("attention", "model", "host"), default="attention",
-                   help="one attention layer, a whole ViT training step, or a host's own model (--model vitdet swin)")
+    p.add_argument("--level", choices=("attention", "model", "host", "size"), default="attention",
+                   help="one attention layer, a whole ViT training step, a host's own model (--model vitdet swin), "
+                        "or a ViT at --img-size px with its operators resampled at run time vs built for that size")
+    p.add_argument("--img-size", type=int, default=256, help="--level size: the input size (the model is built "
+                                                             "for 224 px)")
     p.add_argument("--model", nargs="+", default=["tiny"], choices=sorted(SIZES) + sorted(HOSTS))
     p.add_argument("--tokens", nargs="+", type=int, default=[197])
     p.add_argument("--batch", type=int, default=8)
@@ -303,6 +307,13 @@ def main(argv: List[str] | None = None) -> int:
         return 0
     if args.json and args.json.exists():
         sys.exit(f"error: {args.json} exists; choose another --json path")
+    if args.level == "size":
+        result = size_cost(args.model[0], args.img_size, args.batch, args.device, args.repeat, args.rounds)
+        print(size_table(result))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(dict(meta=environment(args.device), **result), indent=1))
+        return 0
     impls = args.impl or [i for i in IMPLS if i != "auto" and (i != "fused" or args.device.startswith("cuda"))]
     cases = make_cases(args.level, args.model, args.tokens, args.batch, impls, args.grid, args.device, args.repeat,
                        args.warmup, args.profile, args.compile)
@@ -350,6 +361,78 @@ def run_rounds(cases: List[Dict[str, Any]], rounds: int, in_process: bool = Fals
                   + (f"{1000 * r['seconds']:9.1f} ms  {r['peak_mb']:9.1f} MB" if "error" not in r
                      else f"error: {r['error']}"), flush=True)
     return [best[i] for i in range(len(cases))]
+
+
+def size_cost(model: str, img: int, batch: int, device: str, repeat: int, rounds: int,
+              native_img: int = 224) -> Dict[str, Any]:
+    """What run-time resampling costs (spec section 6): a KArAt ViT built for ``native_img`` px with
+    ``dynamic_img_size=True`` given ``img`` px, against the same model built for ``img`` px. First forward (the
+    operators resampled, then cached), later forwards (``torch.no_grad``, eval: from the cache) and training steps
+    (resampled on every call, differentiably), best of ``repeat`` per round, rounds interleaved."""
+    import torch
+    import timm
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    name = f"vit_{model}_patch16_224_karat"
+    kw = dict(num_classes=1000, basis_type="FourierBasis", grid=GRID[model], hidden_dim=12, blockwise=True)
+    models = {"built for the size": timm.create_model(name, img_size=img, **kw).to(dev),
+              "resampled at run time": timm.create_model(name, img_size=native_img, dynamic_img_size=True,
+                                                         **kw).to(dev)}
+    x = torch.randn(batch, 3, img, img, device=dev)
+    y = torch.randint(0, 1000, (batch,), device=dev)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(fn) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    def forward(m):
+        with torch.no_grad():
+            m(x)
+
+    def train_step(m, opt):
+        loss = torch.nn.functional.cross_entropy(m(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    forward(timm.create_model(name, img_size=img, **kw).to(dev).eval())  # kernels loaded before any timing
+    out: Dict[str, Dict[str, float]] = {}
+    for key, m in models.items():
+        m.eval()
+        out[key] = dict(first_forward=timed(lambda: forward(m)), forward=float("inf"), train_step=float("inf"))
+    opts = {key: torch.optim.AdamW(m.parameters(), lr=1e-5) for key, m in models.items()}
+    for _ in range(rounds):
+        for key, m in models.items():
+            m.eval()
+            out[key]["forward"] = min([out[key]["forward"]] + [timed(lambda: forward(m)) for _ in range(repeat)])
+            m.train()
+            train_step(m, opts[key])  # warm: the optimizer state exists
+            out[key]["train_step"] = min([out[key]["train_step"]]
+                                         + [timed(lambda: train_step(m, opts[key])) for _ in range(repeat)])
+    native, runtime = out["built for the size"], out["resampled at run time"]
+    return dict(model=model, img=img, native_img=native_img, batch=batch, device=device, results=out,
+                forward_ratio=runtime["forward"] / native["forward"],
+                train_ratio=runtime["train_step"] / native["train_step"])
+
+
+def size_table(r: Dict[str, Any]) -> str:
+    head = (f"| ViT-{r['model'].capitalize()} at {r['img']} px, batch {r['batch']} | first forward (ms) | forward (ms) "
+            f"| forward / built | train step (ms) | step / built |")
+    lines = [head, "|---|---|---|---|---|---|"]
+    native = r["results"]["built for the size"]
+    for key, v in r["results"].items():
+        lines.append(f"| {key} | {1000 * v['first_forward']:.1f} | {1000 * v['forward']:.1f} | "
+                     f"{v['forward'] / native['forward']:.3f}x | {1000 * v['train_step']:.1f} | "
+                     f"{v['train_step'] / native['train_step']:.3f}x |")
+    return "\n".join(lines)
 
 
 def print_profiles(results: List[Dict[str, Any]]) -> None:

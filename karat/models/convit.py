@@ -83,6 +83,10 @@ def karatize_convit(model: nn.Module, cfg: KArAtConfig) -> nn.Module:
 
 def _create_convit_karat(variant: str, pretrained: bool = False, **kwargs: Any) -> ConVit:
     cfg = pop_config(kwargs)
+    if kwargs.get("dynamic_img_size") or kwargs.get("dynamic_img_pad"):
+        raise ValueError("ConViT is built for one input size, in timm as here (its patch embedding checks the size "
+                         "and GPSA's positional scores are tied to the patch grid): build it with img_size=... for "
+                         "the size you use. The KArAt ViT takes dynamic_img_size=True.")
     return karatize_convit(_create_convit(variant, pretrained=pretrained, **kwargs), cfg)
 
 

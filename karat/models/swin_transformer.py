@@ -29,7 +29,8 @@ class KArAtWindowAttention(WindowAttention):
     def __init__(self, *args: Any, karat_cfg: KArAtConfig, operator_factory: Optional[OperatorFactory] = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.karat = KArAtCore(self.num_heads, self.window_area, karat_cfg, operator_factory, self.attn_drop.p)
+        self.karat = KArAtCore(self.num_heads, self.window_area, karat_cfg, operator_factory, self.attn_drop.p,
+                               layout=TokenLayout(0, tuple(self.window_size)))
 
     def set_window_size(self, window_size) -> None:
         """timm's in-place window change (``SwinTransformer.set_input_size``): timm resizes the bias table, and the

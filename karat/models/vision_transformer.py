@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Tuple
 
 import torch
+import torch.nn as nn
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-from timm.layers import to_2tuple
+from timm.layers import register_notrace_module, to_2tuple
 
-from ..attention import KArAtAttention, is_karat_key  # noqa: F401  (re-exported by karat.models)
+from ..attention import InputLayout, KArAtAttention, is_karat_key  # noqa: F401  (re-exported by karat.models)
 from ..config import pop_config
 from ..operator import OperatorProvider
 from ..params import drop_unused_base_weights
@@ -29,14 +30,9 @@ from ..transfer import check_architecture, check_state
 
 _logger = logging.getLogger(__name__)
 
-def vit_num_tokens(img_size: Any = 224, patch_size: Any = 16, class_token: bool = True, reg_tokens: int = 0,
-                   no_embed_class: bool = False, **_: Any) -> int:
-    """Tokens a timm ViT attention sees: patches plus prefix (class, register) tokens."""
-    h, w = to_2tuple(img_size)
-    ph, pw = to_2tuple(patch_size)
-    if h % ph or w % pw:
-        raise ValueError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
-    return (h // ph) * (w // pw) + int(class_token) + reg_tokens
+def vit_num_tokens(**kwargs: Any) -> int:
+    """Tokens a timm ViT attention sees at its built size: patches plus prefix (class, register) tokens."""
+    return vit_layout(**kwargs).num_tokens
 
 
 # What a user whose checkpoint does not fit should do (ends every error of the check).
@@ -63,19 +59,70 @@ def karat_vit_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTransf
     return out
 
 
+def vit_layout(img_size: Any = 224, patch_size: Any = 16, class_token: bool = True, reg_tokens: int = 0,
+               dynamic_img_pad: bool = False, **_: Any) -> TokenLayout:
+    """The token layout a timm ViT built with these arguments embeds: prefix (class, register) tokens + the grid."""
+    h, w = to_2tuple(img_size)
+    ph, pw = to_2tuple(patch_size)
+    if (h % ph or w % pw) and not dynamic_img_pad:  # with dynamic_img_pad, timm's grid is the whole patches
+        raise ValueError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
+    return TokenLayout(int(class_token) + reg_tokens, (h // ph, w // pw))
+
+
+@register_notrace_module  # fx: reads shapes and sets state, as a leaf call on the data path
+class NoteLayout(nn.Module):
+    """Tells the model's attentions the token layout of the current input (``InputLayout``), from the patch grid
+    (NHWC when ``dynamic_img_size``) and the tokens after the prefix tokens joined; returns the tokens."""
+
+    def __init__(self, input_layout: InputLayout, grid_size: Tuple[int, int]) -> None:
+        super().__init__()
+        self.input_layout, self.grid_size = input_layout, tuple(grid_size)
+
+    def forward(self, patches: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        grid = tuple(patches.shape[1:3]) if patches.ndim == 4 else self.grid_size
+        self.input_layout.layout = TokenLayout(tokens.shape[1] - grid[0] * grid[1], grid)
+        return tokens
+
+
+class KArAtVisionTransformer(VisionTransformer):
+    """timm's ``VisionTransformer`` whose attentions learn each input's token layout from the model, so that
+    ``dynamic_img_size=True`` and ``set_input_size`` work as in timm: at another grid the KArAt operators are
+    evaluated resampled to it (spec section 6), the way timm interpolates the position embedding."""
+
+    def __init__(self, *args: Any, input_layout: InputLayout, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.input_layout = input_layout
+        self.note_layout = NoteLayout(input_layout, self.patch_embed.grid_size)
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.note_layout(x, super()._pos_embed(x))
+
+    def set_input_size(self, img_size: Any = None, patch_size: Any = None) -> None:
+        """timm's in-place change of input (and patch) size; the KArAt operators are resampled in place to the
+        new grid with ``karat.resample``, as timm resamples the position embedding (and our Swin its windows)."""
+        old = tuple(self.patch_embed.grid_size)
+        super().set_input_size(img_size=img_size, patch_size=patch_size)
+        new = tuple(self.patch_embed.grid_size)
+        self.input_layout.layout, self.note_layout.grid_size = None, new
+        if new == old:
+            return
+        for block in self.blocks:
+            core = block.attn.karat
+            core.resample_(core.layout, TokenLayout(core.layout.prefix, new))
+
+
 def _create_vit_karat(variant: str, pretrained: bool = False, karat_defaults: Mapping[str, Any] | None = None,
                       **kwargs: Any) -> VisionTransformer:
     cfg = pop_config(kwargs, karat_defaults)
-    if kwargs.get("dynamic_img_size"):
-        raise ValueError("dynamic_img_size=True is not supported by KArAt: its operator weights are indexed by "
-                         "token position, so the token count is fixed; create the model with img_size=...")
     if "attn_layer" in kwargs:
         raise ValueError("attn_layer is set by the KArAt model; use a plain timm ViT for another attention")
-    num_tokens = vit_num_tokens(**kwargs)
+    layout = vit_layout(**kwargs)
     out_indices = kwargs.pop("out_indices", 3)
-    attn_layer = KArAtAttention.bind(cfg, num_tokens, OperatorProvider(cfg))
+    input_layout = InputLayout()
+    attn_layer = KArAtAttention.bind(cfg, layout.num_tokens, OperatorProvider(cfg), layout, input_layout)
     model = build_model_with_cfg(
-        VisionTransformer, variant, pretrained,
+        KArAtVisionTransformer, variant, pretrained,
+        input_layout=input_layout,
         pretrained_filter_fn=karat_vit_filter_fn,
         pretrained_strict=False,  # KArAt tensors are new; karat_vit_filter_fn checks the rest
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
