@@ -4,8 +4,8 @@ The masks are checked at the small sizes, where ``impl="auto"`` materialises sig
 import pytest
 import torch
 
-from conftest import require
-from kernel_calls import assert_kernel_path_matches_reference, cpu_kernel_calls, require_cpu_kernel
+from conftest import require, require_cpu_kernel
+from kernel_calls import assert_kernel_path_matches_reference, cpu_kernel_calls
 
 require("detectron2")
 from detectron2.modeling.backbone.utils import add_decomposed_rel_pos, window_partition  # noqa: E402

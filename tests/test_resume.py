@@ -18,10 +18,11 @@ import torch
 from classification import main as cls_main
 from classification.args import get_args_parser
 from classification.resume import ResumeError, restore_rng_states, restore_scaler, rng_state
+from conftest import require_cpu_kernel
 from ddp_driver import parse_reports
 from karat import load_checkpoint
 from karat.kernels import fused_cpu
-from kernel_calls import CPU_KERNEL_MIN_TOKENS, cpu_kernel_calls, require_cpu_kernel
+from kernel_calls import CPU_KERNEL_MIN_TOKENS, cpu_kernel_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 # The cheapest real run: scikit-learn's digits, a 2-block 32-wide KArAt ViT on 2 x 2 patches, 4 steps an epoch.

@@ -1,10 +1,10 @@
 """timm's own model test-suite passes for the KArAt models.
 
-timm's ``tests/test_models.py`` ships in the source distribution of the installed timm version. It is fetched with
-pip (``pip download --no-deps --no-binary :all: timm==<version>``) into ``~/.cache/karat/timm-sdist`` (or
-``$KARAT_TIMM_SDIST_CACHE``), reused when present, and never copied into this repository. pytest runs it in a
-subprocess with ``-p karat``: importing karat as a plugin registers our models before timm's test module enumerates
-``list_models()`` at collection time.
+timm's ``tests/test_models.py`` ships in the source distribution of the installed timm version. The environment
+build fetches it (``python -m tools.timm_sdist``, pip) into ``~/.cache/karat/timm-sdist`` (``KARAT_CACHE``
+overrides); it is never copied into this repository, and this test reads it from the cache without a network.
+pytest runs it in a subprocess with ``-p karat``: importing karat as a plugin registers our models before timm's
+test module enumerates ``list_models()`` at collection time.
 
 CI selects the Tiny model of each family (ViT, Swin, ConViT: every code path, ~1 CPU-minute); set
 ``KARAT_TIMM_SUITE=all`` for all nine models (ViT/Swin/ConViT-Ti/S/B, ~6 CPU-minutes).
@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tarfile
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Dict, List
@@ -24,34 +22,20 @@ import pytest
 import timm
 
 import karat  # noqa: F401  registers the KArAt models
-from conftest import IN_CI
+from conftest import missing_dependency
+from tools import timm_sdist
 
 ROOT = Path(__file__).resolve().parents[1]
 SELECTION = "karat and not pretrained and not torchscript"
 
 
 def sdist_tests(version: str) -> Path:
-    """The extracted ``timm-<version>/`` folder holding ``tests/`` and timm's pytest config (fetched once)."""
-    cache = Path(os.environ.get("KARAT_TIMM_SDIST_CACHE", Path.home() / ".cache" / "karat" / "timm-sdist"))
-    root = cache / f"timm-{version}"
-    if (root / "tests" / "test_models.py").is_file():
-        return root
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", f"timm=={version}",
-               "-d", tmp, "--disable-pip-version-check", "-q"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        archives = list(Path(tmp).glob(f"timm-{version}.tar.gz"))
-        if proc.returncode or not archives:
-            message = f"could not download timm {version}'s source distribution: {proc.stderr[-1500:]}"
-            if IN_CI:
-                pytest.fail(message)
-            pytest.skip(message)
-        with tarfile.open(archives[0]) as tar:
-            wanted = [m for m in tar.getmembers()
-                      if m.name.startswith(f"timm-{version}/tests/") or m.name == f"timm-{version}/pyproject.toml"]
-            tar.extractall(tmp, members=wanted, filter="data")
-        os.replace(Path(tmp) / f"timm-{version}", root)  # atomic: a half-extracted folder is never reused
+    """timm's ``tests/`` from the cache that the environment build fills (``python -m tools.timm_sdist``): the test
+    itself never downloads."""
+    root = timm_sdist.cached(version)
+    if root is None:
+        missing_dependency(f"timm {version}'s test suite is not in {timm_sdist.cache_dir()}: `make env` fetches it "
+                           f"(or run `python -m tools.timm_sdist`)")
     return root
 
 

@@ -91,7 +91,10 @@ print(f"extracted {len(members)} files of {os.path.basename(wheel)} into {site}"
 PYEOF
 fi
 
-# 6. Final check: everything the product imports.
+# 6. timm's own test suite (tests/ of timm's sdist) for tests/test_timm_suite.py, which never downloads.
+"$PY" -m tools.timm_sdist || log "warning: could not fetch timm's test suite; tests/test_timm_suite.py will say so"
+
+# 7. Final check: everything the product imports.
 "$PY" - <<'PYEOF'
 import torch, torchvision, timm, einops, fvcore, mmengine, mmcv, mmseg, mmdet, detectron2
 from mmcv import _ext  # noqa: F401  compiled ops
