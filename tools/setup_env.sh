@@ -66,7 +66,7 @@ fi
 
 # 4. The project with every extra (timm, fvcore, einops, mmengine, mmseg, mmdet, detectron2's needs).
 log "installing karat (editable) with its extras"
-"${PIP[@]}" --no-build-isolation -e "$ROOT[detection,segmentation,demo,dev]"
+"${PIP[@]}" --no-build-isolation -e "$ROOT[detection,segmentation,demo,dev,export]"
 
 # 5. detectron2: keep an importable one (e.g. built from source by the user); otherwise take the
 #    pure-Python package out of the sal-detectron2 0.7.2 wheel (detectron2 with ViTDet), leaving
