@@ -95,7 +95,8 @@ def _offline(connect: Callable, returns_errno: bool = False) -> Callable:
 def _no_network() -> Iterator[None]:
     """In this process every test runs as on a machine without a network (loopback stays open: DDP's rendezvous,
     local servers): a download a test did not mean to make fails alike everywhere, instead of passing only offline.
-    (Subprocesses are not covered: tests/test_timm_suite.py fetches timm's sources with pip on purpose.)"""
+    Subprocesses are not covered; none of them downloads (timm's own test suite comes from the environment build's
+    cache, tools/timm_sdist.py)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(socket.socket, "connect", _offline(socket.socket.connect))
         mp.setattr(socket.socket, "connect_ex", _offline(socket.socket.connect_ex, returns_errno=True))
