@@ -118,7 +118,7 @@ def test_check_state_names_the_token_count_and_what_is_missing_or_unknown():
     state = model.state_dict()
     with pytest.raises(ValueError, match=r"lacks 1 non-KArAt tensors .*'norm\.weight'.*Do this instead\.$"):
         check_state(model, {k: v for k, v in state.items() if k != "norm.weight"}, fix=FIX)
-    with pytest.raises(ValueError, match=r"has 1 tensors that VisionTransformer does not have .*'extra'"):
+    with pytest.raises(ValueError, match=r"has 1 tensors that KArAtVisionTransformer does not have .*'extra'"):
         check_state(model, {**state, "extra": torch.zeros(1)})
     report = check_state(model, {**state, "extra": torch.zeros(1)}, drop=[r"^extra$"])
     assert report.dropped == ["extra"] and "extra" not in report.loaded
