@@ -56,7 +56,9 @@ def attempt_namespace(store: dist.Store, rank: int, world: int, timeout: float) 
                         store.set(f"karat/answer/{nonce.decode()}", namespace)
                         answered[r] = nonce
             if waiting and time.monotonic() > deadline:
-                raise TimeoutError(_waited_for(sorted(waiting), timeout))
+                heard = {r: answered[r].decode() for r in sorted(waiting) if r in answered}
+                raise TimeoutError(_waited_for(sorted(waiting), timeout)
+                                   + f" (hellos answered from them, stale ones included: {heard or 'none'})")
             if waiting:
                 time.sleep(_POLL)
         return namespace
@@ -64,8 +66,8 @@ def attempt_namespace(store: dist.Store, rank: int, world: int, timeout: float) 
     store.set(f"karat/hello/{rank}", nonce)
     while not store.check([f"karat/answer/{nonce}"]):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"rank {rank} waited {timeout:g} s for rank 0 to start the process group: "
-                               f"{_waited_for([0], timeout)}")
+            raise TimeoutError(f"rank {rank} waited {timeout:g} s for rank 0 to answer its hello {nonce} and start "
+                               f"the process group: {_waited_for([0], timeout)}")
         time.sleep(_POLL)
     namespace = store.get(f"karat/answer/{nonce}").decode()
     store.set(f"karat/{namespace}/joined/{rank}", "1")

@@ -15,8 +15,10 @@ case, ``DDP-OK <case> | cpu_kernel <forward calls> <backward calls>``, so the te
 """
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import signal
 import sys
 from collections import Counter
 from pathlib import Path
@@ -156,6 +158,8 @@ def mmseg_backbone() -> None:
 
 
 if __name__ == "__main__":
+    # a rank that hangs shows where: torchrun ends the group with SIGTERM once another rank failed
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
     torch.set_num_threads(1)
     parts = sys.argv[1:] or ["classification"]
     if "classification" in parts:

@@ -293,7 +293,7 @@ def two_rank_runs(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(ROOT / "tests" / "ddp_driver.py"), f"runs={root / 'runs.json'}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-8000:]  # a hung rank's stack included
     done = parse_reports(proc.stdout)
     assert list(done) == [r["name"] for r in runs], proc.stdout[-2000:]
     return root, done
