@@ -47,11 +47,29 @@ def _cache_dir() -> Path:
     return path
 
 
+LIBRARY = "karat_fourier_cpu"  # the extension's name: cpp_extension writes ``<LIBRARY>.so`` into the cache dir
+_log = logging.getLogger(__name__)
+
+
+def _is_cached(build_dir: Path) -> bool:
+    """Whether ``build_dir`` holds a library built from the current source, so that loading it compiles nothing
+    (ninja rebuilds only what is older than the source; the directory is keyed by CPU, torch and source)."""
+    library = build_dir / f"{LIBRARY}.so"
+    try:
+        return library.stat().st_mtime >= SOURCE.stat().st_mtime
+    except OSError:
+        return False
+
+
 def _build() -> Any:
     from torch.utils.cpp_extension import load
 
-    logging.getLogger(__name__).info("karat: building the fused CPU kernel (once per machine, about a minute)")
-    return load(name="karat_fourier_cpu", sources=[str(SOURCE)], build_directory=str(_cache_dir()),
+    build_dir = _cache_dir()
+    if _is_cached(build_dir):
+        _log.debug("karat: loading the fused CPU kernel from %s", build_dir)
+    else:
+        _log.info("karat: building the fused CPU kernel into %s (once per machine, about a minute)", build_dir)
+    return load(name=LIBRARY, sources=[str(SOURCE)], build_directory=str(build_dir),
                 extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"],
                 extra_ldflags=["-fopenmp"], verbose=False)
 
@@ -75,8 +93,13 @@ def extension() -> Optional[Any]:
     return _state["ext"]
 
 
+@torch.compiler.assume_constant_result
 def available() -> bool:
-    """Whether the fused kernel is built (building it now if needed)."""
+    """Whether the fused kernel is built (building it now if needed).
+
+    The answer does not change within a process, so ``torch.compile`` and ``torch.export`` call this eagerly while
+    they trace and keep the result as a constant: the build (a file lock, a compiler, logging) never enters the
+    traced region, which would otherwise break the graph there (``fullgraph=True`` would fail)."""
     return extension() is not None
 
 
