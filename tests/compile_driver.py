@@ -1,17 +1,19 @@
 """What a new user does first, run by ``tests/test_compile_fresh.py`` in a fresh process: nothing is imported, built
 or called before the model is compiled, so the fused C++ kernel is loaded (or built) inside the first compiled call.
 
-``python tests/compile_driver.py BACKEND [--explain] [--any-size]`` compiles a depth-2 KArAt ViT with the default
+``python tests/compile_driver.py BACKEND [--explain]`` compiles a depth-2 KArAt ViT with the default
 ``impl`` and ``fullgraph=True`` as its very first call, runs two training steps (forward, backward, SGD step) with
-the compiled model and the same steps eagerly on a copy, and prints one JSON line: the largest differences, the
+the compiled model and the same steps eagerly on a copy, and prints one JSON line: the largest differences, the graphs compiled, the
 evaluation path the cores took, and with ``--explain`` ``torch._dynamo.explain``'s graph and break counts for
-each ``impl`` that serves a CPU call. ``KARAT_CPU_KERNEL=0`` in the environment gives the PyTorch blockwise path.
+each ``impl`` that serves a CPU call, and what ``karat.kernels.fused_cpu`` logged. ``KARAT_CPU_KERNEL=0`` in the
+environment gives the PyTorch blockwise path.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import logging
 import time
 from typing import Dict
 
@@ -25,9 +27,9 @@ import karat
 MODEL = dict(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10, drop_path_rate=0.0)
 
 
-def _model(impl: str = "auto", **kwargs) -> torch.nn.Module:
+def _model(impl: str = "auto") -> torch.nn.Module:
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224_karat", impl=impl, **MODEL, **kwargs).train()
+    return timm.create_model("vit_tiny_patch16_224_karat", impl=impl, **MODEL).train()
 
 
 def _steps(model: torch.nn.Module, fn, batches) -> torch.Tensor:
@@ -51,10 +53,10 @@ def _grads(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {n: p.grad for n, p in model.named_parameters()}
 
 
-def training_steps(backend: str, size: int) -> dict:
-    """The compiled model's first call and training steps against eager mode's, on ``size`` px inputs (another size
-    than the model's evaluates a resampled operator, ``karat.resample.operator_at``)."""
-    model = _model(dynamic_img_size=size != MODEL["img_size"])
+def training_steps(backend: str) -> dict:
+    """The compiled model's first call and training steps against eager mode's."""
+    model = _model()
+    size = MODEL["img_size"]
     reference = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randn(2, 3, size, size, generator=gen), torch.randint(0, 10, (2,), generator=gen))
@@ -63,17 +65,16 @@ def training_steps(backend: str, size: int) -> dict:
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     out = _steps(model, compiled, batches)  # the first call of the process: compiles, and loads the kernel inside
     seconds = time.perf_counter() - start
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # 1: the second step reuses the first's
     ref_out = _steps(reference, reference, batches)
     params = {n: p.detach() for n, p in model.named_parameters()}
     ref_params = {n: p.detach() for n, p in reference.named_parameters()}
     core = next(m for m in model.modules() if isinstance(m, karat.KArAtCore))
-    tokens = 1 + (size // MODEL["patch_size"]) ** 2
-    q = torch.empty(1, 1, tokens, 1)
-    path = core.choose_path(q, op=core.operator_for(tokens, core.input_layout.get(tokens))).describe()
+    path = core.choose_path(torch.empty(1, 1, core.num_tokens, 1)).describe()
     return dict(logits=float((out - ref_out).abs().max() / ref_out.abs().max()),
                 params=_max_diff(params, ref_params),
                 grads=_max_diff(_grads(model), _grads(reference)),
-                path=path, seconds=round(seconds, 1))
+                path=path, graphs=graphs, seconds=round(seconds, 1))
 
 
 def graph_breaks() -> dict:
@@ -88,18 +89,28 @@ def graph_breaks() -> dict:
     return result
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(f"{record.levelname}: {record.getMessage()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("backend")
     parser.add_argument("--explain", action="store_true")
-    parser.add_argument("--any-size", action="store_true", help="also train at 48 px (a resampled operator)")
     args = parser.parse_args()
-    report = dict(native=training_steps(args.backend, MODEL["img_size"]))
-    if args.any_size:
-        torch._dynamo.reset()
-        report["any_size"] = training_steps(args.backend, 48)
+    records = _Records()
+    logger = logging.getLogger("karat.kernels.fused_cpu")
+    logger.addHandler(records)
+    logger.setLevel(logging.DEBUG)
+    report = dict(native=training_steps(args.backend))
     if args.explain:
         report["explain"] = graph_breaks()
+    report["log"] = records.messages
     print(json.dumps(report))
 
 

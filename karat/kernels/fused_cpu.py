@@ -160,8 +160,9 @@ def fourier_reduce_backward(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 
 @fourier_reduce_backward.register_fake
 def _(dy, q, k, coef, scale, grid, bias=None, key_mask=None, need_bias=False):
+    # contiguous, as the kernel writes them (q and k are often strided slices of a fused qkv): Inductor checks it
     dbias = q.new_empty(*q.shape[:-1], k.shape[-2]) if need_bias and bias is not None else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(coef), dbias
+    return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(coef.shape), dbias
 
 
 def _setup_context(ctx, inputs, output) -> None:

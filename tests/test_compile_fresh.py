@@ -1,0 +1,72 @@
+"""``torch.compile(model, fullgraph=True)`` as a new user's first call: a KArAt ViT with the default ``impl``, in a
+fresh process (``tests/compile_driver.py``), so that nothing has loaded or built the fused C++ kernel before the
+compiled forward needs it. A training step must compile into one graph (the kernel's availability is settled
+outside the trace: ``karat.kernels.fused_cpu.available``) and match eager mode; ``torch._dynamo.explain`` must find
+no graph break on any CPU path: the reference path, the C++ kernel, and the PyTorch blockwise path
+(``KARAT_CPU_KERNEL=0``).
+
+One process trains with Inductor (real code generation, about a minute on two cores; its backward graph is where a
+wrong fake kernel shows), the other with ``aot_eager`` (Dynamo's graph and AOTAutograd's backward, seconds).
+``tests/test_export_compile.py`` covers every model family with an explicit ``impl``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import require_cpu_kernel
+
+ROOT = Path(__file__).resolve().parents[1]
+DRIVER = Path(__file__).with_name("compile_driver.py")
+
+
+def _fresh_process(*args: str, **env: str) -> dict:
+    """The driver's JSON report, from a new interpreter that has imported nothing of ours."""
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **env}
+    proc = subprocess.run([sys.executable, str(DRIVER), *args], cwd=ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _check(report: dict, path: str, tol: float) -> None:
+    step = report["native"]
+    assert step["path"] == path, step  # the path under test really served the compiled calls
+    assert step["graphs"] == 1, step  # fullgraph, and the second step reused the first's graph
+    for what in ("logits", "grads", "params"):
+        assert step[what] <= tol, (what, step)
+    for impl, explained in report.get("explain", {}).items():
+        assert (explained["graphs"], explained["breaks"]) == (1, 0), (impl, explained)
+
+
+@pytest.mark.slow
+def test_first_call_compiles_a_training_step_with_inductor_on_the_cpp_kernel(tmp_path):
+    require_cpu_kernel()  # built (or found in its cache) here, so the fresh process loads it: nothing is logged
+    # Inductor's own cache starts empty, as on a new machine: it keys a custom op by name, not by its fake kernel,
+    # so code compiled with an older karat could otherwise be reused
+    report = _fresh_process("inductor", "--explain", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    _check(report, "efficient (C++ CPU kernel)", tol=1e-4)
+    assert not any("building" in m for m in report["log"]), report["log"]  # issue 21: only a real build says so
+    assert any(m.startswith("DEBUG: karat: loading the fused CPU kernel") for m in report["log"]), report["log"]
+
+
+@pytest.mark.slow
+def test_first_call_compiles_a_training_step_on_the_pytorch_blockwise_path():
+    report = _fresh_process("aot_eager", "--explain", KARAT_CPU_KERNEL="0")
+    _check(report, "efficient (PyTorch, blockwise)", tol=1e-4)
+    assert report["log"] == [], report["log"]  # the disabled kernel is neither built nor loaded
+
+
+def test_cached_kernel_is_recognised(tmp_path):
+    from karat.kernels import fused_cpu
+
+    assert not fused_cpu._is_cached(tmp_path)
+    (tmp_path / f"{fused_cpu.LIBRARY}.so").write_bytes(b"")  # written after the source: current
+    assert fused_cpu._is_cached(tmp_path)
+    os.utime(tmp_path / f"{fused_cpu.LIBRARY}.so", (0, 0))  # older than the source: ninja would rebuild it
+    assert not fused_cpu._is_cached(tmp_path)
