@@ -1,11 +1,11 @@
 """What a new user does first, run by ``tests/test_compile_fresh.py`` in a fresh process: nothing is imported, built
 or called before the model is compiled, so the fused C++ kernel is loaded (or built) inside the first compiled call.
 
-``python tests/compile_driver.py BACKEND [--explain]`` compiles a depth-2 KArAt ViT with the default
-``impl`` and ``fullgraph=True`` as its very first call, runs two training steps (forward, backward, SGD step) with
-the compiled model and the same steps eagerly on a copy, and prints one JSON line: the largest differences, the graphs compiled, the
-evaluation path the cores took, and with ``--explain`` ``torch._dynamo.explain``'s graph and break counts for
-each ``impl`` that serves a CPU call, and what ``karat.kernels.fused_cpu`` logged. ``KARAT_CPU_KERNEL=0`` in the
+``python tests/compile_driver.py BACKEND [--explain]`` compiles a depth-2 KArAt ViT with the default ``impl`` and
+``fullgraph=True`` as its very first call, runs two training steps (forward, backward, SGD step) with the compiled
+model and the same steps eagerly on a copy, and prints one JSON line: the largest differences, the graphs compiled,
+the evaluation path the cores took, with ``--explain`` ``torch._dynamo.explain``'s graph and break counts for each
+``impl`` that serves a CPU call, and what ``karat.kernels.fused_cpu`` logged. ``KARAT_CPU_KERNEL=0`` in the
 environment gives the PyTorch blockwise path.
 """
 from __future__ import annotations
