@@ -70,3 +70,46 @@ def test_cached_kernel_is_recognised(tmp_path):
     assert fused_cpu._is_cached(tmp_path)
     os.utime(tmp_path / f"{fused_cpu.LIBRARY}.so", (0, 0))  # older than the source: ninja would rebuild it
     assert not fused_cpu._is_cached(tmp_path)
+
+
+# On a machine without a GPU, Dynamo does not recognise Triton kernels (torch.utils._triton.has_triton() asks the CUDA
+# driver) and would trace into Triton's launcher; on a GPU machine it captures each launch as one graph node. The
+# script says "a GPU is there" and traces the model with fake CUDA tensors: nothing runs, Dynamo sees the fused path.
+FAKE_CUDA = """
+import json
+import timm, torch
+import torch.utils._triton
+from torch._subclasses.fake_tensor import FakeTensorMode
+import karat
+from karat.kernels import fused_triton
+
+torch.utils._triton.has_triton = lambda: True
+torch.manual_seed(0)
+model = timm.create_model("vit_tiny_patch16_224_karat", img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=2,
+                          num_classes=10).train()
+with FakeTensorMode(allow_non_fake_inputs=True):
+    model = model.to("cuda")
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    core = next(m for m in model.modules() if isinstance(m, karat.KArAtCore))
+    path = core.choose_path(torch.empty(2, 2, 65, 32, device="cuda")).describe()
+    explained = torch._dynamo.explain(model)(x)
+print(json.dumps(dict(path=path, graphs=explained.graph_count, breaks=explained.graph_break_count,
+                      reasons=[str(r.reason).splitlines()[0] for r in explained.break_reasons],
+                      disabled=fused_triton._DISABLED)))
+"""
+
+
+@pytest.mark.slow
+def test_fused_triton_path_traces_with_fake_cuda_tensors():
+    """The forward only: AOTAutograd's backward trace runs the autograd engine, which needs a CUDA context even for
+    fake CUDA tensors (``hasPrimaryContext``); ``tests/test_gpu_fused.py`` compiles the model's backward on a GPU."""
+    from conftest import require_triton
+
+    require_triton()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", FAKE_CUDA], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == dict(path="fused (triton)", graphs=1, breaks=0, reasons=[], disabled=None), report
