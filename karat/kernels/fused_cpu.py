@@ -61,9 +61,21 @@ def _is_cached(build_dir: Path) -> bool:
         return False
 
 
-def _build() -> Any:
-    from torch.utils.cpp_extension import load
+def _cpp_extension_load() -> Any:
+    """``torch.utils.cpp_extension.load``, imported without the warning it logs on a machine with a CUDA toolkit
+    but no GPU ("No CUDA runtime is found"): nothing here needs CUDA."""
+    torch_log = logging.getLogger("torch.utils.cpp_extension")
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        torch_log.setLevel(level)
+    return load
 
+
+def _build() -> Any:
+    load = _cpp_extension_load()
     build_dir = _cache_dir()
     if _is_cached(build_dir):
         _log.debug("karat: loading the fused CPU kernel from %s", build_dir)
