@@ -11,7 +11,9 @@ the host's boolean mask, one GEMM against the coefficients; backward recomputes 
 The build is cached under ``~/.cache/karat`` (``KARAT_CACHE`` overrides) and keyed by the CPU's instruction set
 (it is built with ``-march=native``), the torch version and the kernel's source. Without a compiler, or if the
 build fails, :func:`available` returns False after one warning (:func:`unavailable_reason` keeps the whole error)
-and ``karat.kernels.efficient`` keeps its PyTorch path; ``KARAT_CPU_KERNEL=0`` disables it.
+and ``karat.kernels.efficient`` keeps its PyTorch path; ``KARAT_CPU_KERNEL=0`` disables it. Only a real build is
+logged (INFO); loading the cached library is DEBUG. ``torch.compile`` takes :func:`available` as a constant: the
+build or load runs eagerly when the first compiled call is traced, never inside the graph.
 """
 from __future__ import annotations
 
