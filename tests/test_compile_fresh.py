@@ -114,3 +114,27 @@ def test_fused_triton_path_traces_with_fake_cuda_tensors():
     assert proc.returncode == 0, proc.stderr[-6000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report == dict(path="fused (triton)", graphs=1, breaks=0, reasons=[], disabled=None), report
+
+
+@pytest.mark.slow
+def test_cpp_kernel_ops_pass_opcheck_on_strided_qkv_slices():
+    """``torch.library.opcheck``: schema, autograd registration, and fake kernels whose outputs have the real ones'
+    shapes and strides (q and k are slices of a fused qkv, as in timm; a fake that copied their strides made Inductor
+    fail its stride assertion in the backward)."""
+    require_cpu_kernel()
+    import torch
+
+    from karat.kernels import fused_cpu
+
+    b, h, n, d, grid, r = 2, 2, 30, 8, 3, 4
+    gen = torch.Generator().manual_seed(0)
+    q, k, _ = torch.randn(b, n, 3, h, d, dtype=torch.float64, generator=gen).permute(2, 0, 3, 1, 4)
+    coef = torch.randn(h, n, 2 * grid, r, dtype=torch.float64, generator=gen)
+    bias = torch.randn(1, h, n, n, dtype=torch.float64, generator=gen).expand(b, h, n, n)
+    mask = (torch.rand(1, 1, 1, n, generator=gen) > 0.2).expand(b, h, n, n)
+    dy = torch.randn(b, h, n, r, dtype=torch.float64, generator=gen)
+    grad = [t.detach().requires_grad_() for t in (q, k, coef, bias)]
+    for op, args in ((fused_cpu.fourier_reduce, (*grad[:3], 0.3, grid, grad[3], mask)),
+                     (fused_cpu.fourier_reduce_backward, (dy, q, k, coef, 0.3, grid, bias, mask, True))):
+        result = torch.library.opcheck(op, args)
+        assert set(result.values()) == {"SUCCESS"}, result
