@@ -16,7 +16,7 @@ expansion; the non-modular depth-2 operator is a reduction followed by an expans
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -146,15 +146,16 @@ def _reduce_blocks(q, k, bias, coef, layer, key_mask, block: int, scale: float) 
     qh, kh = _head_major(q, scale), _head_major(k)
     bh, mh = (None if t is None else t.transpose(0, 1) for t in (bias, key_mask))
     h, b, n = qh.shape[:3]
-    traced = onnx_export.exporting()  # an exported graph records no in-place accumulation
-    out = None if traced else q.new_zeros(h, b * n, coef.shape[-1])
-    for j in _blocks(k.shape[-2], block):
-        feats = _block_features(layer, qh, kh, bh, mh, j).reshape(h, b * n, -1)
-        if traced:
-            part = feats @ coef[:, j].flatten(1, 2)
-            out = part if out is None else out + part
-        else:
-            out.baddbmm_(feats, coef[:, j].flatten(1, 2))
+    if onnx_export.exporting():
+        out = None
+        for j in _blocks(k.shape[-2], block):  # one (H, B*N, block) x (H, block, r) product per feature plane
+            for m, plane in enumerate(_block_planes(layer, qh, kh, bh, mh, j)):
+                part = plane.reshape(h, b * n, -1) @ coef[:, j, m]
+                out = part if out is None else out + part  # an exported graph records no in-place accumulation
+    else:
+        out = q.new_zeros(h, b * n, coef.shape[-1])
+        for j in _blocks(k.shape[-2], block):
+            out.baddbmm_(_block_features(layer, qh, kh, bh, mh, j).view(h, b * n, -1), coef[:, j].flatten(1, 2))
     return out.view(h, b, n, -1).transpose(0, 1)
 
 
@@ -175,6 +176,18 @@ def _block_features(layer, qh, kh, bh, mh, j, return_logits: bool = False):
     mask = None if mh is None else mh[..., j]
     feats = _features(layer, s, mask)
     return (s, mask, feats) if return_logits else feats
+
+
+def _block_planes(layer, qh, kh, bh, mh, j) -> List[torch.Tensor]:
+    """``_block_features`` as one tensor per feature (``basis.feature_planes``), for a graph exporter."""
+    s = qh @ kh[..., j, :].transpose(-2, -1)
+    if bh is not None:
+        s = s + bh[..., j]
+    planes = layer.basis.feature_planes(s) + ([layer.base_fn(s)] if layer.has_base else [])
+    if mh is not None:
+        keep = mh[..., j].to(s.dtype)
+        planes = [p * keep for p in planes]
+    return planes
 
 
 def _features(layer: KANLayer, s: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

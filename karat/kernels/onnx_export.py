@@ -7,8 +7,8 @@ takes the blockwise PyTorch path of :mod:`karat.kernels.efficient` (the same cod
 with three export settings:
 
 * the key loop has a fixed number of blocks, sized from the (static) key count only, so it unrolls into a graph
-  that holds one ``N x block x 2G`` feature tensor at a time and no ``N x N`` tensor: at most ``N x N / 2`` feature
-  entries per head and image, whatever the batch size (which stays a dynamic axis);
+  whose tensors are ``N x block`` feature planes (``basis.feature_planes``), each multiplied by its ``block x r``
+  coefficients: no ``N x N x 2G`` tensor, not even an ``N x N`` one, whatever the batch size (a dynamic axis);
 * no custom op, no in-place ``out=`` buffers and no activation checkpointing, which the exporters cannot record;
 * small matrices (Swin's windows) take that path too instead of the reference one: an exported graph never holds
   ``N x N x 2G`` features.
@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import torch
 
-# Feature entries of one key block, as a fraction of N x N (per head and image): 1/2 keeps the block's features
-# and the planes they are built from below the N x N logits and probabilities that a softmax export holds.
-BLOCK_FRACTION = 0.5
+# Feature entries of one key block (M planes of N x block), as a fraction of N x N per head and image: the planes
+# of one block hold no more than the N x N logits of a softmax export. Larger blocks mean fewer, larger ops; in ONNX
+# Runtime on 2 CPU cores 0.5, 1 and 2 ran ViT-Tiny at about the same speed (benchmarks/README.md, "ONNX Runtime").
+BLOCK_FRACTION = 1.0
 
 
 def exporting() -> bool:
