@@ -69,7 +69,8 @@ class SharedFeatureBasis(Basis):
 
     def feature_planes(self, x: torch.Tensor) -> List[torch.Tensor]:
         """The M features as M tensors shaped like ``x`` (``features(x)[..., m]``): a graph exporter's layout,
-        where elementwise ops on a trailing axis of size M would stride through memory (``karat.kernels.onnx_export``)."""
+        where elementwise ops on a trailing axis of size M would stride through memory
+        (``karat.kernels.onnx_export``)."""
         return list(self.features(x).unbind(-1))
 
     def derivative_map(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:

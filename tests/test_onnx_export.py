@@ -118,3 +118,73 @@ def test_exported_graph_is_as_lean_as_softmax(tmp_path):
     s_count, _ = _big_tensors(soft_path, n, batch * heads)
     assert k_largest < n * n * 6, "an exported tensor holds the N x N x 2G features"
     assert k_count <= s_count, (k_count, s_count)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The hosts' backbones: detectron2's KArAtViT, mmseg's KArAtVisionTransformer and KArAtSwinTransformer.
+
+def _detectron2_backbone(config: str) -> torch.nn.Module:
+    """``model.backbone.net`` of one of our lazy configs, three blocks deep (two windowed, one global)."""
+    require("detectron2")
+    from detectron2.config import LazyConfig, instantiate
+
+    cfg = LazyConfig.load(str(Path(__file__).resolve().parents[1] / config))
+    cfg = LazyConfig.apply_overrides(cfg, ["model.backbone.net.depth=3",
+                                           "model.backbone.net.window_block_indexes=[0,1]"])
+    torch.manual_seed(0)
+    return instantiate(cfg.model.backbone.net).eval()
+
+
+def test_detectron2_shapes_backbone_exports(tmp_path):
+    """The shapes recipe's ViT: 16-token windows with detectron2's decomposed rel-pos bias, a 256-token global block."""
+    net = _detectron2_backbone("configs/shapes/mask_rcnn_vitdet_karat_t_shapes.py")
+    x = torch.randn(2, 3, 32, 32)
+    path = export(net, x, tmp_path / "vitdet.onnx", dynamo=False)
+    assert_ort_matches(net, path, x, torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.slow
+def test_detectron2_coco_vitdet_t_backbone_exports(tmp_path):
+    """The ViTDet-T COCO config's backbone at 1024 px: 14 x 14 windows (padded, masked keys) and 4,096-token global
+    attention, through the dynamo exporter (torch's default)."""
+    net = _detectron2_backbone("configs/COCO/mask_rcnn_vitdet_karat_t_100ep.py")
+    x = torch.randn(1, 3, 1024, 1024)
+    path = export(net, x, tmp_path / "vitdet_t.onnx", dynamo=True, dynamic_batch=False)
+    assert_ort_matches(net, path, x)
+
+
+@pytest.fixture(scope="module")
+def mmseg_backbones():
+    require("mmseg")
+    require("mmdet")
+    from mmengine.registry import DefaultScope
+    from mmseg.utils import register_all_modules
+
+    register_all_modules(init_default_scope=False)
+    import mmseg_configs.backbones as backbones
+
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        yield backbones
+
+
+def test_mmseg_vit_exports(mmseg_backbones, tmp_path):
+    torch.manual_seed(0)
+    net = mmseg_backbones.KArAtVisionTransformer(
+        img_size=(32, 32), patch_size=4, embed_dims=24, num_layers=2, num_heads=2, out_indices=(0, 1),
+        final_norm=True)  # 64 keys: the C++ kernel in eager mode
+    net.eval()  # mmseg's train() returns None
+    x = torch.randn(2, 3, 32, 32)
+    assert_ort_matches(net, export(net, x, tmp_path / "vit.onnx", dynamo=False), x, torch.randn(3, 3, 32, 32))
+
+
+@pytest.mark.parametrize("size", [28, 36], ids=["whole windows", "padded"])
+def test_mmseg_swin_exports_with_shift_masks(mmseg_backbones, tmp_path, size):
+    """Two blocks per stage, so the second shifts its 7 x 7 windows (49 keys) and masks across the shift; 36 px
+    pads the 9 x 9 map to 14 x 14."""
+    torch.manual_seed(0)
+    net = mmseg_backbones.KArAtSwinTransformer(
+        pretrain_img_size=size, embed_dims=16, depths=[2], num_heads=[2], window_size=7, strides=(2,), patch_size=2,
+        out_indices=(0,))
+    net.eval()  # mmseg's train() returns None
+    x = torch.randn(2, 3, size, size)
+    assert_ort_matches(net, export(net, x, tmp_path / "swin.onnx", dynamo=False), x, torch.randn(1, 3, size, size))

@@ -55,7 +55,8 @@ def block_size(rows: int, width: int, n: int, device: torch.device) -> int:
 
 
 def _maybe_checkpoint(fn, *args):
-    if torch.is_grad_enabled() and not onnx_export.exporting() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+    if torch.is_grad_enabled() and not onnx_export.exporting() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
 
@@ -226,7 +227,8 @@ def _fused_cpu(layer: KANLayer, q: torch.Tensor, k: torch.Tensor, bias: Optional
                key_mask: Optional[torch.Tensor]) -> bool:
     """Whether the fused CPU kernel (``karat.kernels.fused_cpu``) serves this call: Fourier, no base, fp32/float64, a
     floating bias and a bool mask if any. Its threads' coefficient gradients are summed in a fixed order (the same
-    bits for the same inputs and thread count); ``torch.use_deterministic_algorithms`` still keeps the PyTorch path."""
+    bits for the same inputs and thread count); ``torch.use_deterministic_algorithms`` still keeps the PyTorch path.
+    Never while ``torch.onnx.export`` runs: no exporter knows its custom op."""
     return (q.device.type == "cpu" and not onnx_export.exporting() and isinstance(layer.basis, FourierBasis) and not layer.has_base
             and not torch.are_deterministic_algorithms_enabled()
             and (bias is None or (bias.device.type == "cpu" and bias.is_floating_point()))
