@@ -229,7 +229,8 @@ def _fused_cpu(layer: KANLayer, q: torch.Tensor, k: torch.Tensor, bias: Optional
     floating bias and a bool mask if any. Its threads' coefficient gradients are summed in a fixed order (the same
     bits for the same inputs and thread count); ``torch.use_deterministic_algorithms`` still keeps the PyTorch path.
     Never while ``torch.onnx.export`` runs: no exporter knows its custom op."""
-    return (q.device.type == "cpu" and not onnx_export.exporting() and isinstance(layer.basis, FourierBasis) and not layer.has_base
+    return (q.device.type == "cpu" and not onnx_export.exporting() and isinstance(layer.basis, FourierBasis)
+            and not layer.has_base
             and not torch.are_deterministic_algorithms_enabled()
             and (bias is None or (bias.device.type == "cpu" and bias.is_floating_point()))
             and (key_mask is None or (key_mask.device.type == "cpu" and key_mask.dtype == torch.bool))
