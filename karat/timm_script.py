@@ -3,8 +3,9 @@
 timm's ``train.py`` imports a package before building the model with ``--device-modules karat``; ``validate.py``,
 ``benchmark.py``, ``onnx_export.py`` and ``onnx_validate.py`` have no such flag, so ``timm.create_model`` would not
 know ``vit_tiny_patch16_224_karat``. This imports :mod:`karat` (which registers every KArAt model with timm) and then
-runs the script as ``python SCRIPT.py ARGS...`` would: as ``__main__``, with ``sys.argv`` and ``sys.path[0]`` set to
-the script's. The scripts come from timm's repository (https://github.com/huggingface/pytorch-image-models).
+runs the script as ``python SCRIPT.py ARGS...`` would: as ``__main__``, with ``sys.argv`` set to the script's (timm's
+scripts import the installed timm only, so ``sys.path`` is left alone). The scripts come from timm's repository
+(https://github.com/huggingface/pytorch-image-models).
 """
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     import karat  # noqa: F401  registers the KArAt models with timm before the script builds one
 
     sys.argv = [str(script), *argv[1:]]
-    sys.path.insert(0, str(script.resolve().parent))  # the script's own imports, as `python SCRIPT.py` allows
     runpy.run_path(str(script), run_name="__main__")
 
 
