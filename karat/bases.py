@@ -15,7 +15,7 @@ off around them (``karat.precision``), so a half-precision input only rounds the
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -66,6 +66,12 @@ class SharedFeatureBasis(Basis):
     def fast_features(self, x: torch.Tensor) -> torch.Tensor:
         """The same values as ``features``, computed the fastest way without autograd in mind."""
         return self.features(x)
+
+    def feature_planes(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The M features as M tensors shaped like ``x`` (``features(x)[..., m]``): a graph exporter's layout,
+        where elementwise ops on a trailing axis of size M would stride through memory
+        (``karat.kernels.onnx_export``)."""
+        return list(self.features(x).unbind(-1))
 
     def derivative_map(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """``(perm, scale)`` when every derivative is a scaled feature, ``dB_m/dx = scale_m B_perm(m)``
@@ -124,6 +130,17 @@ class FourierBasis(SharedFeatureBasis):
             torch.mul(cos_prev, cos1, out=cos_k).addcmul_(sin_prev, sin1, value=-1)
             torch.mul(sin_prev, cos1, out=sin_k).addcmul_(cos_prev, sin1)
         return out
+
+    def feature_planes(self, x: torch.Tensor) -> List[torch.Tensor]:
+        # The same recurrence out of place: one cos and one sin per entry, the other frequencies by products
+        # (a sine or cosine costs several multiplications in ONNX Runtime).
+        x = upcast(x)
+        cos, sin = [torch.cos(x)], [torch.sin(x)]
+        for _ in range(1, self.grid):
+            cos_k, sin_k = cos[-1], sin[-1]
+            cos.append(cos_k * cos[0] - sin_k * sin[0])
+            sin.append(sin_k * cos[0] + cos_k * sin[0])
+        return cos + sin
 
     def derivative_map(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(perm, scale)`` with ``dB_m/dx = scale_m * B_perm(m)``: d cos kx = -k sin kx, d sin kx = k cos kx."""

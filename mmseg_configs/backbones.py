@@ -275,6 +275,13 @@ class KArAtShiftWindowMSA(ShiftWindowMSA):
         num_win = keep.shape[0]
         return keep.view(1, num_win, 1, n, n).expand(batch, -1, -1, -1, -1).reshape(batch * num_win, 1, n, n)
 
+    def window_reverse(self, windows: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """mmseg's, with the batch size left to ``view``: mmseg's ``int(windows.shape[0] / ...)`` freezes the batch
+        size an exported graph was traced with (an ONNX graph would then give wrong outputs at any other)."""
+        ws = self.window_size
+        x = windows.view(-1, H // ws, W // ws, ws, ws, windows.shape[-1])
+        return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, H, W, windows.shape[-1])
+
     def forward(self, query: torch.Tensor, hw_shape: Tuple[int, int]) -> torch.Tensor:
         b, length, c = query.shape
         H, W = hw_shape

@@ -5,6 +5,8 @@ Tiny configs keep it affordable: ViT (class token), Swin (two blocks, so the shi
 ConViT (a GPSA block and a plain block). Outputs and every gradient must equal eager mode's.
 Compilation uses ``aot_eager``: Dynamo's full graph and AOTAutograd's backward, which is what our code can break.
 Inductor's code generation on top costs 45-115 s per model on two cores; ``KARAT_TEST_INDUCTOR=1`` adds that case.
+The default ``impl`` as a new user meets it (a fresh process whose first call is compiled, the C++ kernel loaded
+inside it, Inductor) is ``tests/test_compile_fresh.py``.
 """
 from __future__ import annotations
 

@@ -53,6 +53,16 @@ PLAN: Dict[str, Plan] = {
     "make demo": Plan("skip", "make demo itself: builds the environment and runs 10 minutes; tools/demo.py is tested "
                               "by tests/test_demo.py, its stages below and by their own tests"),
     "make test": Plan("skip", "the test suite itself"),
+    "torch.onnx.export(model, (x,), \"vit_karat.onnx\"": Plan(
+        "skip", "exports a full ViT-Tiny (minutes on two cores); tests/test_onnx_export.py makes the same calls on "
+        "tiny models of every family and host"),
+    "tools/onnx_benchmark.py --batch 8": Plan("skip", "the ONNX benchmark itself (minutes)"),
+    "pytorch-image-models/train.py --device-modules karat": Plan(
+        "skip", "timm's scripts live in timm's repository, not in its wheel; tests/test_timm_script.py runs the route"),
+    "karat.timm_script PATH/TO/pytorch-image-models/validate.py": Plan(
+        "skip", "timm's scripts live in timm's repository, not in its wheel; tests/test_timm_script.py runs the route"),
+    "karat.timm_script PATH/TO/pytorch-image-models/onnx_export.py": Plan(
+        "skip", "timm's scripts live in timm's repository, not in its wheel; tests/test_timm_script.py runs the route"),
     "torchrun --nproc_per_node=8 --max-restarts=3 main.py": Plan(
         "dry", "8 GPUs and ImageNet; tests/test_torchrun_restart.py runs this recipe on 2 CPU workers and "
                 "kills one"),

@@ -22,7 +22,7 @@ import torch
 
 from ..operator import KArAtOperator
 from ..relpos import Bias, dense_bias
-from . import efficient, fused_triton, reference
+from . import efficient, fused_triton, onnx_export, reference
 
 PATHS = ("fused", "efficient", "reference")
 
@@ -53,7 +53,8 @@ def choose(op: KArAtOperator, impl: str, q: Optional[torch.Tensor] = None, bias:
     ``auto`` takes the fused kernels on CUDA where they apply, else the efficient path, unless the matrix is
     small (at most ``REFERENCE_MAX_TOKENS[path]`` keys) or the operator or the caller needs ``sigma(S)`` itself
     (``needs_sigma`` says why: attention-map export, attention dropout). An explicit impl that cannot serve the
-    call raises ``ValueError`` with the reason."""
+    call raises ``ValueError`` with the reason. While ``torch.onnx.export`` runs, ``auto``, ``efficient`` and
+    ``fused`` take the blockwise PyTorch path at every size (``karat.kernels.onnx_export``)."""
     reason = efficient.supports(op) or needs_sigma
     if impl in ("efficient", "fused") and reason is not None:
         raise ValueError(f"impl='{impl}' cannot serve this configuration: {reason}. "
@@ -62,6 +63,8 @@ def choose(op: KArAtOperator, impl: str, q: Optional[torch.Tensor] = None, bias:
         return Choice("reference")
     if reason is not None:
         return Choice("reference", passed_over={"efficient": reason})
+    if onnx_export.exporting():  # no custom op or Triton kernel in an ONNX graph, no N x N x 2G features either
+        return Choice("efficient", "PyTorch, blockwise (ONNX export)")
     choice = _fastest(op, impl, q, bias, key_mask)
     most = REFERENCE_MAX_TOKENS.get(choice.detail, 0)
     if impl == "auto" and op.num_tokens <= most:
@@ -101,4 +104,5 @@ def attend(choice: Choice, op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, 
     return efficient.attend(op, q, k, v, dense_bias(bias), key_mask, scale)
 
 
-__all__ = ["Choice", "PATHS", "REFERENCE_MAX_TOKENS", "attend", "choose", "efficient", "fused_triton", "reference"]
+__all__ = ["Choice", "PATHS", "REFERENCE_MAX_TOKENS", "attend", "choose", "efficient", "fused_triton", "onnx_export",
+           "reference"]

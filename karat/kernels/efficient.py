@@ -16,12 +16,12 @@ expansion; the non-modular depth-2 operator is a reduction followed by an expans
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from . import fused_cpu
+from . import fused_cpu, onnx_export
 from ..bases import FourierBasis, SharedFeatureBasis
 from ..kan import KANLayer
 from ..operator import KArAtOperator
@@ -48,12 +48,15 @@ def block_size(rows: int, width: int, n: int, device: torch.device) -> int:
     """Keys per block so that ``rows x block x width`` feature entries stay within the device's budget."""
     if KEY_BLOCK:
         return KEY_BLOCK
+    if onnx_export.exporting():  # a fixed key loop, whatever the (dynamic) batch size
+        return onnx_export.block_size(n, width)
     budget = BLOCK_ELEMENTS.get(device.type, BLOCK_ELEMENTS["cuda"])
     return max(8, min(n, budget // max(1, rows * width)))
 
 
 def _maybe_checkpoint(fn, *args):
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+    if torch.is_grad_enabled() and not onnx_export.exporting() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
 
@@ -85,18 +88,9 @@ class _ReduceKeysFromQK(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, bias, coef, layer, key_mask, block, scale):
-        # q, k (B,H,N,d), S = scale q k^T (+ bias); coef (H, N, M, r) from _layer_coefficients(layer).
-        # The scale is applied here, so that the q saved for backward is the caller's (no scaled copy kept).
-        qh, kh = _head_major(q, scale), _head_major(k)
-        bh, mh = (None if t is None else t.transpose(0, 1) for t in (bias, key_mask))
-        h, b, n = qh.shape[:3]
-        out = q.new_zeros(h, b * n, coef.shape[-1])
-        for j in _blocks(k.shape[-2], block):
-            feats = _block_features(layer, qh, kh, bh, mh, j)
-            out.baddbmm_(feats.view(h, b * n, -1), coef[:, j].flatten(1, 2))
         ctx.save_for_backward(q, k, bias, coef, key_mask)
         ctx.layer, ctx.block, ctx.scale = layer, block, scale
-        return out.view(h, b, n, -1).transpose(0, 1)
+        return _reduce_blocks(q, k, bias, coef, layer, key_mask, block, scale)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -146,10 +140,30 @@ class _ReduceKeysFromQK(torch.autograd.Function):
                 dbias, dcoef, None, None, None, None)
 
 
+def _reduce_blocks(q, k, bias, coef, layer, key_mask, block: int, scale: float) -> torch.Tensor:
+    """The forward of ``_ReduceKeysFromQK`` (also what an ONNX export records): q, k ``(B, H, N, d)``,
+    ``S = scale q k^T (+ bias)``, coef ``(H, N, M, r)`` from ``_layer_coefficients(layer)``. The scale is applied
+    here, so that the q saved for backward is the caller's (no scaled copy kept)."""
+    qh, kh = _head_major(q, scale), _head_major(k)
+    bh, mh = (None if t is None else t.transpose(0, 1) for t in (bias, key_mask))
+    h, b, n = qh.shape[:3]
+    if onnx_export.exporting():
+        out = None
+        for j in _blocks(k.shape[-2], block):  # one (H, B*N, block) x (H, block, r) product per feature plane
+            for m, plane in enumerate(_block_planes(layer, qh, kh, bh, mh, j)):
+                part = plane.reshape(h, b * n, -1) @ coef[:, j, m]
+                out = part if out is None else out + part  # an exported graph records no in-place accumulation
+    else:
+        out = q.new_zeros(h, b * n, coef.shape[-1])
+        for j in _blocks(k.shape[-2], block):
+            out.baddbmm_(_block_features(layer, qh, kh, bh, mh, j).view(h, b * n, -1), coef[:, j].flatten(1, 2))
+    return out.view(h, b, n, -1).transpose(0, 1)
+
+
 def _head_major(t: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """``scale * t`` as a contiguous ``(H, B, ...)`` tensor: one copy instead of one per key block."""
     t = t.transpose(0, 1)
-    if torch.compiler.is_compiling():  # torch.compile / torch.export trace no out= tensors
+    if torch.compiler.is_compiling() or onnx_export.exporting():  # traces record no out= tensors
         return (t * scale).contiguous()
     out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
     return torch.mul(t, scale, out=out) if scale != 1.0 else out.copy_(t)
@@ -165,9 +179,22 @@ def _block_features(layer, qh, kh, bh, mh, j, return_logits: bool = False):
     return (s, mask, feats) if return_logits else feats
 
 
+def _block_planes(layer, qh, kh, bh, mh, j) -> List[torch.Tensor]:
+    """``_block_features`` as one tensor per feature (``basis.feature_planes``), for a graph exporter."""
+    s = qh @ kh[..., j, :].transpose(-2, -1)
+    if bh is not None:
+        s = s + bh[..., j]
+    planes = layer.basis.feature_planes(s) + ([layer.base_fn(s)] if layer.has_base else [])
+    if mh is not None:
+        keep = mh[..., j].to(s.dtype)
+        planes = [p * keep for p in planes]
+    return planes
+
+
 def _features(layer: KANLayer, s: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """Features of a shared-feature KAN layer at ``s``, the base activation as one extra feature, masked."""
-    feats = layer.basis.features(s) if torch.compiler.is_compiling() else layer.basis.fast_features(s)
+    traced = torch.compiler.is_compiling() or onnx_export.exporting()  # fast_features writes into out= views
+    feats = layer.basis.features(s) if traced else layer.basis.fast_features(s)
     if layer.has_base:
         feats = torch.cat([feats, layer.base_fn(s).unsqueeze(-1)], dim=-1)
     if mask is not None:
@@ -200,8 +227,10 @@ def _fused_cpu(layer: KANLayer, q: torch.Tensor, k: torch.Tensor, bias: Optional
                key_mask: Optional[torch.Tensor]) -> bool:
     """Whether the fused CPU kernel (``karat.kernels.fused_cpu``) serves this call: Fourier, no base, fp32/float64, a
     floating bias and a bool mask if any. Its threads' coefficient gradients are summed in a fixed order (the same
-    bits for the same inputs and thread count); ``torch.use_deterministic_algorithms`` still keeps the PyTorch path."""
-    return (q.device.type == "cpu" and isinstance(layer.basis, FourierBasis) and not layer.has_base
+    bits for the same inputs and thread count); ``torch.use_deterministic_algorithms`` still keeps the PyTorch path.
+    Never while ``torch.onnx.export`` runs: no exporter knows its custom op."""
+    return (q.device.type == "cpu" and not onnx_export.exporting() and isinstance(layer.basis, FourierBasis)
+            and not layer.has_base
             and not torch.are_deterministic_algorithms_enabled()
             and (bias is None or (bias.device.type == "cpu" and bias.is_floating_point()))
             and (key_mask is None or (key_mask.device.type == "cpu" and key_mask.dtype == torch.bool))
@@ -240,6 +269,8 @@ def reduce_keys_qk(layer: KANLayer, q: torch.Tensor, k: torch.Tensor, bias: Opti
     width = layer.basis.num_functions + int(layer.has_base)
     block = block or block_size(q.shape[0] * q.shape[1] * q.shape[2], width, k.shape[-2], q.device)
     coef = _layer_coefficients(layer).to(q.dtype)
+    if onnx_export.exporting():  # the forward itself: exporters record plain ops, not an autograd.Function
+        return _reduce_blocks(q, k, bias, coef, layer, key_mask, block, scale)
     return _ReduceKeysFromQK.apply(q, k, bias, coef, layer, key_mask, block, scale)
 
 

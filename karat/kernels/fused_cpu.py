@@ -11,7 +11,9 @@ the host's boolean mask, one GEMM against the coefficients; backward recomputes 
 The build is cached under ``~/.cache/karat`` (``KARAT_CACHE`` overrides) and keyed by the CPU's instruction set
 (it is built with ``-march=native``), the torch version and the kernel's source. Without a compiler, or if the
 build fails, :func:`available` returns False after one warning (:func:`unavailable_reason` keeps the whole error)
-and ``karat.kernels.efficient`` keeps its PyTorch path; ``KARAT_CPU_KERNEL=0`` disables it.
+and ``karat.kernels.efficient`` keeps its PyTorch path; ``KARAT_CPU_KERNEL=0`` disables it. Only a real build is
+logged (INFO); loading the cached library is DEBUG. ``torch.compile`` takes :func:`available` as a constant: the
+build or load runs eagerly when the first compiled call is traced, never inside the graph.
 """
 from __future__ import annotations
 
@@ -47,11 +49,41 @@ def _cache_dir() -> Path:
     return path
 
 
-def _build() -> Any:
-    from torch.utils.cpp_extension import load
+LIBRARY = "karat_fourier_cpu"  # the extension's name: cpp_extension writes ``<LIBRARY>.so`` into the cache dir
+_log = logging.getLogger(__name__)
 
-    logging.getLogger(__name__).info("karat: building the fused CPU kernel (once per machine, about a minute)")
-    return load(name="karat_fourier_cpu", sources=[str(SOURCE)], build_directory=str(_cache_dir()),
+
+def _is_cached(build_dir: Path) -> bool:
+    """Whether ``build_dir`` holds a library built from the current source, so that loading it compiles nothing
+    (ninja rebuilds only what is older than the source; the directory is keyed by CPU, torch and source)."""
+    library = build_dir / f"{LIBRARY}.so"
+    try:
+        return library.stat().st_mtime >= SOURCE.stat().st_mtime
+    except OSError:
+        return False
+
+
+def _cpp_extension_load() -> Any:
+    """``torch.utils.cpp_extension.load``, imported without the warning it logs on a machine with a CUDA toolkit
+    but no GPU ("No CUDA runtime is found"): nothing here needs CUDA."""
+    torch_log = logging.getLogger("torch.utils.cpp_extension")
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        torch_log.setLevel(level)
+    return load
+
+
+def _build() -> Any:
+    load = _cpp_extension_load()
+    build_dir = _cache_dir()
+    if _is_cached(build_dir):
+        _log.debug("karat: loading the fused CPU kernel from %s", build_dir)
+    else:
+        _log.info("karat: building the fused CPU kernel into %s (once per machine, about a minute)", build_dir)
+    return load(name=LIBRARY, sources=[str(SOURCE)], build_directory=str(build_dir),
                 extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"],
                 extra_ldflags=["-fopenmp"], verbose=False)
 
@@ -75,8 +107,13 @@ def extension() -> Optional[Any]:
     return _state["ext"]
 
 
+@torch.compiler.assume_constant_result
 def available() -> bool:
-    """Whether the fused kernel is built (building it now if needed)."""
+    """Whether the fused kernel is built (building it now if needed).
+
+    The answer does not change within a process, so ``torch.compile`` and ``torch.export`` call this eagerly while
+    they trace and keep the result as a constant: the build (a file lock, a compiler, logging) never enters the
+    traced region, which would otherwise break the graph there (``fullgraph=True`` would fail)."""
     return extension() is not None
 
 
@@ -137,8 +174,9 @@ def fourier_reduce_backward(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 
 @fourier_reduce_backward.register_fake
 def _(dy, q, k, coef, scale, grid, bias=None, key_mask=None, need_bias=False):
+    # contiguous, as the kernel writes them (q and k are often strided slices of a fused qkv): Inductor checks it
     dbias = q.new_empty(*q.shape[:-1], k.shape[-2]) if need_bias and bias is not None else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(coef), dbias
+    return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(coef.shape), dbias
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -1,0 +1,190 @@
+"""KArAt models leave PyTorch: ``torch.onnx.export`` with the default options, both exporters, ONNX Runtime on the CPU
+against PyTorch (issue 21). Tiny models, but with more than ``REFERENCE_MAX_TOKENS`` keys, so that the eager default
+path is the C++ kernel's custom op ``karat::fourier_reduce``, which no exporter knows: the model itself must take an
+exportable path while ``torch.onnx.export`` runs. The batch axis is dynamic: ONNX Runtime runs two batch sizes.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, Tuple
+
+import pytest
+import timm
+import torch
+from conftest import require, require_cpu_kernel
+
+import karat
+from karat.kernels import onnx_export
+
+onnx = require("onnx")
+ort = require("onnxruntime")
+require("onnxscript")  # the dynamo exporter's translation library
+
+FAMILIES: Dict[str, Tuple[str, dict]] = {  # 65, 49 (two blocks: shifted windows, masked) and 64 keys
+    "vit": ("vit_tiny_patch16_224_karat", dict(img_size=32, patch_size=4, embed_dim=16, depth=1, num_heads=2)),
+    "swin": ("swin_tiny_patch4_window7_224_karat",
+             dict(img_size=56, patch_size=4, window_size=7, embed_dim=16, depths=(2,), num_heads=(2,))),
+    "convit": ("convit_tiny_karat",
+               dict(img_size=32, patch_size=4, embed_dim=16, depth=2, num_heads=2, local_up_to_layer=1)),
+}
+
+
+def export(model: torch.nn.Module, x: torch.Tensor, path: Path, dynamo: bool, dynamic_batch: bool = True) -> Path:
+    """``torch.onnx.export`` as a user calls it, the batch axis dynamic."""
+    if dynamo:
+        shapes = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic_batch else None
+        torch.onnx.export(model, (x,), str(path), dynamo=True, dynamic_shapes=shapes, verbose=False)
+    else:
+        axes = {"x": {0: "batch"}} if dynamic_batch else None
+        torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"], dynamic_axes=axes)
+    return path
+
+
+def run_ort(path: Path, x: torch.Tensor):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [torch.from_numpy(o) for o in session.run(None, {session.get_inputs()[0].name: x.numpy()})]
+
+
+def assert_ort_matches(model: torch.nn.Module, path: Path, *inputs: torch.Tensor) -> None:
+    """ONNX Runtime gives PyTorch's outputs (every output, each input: different batch sizes) to 1e-4."""
+    for x in inputs:
+        with torch.no_grad():
+            ref = model(x)
+        ref = list(ref.values()) if isinstance(ref, dict) else list(ref) if isinstance(ref, (list, tuple)) else [ref]
+        got = run_ort(path, x)
+        assert len(got) == len(ref)
+        for g, r in zip(got, ref):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+def tiny(family: str) -> torch.nn.Module:
+    name, kwargs = FAMILIES[family]
+    torch.manual_seed(0)
+    return timm.create_model(name, num_classes=5, **kwargs).eval()
+
+
+def test_default_path_is_the_custom_op_and_export_leaves_it():
+    """The eager default is the C++ kernel; while exporting, the blockwise PyTorch path with fixed key blocks."""
+    require_cpu_kernel()
+    core = next(m for m in tiny("vit").modules() if isinstance(m, karat.KArAtCore))
+    q = torch.randn(2, 2, 65, 8)
+    assert core.choose_path(q).detail == "C++ CPU kernel"
+    assert not onnx_export.exporting()
+    assert onnx_export.block_size(65, 6) == 10 and onnx_export.block_size(4096, 6) == 682
+
+
+# The dynamo exporter costs 14-21 s a tiny model on two cores: ViT runs in every suite, Swin and ConViT under slow.
+CASES = [pytest.param(family, dynamo, id=f"{family}-{'dynamo' if dynamo else 'torchscript'}",
+                      marks=[pytest.mark.slow] if dynamo and family != "vit" else [])
+         for family in FAMILIES for dynamo in (False, True)]
+
+
+@pytest.mark.parametrize("family, dynamo", CASES)
+def test_timm_family_exports_with_defaults(family, dynamo, tmp_path):
+    require_cpu_kernel()
+    model = tiny(family)
+    size = FAMILIES[family][1]["img_size"]
+    path = export(model, torch.randn(2, 3, size, size), tmp_path / "m.onnx", dynamo)
+    assert_ort_matches(model, path, torch.randn(2, 3, size, size), torch.randn(3, 3, size, size))
+
+
+def _big_tensors(path: Path, n: int, per: int) -> Tuple[int, int]:
+    """(number of tensors with at least N x N entries per batch and head, largest entries per batch and head)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    model = SymbolicShapeInference.infer_shapes(onnx.load(str(path)))  # follows computed Reshape / Expand shapes
+    shapes = {i.name: [d.dim_value if d.HasField("dim_value") else -1 for d in i.type.tensor_type.shape.dim]
+              for i in list(model.graph.value_info) + list(model.graph.output)}
+    count, largest = 0, 0
+    for name in (o for node in model.graph.node for o in node.output if o):
+        dims = shapes.get(name)
+        assert dims is not None and all(d >= 0 for d in dims), f"{name}: shape not inferred ({dims})"
+        entries = math.prod(dims) // per
+        largest = max(largest, entries)
+        count += entries >= n * n
+    return count, largest
+
+
+def test_exported_graph_is_as_lean_as_softmax(tmp_path):
+    """No tensor of N x N x 2G entries per head, no more N x N ones than timm's softmax ViT exported the same way."""
+    name, kwargs = FAMILIES["vit"]
+    n, heads, batch = 65, 2, 2
+    x = torch.randn(batch, 3, 32, 32)
+    karat_path = export(tiny("vit"), x, tmp_path / "karat.onnx", dynamo=False, dynamic_batch=False)
+    soft = timm.create_model(name.replace("_karat", ""), num_classes=5, **kwargs).eval()
+    soft_path = export(soft, x, tmp_path / "softmax.onnx", dynamo=False, dynamic_batch=False)
+    k_count, k_largest = _big_tensors(karat_path, n, batch * heads)
+    s_count, _ = _big_tensors(soft_path, n, batch * heads)
+    assert k_largest < n * n * 6, "an exported tensor holds the N x N x 2G features"
+    assert k_count <= s_count, (k_count, s_count)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The hosts' backbones: detectron2's KArAtViT, mmseg's KArAtVisionTransformer and KArAtSwinTransformer.
+
+def _detectron2_backbone(config: str) -> torch.nn.Module:
+    """``model.backbone.net`` of one of our lazy configs, three blocks deep (two windowed, one global)."""
+    require("detectron2")
+    from detectron2.config import LazyConfig, instantiate
+
+    cfg = LazyConfig.load(str(Path(__file__).resolve().parents[1] / config))
+    cfg = LazyConfig.apply_overrides(cfg, ["model.backbone.net.depth=3",
+                                           "model.backbone.net.window_block_indexes=[0,1]"])
+    torch.manual_seed(0)
+    return instantiate(cfg.model.backbone.net).eval()
+
+
+def test_detectron2_shapes_backbone_exports(tmp_path):
+    """The shapes recipe's ViT: 16-token windows with detectron2's decomposed rel-pos bias, a 256-token global block."""
+    net = _detectron2_backbone("configs/shapes/mask_rcnn_vitdet_karat_t_shapes.py")
+    x = torch.randn(2, 3, 32, 32)
+    path = export(net, x, tmp_path / "vitdet.onnx", dynamo=False)
+    assert_ort_matches(net, path, x, torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.slow
+def test_detectron2_coco_vitdet_t_backbone_exports(tmp_path):
+    """The ViTDet-T COCO config's backbone at 1024 px: 14 x 14 windows (padded, masked keys) and 4,096-token global
+    attention, through the dynamo exporter (torch's default)."""
+    net = _detectron2_backbone("configs/COCO/mask_rcnn_vitdet_karat_t_100ep.py")
+    x = torch.randn(1, 3, 1024, 1024)
+    path = export(net, x, tmp_path / "vitdet_t.onnx", dynamo=True, dynamic_batch=False)
+    assert_ort_matches(net, path, x)
+
+
+@pytest.fixture(scope="module")
+def mmseg_backbones():
+    require("mmseg")
+    require("mmdet")
+    from mmengine.registry import DefaultScope
+    from mmseg.utils import register_all_modules
+
+    register_all_modules(init_default_scope=False)
+    import mmseg_configs.backbones as backbones
+
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        yield backbones
+
+
+def test_mmseg_vit_exports(mmseg_backbones, tmp_path):
+    torch.manual_seed(0)
+    net = mmseg_backbones.KArAtVisionTransformer(
+        img_size=(32, 32), patch_size=4, embed_dims=24, num_layers=2, num_heads=2, out_indices=(0, 1),
+        final_norm=True)  # 64 keys: the C++ kernel in eager mode
+    net.eval()  # mmseg's train() returns None
+    x = torch.randn(2, 3, 32, 32)
+    assert_ort_matches(net, export(net, x, tmp_path / "vit.onnx", dynamo=False), x, torch.randn(3, 3, 32, 32))
+
+
+@pytest.mark.parametrize("size", [28, 36], ids=["whole windows", "padded"])
+def test_mmseg_swin_exports_with_shift_masks(mmseg_backbones, tmp_path, size):
+    """Two blocks per stage, so the second shifts its 7 x 7 windows (49 keys) and masks across the shift; 36 px
+    pads the 9 x 9 map to 14 x 14."""
+    torch.manual_seed(0)
+    net = mmseg_backbones.KArAtSwinTransformer(
+        pretrain_img_size=size, embed_dims=16, depths=[2], num_heads=[2], window_size=7, strides=(2,), patch_size=2,
+        out_indices=(0,))
+    net.eval()  # mmseg's train() returns None
+    x = torch.randn(2, 3, size, size)
+    assert_ort_matches(net, export(net, x, tmp_path / "swin.onnx", dynamo=False), x, torch.randn(1, 3, size, size))

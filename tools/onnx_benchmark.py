@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""KArAt against softmax in ONNX Runtime on the CPU, each model exported the same way, side by side in one run.
+
+Exports (``torch.onnx.export``, the exporter named by ``--exporter``, default options otherwise) timm's softmax
+ViT-Tiny and KArAt ViT-Tiny (its defaults), and with ``--vitdet`` the backbones of detectron2's ViTDet-T COCO config
+and of our KArAt one (1024 px: 4,096-token global blocks). Then, in ONNX Runtime's CPU provider:
+
+* throughput: both sessions in one process, interleaved rounds, the median round of each;
+* peak memory: each model in a fresh process that imports only onnxruntime, its peak resident set (``VmHWM``)
+  after one inference
+  (model weights, ORT's arena and the input included; the process baseline is reported too);
+* ``--profile``: ORT's per-operator profile of one inference each, summed by op type (what dominates).
+
+  python tools/onnx_benchmark.py --batch 8 --rounds 10 --vitdet --profile --json benchmarks/onnx_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Run in a fresh process by measure_memory: only onnxruntime and numpy imported, one session, one inference.
+_MEMORY_PROBE = """
+import json, sys, numpy as np, onnxruntime as ort
+def hwm():  # the process's peak resident set in MiB (ru_maxrss would carry the parent's peak across exec)
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+path, shape = sys.argv[1], tuple(json.loads(sys.argv[2]))
+base = hwm()
+session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+loaded = hwm()
+session.run(None, {session.get_inputs()[0].name: np.random.randn(*shape).astype(np.float32)})
+print(json.dumps({"baseline_mib": base, "loaded_mib": loaded, "peak_mib": hwm()}))
+"""
+
+
+def _timm_vit(name: str):
+    import timm
+
+    import karat  # noqa: F401  registers the KArAt models
+
+    return timm.create_model(name, num_classes=1000).eval()
+
+
+def _vitdet_backbone(config: str):
+    from detectron2.config import LazyConfig, instantiate
+
+    return instantiate(LazyConfig.load(str(ROOT / config)).model.backbone.net).eval()
+
+
+def export(model, shape: Tuple[int, ...], path: Path, exporter: str) -> float:
+    """Export ``model`` for inputs of ``shape`` (batch axis dynamic); returns the seconds it took."""
+    import torch
+
+    x = torch.randn(*shape)
+    start = time.perf_counter()
+    if exporter == "dynamo":
+        torch.onnx.export(model, (x,), str(path), dynamo=True, verbose=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
+    else:
+        torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    return time.perf_counter() - start
+
+
+def throughput(paths: Dict[str, Path], shape: Tuple[int, ...], rounds: int) -> Dict[str, float]:
+    """Median seconds per inference of each model, in interleaved rounds (one warm-up run each first)."""
+    import onnxruntime as ort
+
+    sessions = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+    x = np.random.randn(*shape).astype(np.float32)
+    times: Dict[str, List[float]] = {k: [] for k in sessions}
+    for r in range(rounds + 1):
+        for k, s in sessions.items():
+            start = time.perf_counter()
+            s.run(None, {s.get_inputs()[0].name: x})
+            if r:
+                times[k].append(time.perf_counter() - start)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def measure_memory(path: Path, shape: Tuple[int, ...]) -> Dict[str, float]:
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), json.dumps(list(shape))],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def profile(path: Path, shape: Tuple[int, ...], top: int = 8) -> Dict[str, float]:
+    """Milliseconds per op type in one profiled inference (after a warm-up), the ``top`` largest."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.with_suffix(""))
+    s = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    x = np.random.randn(*shape).astype(np.float32)
+    for _ in range(2):
+        s.run(None, {s.get_inputs()[0].name: x})
+    events = json.loads(Path(s.end_profiling()).read_text())
+    per_op: Counter = Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_op[e["args"]["op_name"]] += e["dur"] / 2e3  # microseconds over two runs -> ms per run
+    return {op: round(ms, 1) for op, ms in per_op.most_common(top)}
+
+
+def run_pair(label: str, models: Dict[str, Any], shape: Tuple[int, ...], args, tmp: Path) -> Dict[str, Any]:
+    """Export both models, then time, measure and (optionally) profile them; ratios are KArAt / softmax."""
+    paths = {k: tmp / f"{label}_{k}.onnx" for k in models}
+    export_s = {k: round(export(m, shape, paths[k], args.exporter), 1) for k, m in models.items()}
+    rounds = args.rounds if label == "vit_tiny" else args.vitdet_rounds
+    seconds = throughput(paths, shape, rounds)
+    memory = {k: measure_memory(p, shape) for k, p in paths.items()}
+    row: Dict[str, Any] = {
+        "input": list(shape), "rounds": rounds, "export_s": export_s,
+        "ms_per_inference": {k: round(v * 1e3, 1) for k, v in seconds.items()},
+        "throughput_ratio": round(seconds["softmax"] / seconds["karat"], 3),
+        "memory_mib": {k: {n: round(v, 1) for n, v in m.items()} for k, m in memory.items()},
+        "peak_memory_ratio": round(memory["karat"]["peak_mib"] / memory["softmax"]["peak_mib"], 3),
+        # the same without the process's baseline (Python, numpy, onnxruntime): model, arena and activations
+        "peak_above_baseline_ratio": round((memory["karat"]["peak_mib"] - memory["karat"]["baseline_mib"])
+                                           / (memory["softmax"]["peak_mib"] - memory["softmax"]["baseline_mib"]), 3),
+    }
+    if args.profile:
+        row["profile_ms"] = {k: profile(p, shape) for k, p in paths.items()}
+    return row
+
+
+def main(argv=None) -> Dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=10, help="timed rounds for ViT-Tiny")
+    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
+    p.add_argument("--vitdet", action="store_true", help="also detectron2's ViTDet-T backbone at 1024 px")
+    p.add_argument("--vitdet-rounds", type=int, default=1)
+    p.add_argument("--profile", action="store_true", help="ORT's per-op profile of each model")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+
+    import onnxruntime as ort
+    import torch
+
+    result: Dict[str, Any] = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "torch": torch.__version__, "onnxruntime": ort.__version__, "exporter": args.exporter,
+                    "date": time.strftime("%Y-%m-%d")},
+        "cases": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        vit = {"softmax": _timm_vit("vit_tiny_patch16_224"), "karat": _timm_vit("vit_tiny_patch16_224_karat")}
+        result["cases"]["vit_tiny"] = run_pair("vit_tiny", vit, (args.batch, 3, 224, 224), args, Path(tmp))
+        print(json.dumps(result["cases"]["vit_tiny"], indent=1), flush=True)
+        if args.vitdet:
+            nets = {"softmax": _vitdet_backbone("configs/COCO/mask_rcnn_vitdet_t_100ep.py"),
+                    "karat": _vitdet_backbone("configs/COCO/mask_rcnn_vitdet_karat_t_100ep.py")}
+            result["cases"]["vitdet_t_backbone"] = run_pair("vitdet_t", nets, (1, 3, 1024, 1024), args, Path(tmp))
+            print(json.dumps(result["cases"]["vitdet_t_backbone"], indent=1), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    for label, row in result["cases"].items():
+        print(f"{label}: throughput {row['throughput_ratio']}x softmax, peak memory {row['peak_memory_ratio']}x "
+              f"({row['peak_above_baseline_ratio']}x above the process baseline)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
