@@ -125,6 +125,24 @@ def _default_scopes() -> "OrderedDict[str, Any]":
     return OrderedDict() if registry is None else registry.DefaultScope._instance_dict.copy()
 
 
+@pytest.fixture(scope="module")
+def mmseg_backbones() -> Iterator[ModuleType]:
+    """``mmseg_configs.backbones`` (our mmseg/mmdet registrations), with the module's tests run in mmseg's default
+    scope, as mmseg's tools run (``init_default_scope('mmseg')``): registry builds that name no scope (mmcv's bricks
+    inside mmseg's ViT and Swin: norms, activations, drop path, initialisers) then resolve against mmseg's registry,
+    whatever runner an earlier test left behind ('mmengine', 'mmdet')."""
+    require("mmseg")
+    require("mmdet")
+    from mmengine.registry import DefaultScope
+    from mmseg.utils import register_all_modules
+
+    register_all_modules(init_default_scope=False)
+    import mmseg_configs.backbones as backbones
+
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        yield backbones
+
+
 def leave_default_scope(scope: str) -> None:
     """Make ``scope`` mmengine's current default scope, as a runner of that scope built earlier leaves it."""
     from mmengine.registry import DefaultScope

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import require, require_cpu_kernel
+from conftest import require_cpu_kernel
 from kernel_calls import assert_kernel_path_matches_reference, cpu_kernel_calls
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,34 +17,16 @@ CONFIGS = sorted((REPO / "mmseg_configs" / "upernet").glob("*.py"))
 KARAT_OPTS = dict(basis_type="FourierBasis", grid=2, hidden_dim=4)
 
 
-@pytest.fixture(scope="module")
-def adapter():
-    require("mmseg")
-    require("mmdet")
-    from mmengine.registry import DefaultScope
-    from mmseg.utils import register_all_modules
-
-    register_all_modules(init_default_scope=False)
-    import mmseg_configs.backbones as backbones
-
-    # Registry builds that name no scope (mmcv's bricks inside mmseg's ViT and Swin: norms, activations, drop path,
-    # weight initialisers) resolve against the default scope, and runners built earlier in this process leave
-    # theirs behind ('mmengine', 'mmdet'). The tests here run in mmseg's, as mmseg's tools do
-    # (init_default_scope('mmseg')), whatever ran before them; configs read from files carry it too (_scope_).
-    with DefaultScope.overwrite_default_scope("mmseg"):
-        yield backbones
-
-
-def small_vit(adapter, **kw):
+def small_vit(mmseg_backbones, **kw):
     args = dict(img_size=(32, 32), patch_size=8, embed_dims=48, num_layers=2, num_heads=3, out_indices=(0, 1),
                 patch_bias=True, final_norm=True, **KARAT_OPTS)
     args.update(kw)
-    return adapter.KArAtVisionTransformer(**args)
+    return mmseg_backbones.KArAtVisionTransformer(**args)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_every_config_builds(adapter, path):
+def test_every_config_builds(mmseg_backbones, path):
     from mmengine.config import Config
     from mmseg.registry import MODELS
 
@@ -64,19 +46,19 @@ def test_every_config_builds(adapter, path):
     assert cfg.train_cfg.max_iters == (160000 if "160k" in path.name else 60)
 
 
-def test_registered_in_mmseg_and_mmdet(adapter):
+def test_registered_in_mmseg_and_mmdet(mmseg_backbones):
     from mmdet.registry import MODELS as DET
     from mmseg.registry import MODELS as SEG
 
     for name in ("KArAtVisionTransformer", "KArAtSwinTransformer"):
-        assert SEG.get(name) is DET.get(name) is getattr(adapter, name)
+        assert SEG.get(name) is DET.get(name) is getattr(mmseg_backbones, name)
     assert DET.get("SimpleFeaturePyramid") is not None
 
 
-def test_vit_keeps_mmseg_names_and_pads_small_inputs(adapter):
+def test_vit_keeps_mmseg_names_and_pads_small_inputs(mmseg_backbones):
     from mmseg.models.backbones import VisionTransformer
 
-    model = small_vit(adapter)
+    model = small_vit(mmseg_backbones)
     softmax = VisionTransformer(img_size=(32, 32), patch_size=8, embed_dims=48, num_layers=2, num_heads=3,
                                 patch_bias=True, final_norm=True)
     names = set(model.state_dict())
@@ -90,13 +72,13 @@ def test_vit_keeps_mmseg_names_and_pads_small_inputs(adapter):
 
 @pytest.mark.parametrize("size,grid,resampled", [((256, 256), (16, 16), True), ((112, 224), (7, 14), False),
                                                   ((112, 320), (7, 20), True)], ids=["larger", "smaller", "mixed"])
-def test_vit_takes_every_input_size(adapter, monkeypatch, size, grid, resampled):
+def test_vit_takes_every_input_size(mmseg_backbones, monkeypatch, size, grid, resampled):
     """Built for 224 px: a smaller input is padded and masked as before (the stored operators, untouched); a
     larger one in any direction is padded to at least 224 px and evaluated with the operators resampled to its
     grid, once per layer and size outside training; training there reaches the stored weights."""
     import karat.resample as resample_mod
 
-    model = small_vit(adapter, img_size=(224, 224), patch_size=16, embed_dims=24, num_heads=2)
+    model = small_vit(mmseg_backbones, img_size=(224, 224), patch_size=16, embed_dims=24, num_heads=2)
     calls = []
     real = resample_mod.resample_operator_state
     monkeypatch.setattr(resample_mod, "resample_operator_state", lambda *a: calls.append(a[3]) or real(*a))
@@ -111,7 +93,7 @@ def test_vit_takes_every_input_size(adapter, monkeypatch, size, grid, resampled)
     assert grad is not None and grad.abs().sum() > 0
 
 
-def test_vit_whole_inference_in_an_encoder_decoder(adapter):
+def test_vit_whole_inference_in_an_encoder_decoder(mmseg_backbones):
     """mmseg's own EncoderDecoder with test_cfg mode='whole' on images larger than img_size, not square."""
     from mmengine.config import ConfigDict
     from mmengine.registry import DefaultScope
@@ -139,11 +121,11 @@ PADDED_VIT = {"16 keys": (32, 24), "36 keys": (48, 40)}
 
 
 @pytest.mark.parametrize("size", PADDED_VIT)
-def test_vit_padding_masks_padded_keys(adapter, size):
+def test_vit_padding_masks_padded_keys(mmseg_backbones, size):
     """Valid tokens do not see the padding: what the padded area holds changes nothing."""
     img, inp = PADDED_VIT[size]
     grid, valid = img // 8, math.ceil(inp / 8)
-    model = small_vit(adapter, img_size=(img, img), with_cls_token=False)
+    model = small_vit(mmseg_backbones, img_size=(img, img), with_cls_token=False)
     model.eval()  # mmseg's train() returns None
     x = torch.randn(1, 3, inp, inp)
     with cpu_kernel_calls() as calls:
@@ -165,13 +147,13 @@ def test_vit_padding_masks_padded_keys(adapter, size):
         assert calls["forward"] == 2 * len(model.layers), calls  # impl="auto" took the C++ kernel
 
 
-def test_vit_padding_mask_on_the_cpu_kernel_matches_the_reference(adapter):
+def test_vit_padding_mask_on_the_cpu_kernel_matches_the_reference(mmseg_backbones):
     """At 37 keys (6 x 6 patches and the class token) ``impl="auto"`` runs the C++ kernel with the padding mask; in
     float64 it computes what the reference path (sigma(S) materialised, then masked) computes, gradients included."""
     x = torch.randn(2, 3, 40, 36, dtype=torch.float64)  # 5 x 5 valid patches (the last ones partly padded)
 
     def build(impl):
-        return small_vit(adapter, img_size=(48, 48), impl=impl)
+        return small_vit(mmseg_backbones, img_size=(48, 48), impl=impl)
 
     def run(model):
         assert model._padding_key_mask((6, 6), (5, 5), x.device).sum() == 26  # the class token and 25 patches kept
@@ -180,7 +162,7 @@ def test_vit_padding_mask_on_the_cpu_kernel_matches_the_reference(adapter):
     assert_kernel_path_matches_reference(build, run)
 
 
-def test_vit_matches_timm_karat_vit_after_conversion(adapter):
+def test_vit_matches_timm_karat_vit_after_conversion(mmseg_backbones):
     """The converted mmseg KArAt ViT computes what the timm KArAt ViT computes (names, q/k/v split, norms)."""
     import timm
 
@@ -189,7 +171,7 @@ def test_vit_matches_timm_karat_vit_after_conversion(adapter):
 
     tm = timm.create_model("vit_tiny_patch16_224_karat", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
                            num_classes=0, **KARAT_OPTS).eval()
-    model = small_vit(adapter, out_indices=(1,), norm_cfg=dict(type="LN", eps=1e-6))  # timm's eps
+    model = small_vit(mmseg_backbones, out_indices=(1,), norm_cfg=dict(type="LN", eps=1e-6))  # timm's eps
     model.eval()
     state, report = fit_vit_state(tm.state_dict(), model)
     assert report.new == [] and report.resampled == []
@@ -200,19 +182,19 @@ def test_vit_matches_timm_karat_vit_after_conversion(adapter):
 
 
 # ---------------------------------------------------------------------------------------------------------
-def small_swin(adapter, **kw):
+def small_swin(mmseg_backbones, **kw):
     args = dict(pretrain_img_size=32, embed_dims=24, depths=[2, 2], num_heads=[3, 3], window_size=3, strides=(4, 2),
                 out_indices=(0, 1), **KARAT_OPTS)
     args.update(kw)
-    return adapter.KArAtSwinTransformer(**args)
+    return mmseg_backbones.KArAtSwinTransformer(**args)
 
 
 @pytest.mark.parametrize("window", [3, 5], ids=["9 keys", "25 keys"])
-def test_swin_masked_keys_change_nothing(adapter, window):
+def test_swin_masked_keys_change_nothing(mmseg_backbones, window):
     """Spec section 5: in a shifted window with padding, a query's output does not depend on the keys masked for it
     (other shifted-window regions, padding); changing an unmasked key does change it. Windows of 25 keys run on the
     C++ kernel."""
-    swin = small_swin(adapter, window_size=window)
+    swin = small_swin(mmseg_backbones, window_size=window)
     swin.eval()
     attn = swin.stages[0].blocks[1].attn  # shifted block
     assert attn.shift_size > 0
@@ -244,9 +226,9 @@ def test_swin_masked_keys_change_nothing(adapter, window):
 
 
 @pytest.mark.parametrize("window", [3, 5], ids=["9 keys", "25 keys"])
-def test_swin_padding_content_changes_nothing(adapter, window):
+def test_swin_padding_content_changes_nothing(mmseg_backbones, window):
     """The whole shifted-window attention: the valid area's output is the same whatever the padding holds."""
-    swin = small_swin(adapter, window_size=window)
+    swin = small_swin(mmseg_backbones, window_size=window)
     swin.eval()
     attn = swin.stages[0].blocks[1].attn
     H, W, ws = 7, 8, attn.window_size
@@ -266,13 +248,13 @@ def test_swin_padding_content_changes_nothing(adapter, window):
         assert calls["forward"] == 2, calls
 
 
-def test_swin_masks_on_the_cpu_kernel_match_the_reference(adapter):
+def test_swin_masks_on_the_cpu_kernel_match_the_reference(mmseg_backbones):
     """Windows of 25 keys: ``impl="auto"`` runs the C++ kernel with the relative-position bias and the shifted-window
     and padding masks; in float64 it computes what the reference path computes, gradients included."""
     x = torch.randn(2, 3, 40, 44, dtype=torch.float64)  # maps of 10 x 11 (padded to 10 x 15) and 5 x 6
 
     def build(impl):
-        return small_swin(adapter, window_size=5, impl=impl)
+        return small_swin(mmseg_backbones, window_size=5, impl=impl)
 
     def run(model):
         return torch.cat([o.flatten() for o in model(x)])
@@ -281,10 +263,10 @@ def test_swin_masks_on_the_cpu_kernel_match_the_reference(adapter):
     assert calls["forward"] == 4  # every block of both stages
 
 
-def test_swin_forward_backward_and_softmax_checkpoint(adapter, tmp_path):
+def test_swin_forward_backward_and_softmax_checkpoint(mmseg_backbones, tmp_path):
     from mmseg.models.backbones import SwinTransformer
 
-    swin = small_swin(adapter)
+    swin = small_swin(mmseg_backbones)
     outs = swin(torch.randn(2, 3, 40, 44))
     assert [o.shape for o in outs] == [torch.Size([2, 24, 10, 11]), torch.Size([2, 48, 5, 6])]
     sum(o.sum() for o in outs).backward()
@@ -293,7 +275,7 @@ def test_swin_forward_backward_and_softmax_checkpoint(adapter, tmp_path):
                               strides=(4, 2), out_indices=(0, 1))
     path = tmp_path / "swin_softmax.pth"
     torch.save(dict(state_dict={f"backbone.{k}": v for k, v in softmax.state_dict().items()}), path)
-    loaded = small_swin(adapter, init_cfg=dict(type="Pretrained", checkpoint=str(path)))
+    loaded = small_swin(mmseg_backbones, init_cfg=dict(type="Pretrained", checkpoint=str(path)))
     loaded.init_weights()
     assert loaded.load_report.new and all(".karat." in k for k in loaded.load_report.new)
     torch.testing.assert_close(loaded.stages[0].blocks[0].attn.w_msa.qkv.weight,
@@ -301,7 +283,7 @@ def test_swin_forward_backward_and_softmax_checkpoint(adapter, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-def test_load_reports(adapter, tmp_path):
+def test_load_reports(mmseg_backbones, tmp_path):
     """A softmax timm / mmseg ViT leaves only KArAt tensors new; a KArAt checkpoint leaves none."""
     import timm
 
@@ -314,56 +296,57 @@ def test_load_reports(adapter, tmp_path):
                                   patch_bias=True, final_norm=True)
     torch.save(dict(state_dict=mmseg_vit.state_dict()), tmp_path / "mmseg.pth")
     for name in ("timm.pth", "mmseg.pth"):
-        model = small_vit(adapter, init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / name)))
+        model = small_vit(mmseg_backbones, init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / name)))
         model.init_weights()
         report = model.load_report
         assert report.new and all(".karat.operator." in k for k in report.new), (name, report.new)
         assert report.missing_non_karat == []
-    karat_vit = small_vit(adapter)
+    karat_vit = small_vit(mmseg_backbones)
     torch.save(dict(state_dict={f"backbone.{k}": v for k, v in karat_vit.state_dict().items()}), tmp_path / "k.pth")
-    model = small_vit(adapter, init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / "k.pth")))
+    model = small_vit(mmseg_backbones, init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / "k.pth")))
     model.init_weights()
     assert model.load_report.new == []
     torch.testing.assert_close(model.layers[1].attn.karat.operator.weight,
                                karat_vit.layers[1].attn.karat.operator.weight)
 
 
-def test_karat_weights_resampled_to_larger_grid(adapter, tmp_path):
-    karat_vit = small_vit(adapter)
+def test_karat_weights_resampled_to_larger_grid(mmseg_backbones, tmp_path):
+    karat_vit = small_vit(mmseg_backbones)
     torch.save(dict(state_dict=karat_vit.state_dict()), tmp_path / "k.pth")
-    big = small_vit(adapter, img_size=(64, 64), init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / "k.pth")))
+    big = small_vit(mmseg_backbones, img_size=(64, 64),
+                    init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / "k.pth")))
     big.init_weights()
     assert big.num_tokens == 65
     assert "layers.0.attn.karat.operator.weight" in big.load_report.resampled and big.load_report.new == []
     assert big.layers[0].attn.karat.operator.weight.shape[1] == 65
 
 
-def test_bad_checkpoints_fail_clearly(adapter, tmp_path):
+def test_bad_checkpoints_fail_clearly(mmseg_backbones, tmp_path):
     from mmseg_configs.convert import fit_vit_state
 
-    model = small_vit(adapter)
-    other = small_vit(adapter, embed_dims=96)  # another width
+    model = small_vit(mmseg_backbones)
+    other = small_vit(mmseg_backbones, embed_dims=96)  # another width
     with pytest.raises(ValueError, match="do not fit"):
         fit_vit_state(other.state_dict(), model)
-    deeper = small_vit(adapter, num_layers=3, out_indices=(2,))
+    deeper = small_vit(mmseg_backbones, num_layers=3, out_indices=(2,))
     with pytest.raises(ValueError, match="another architecture"):
         fit_vit_state(deeper.state_dict(), model)
-    swin = small_swin(adapter)
+    swin = small_swin(mmseg_backbones)
     with pytest.raises(ValueError, match="another architecture"):
         fit_vit_state(swin.state_dict(), model)
     state = model.state_dict()
     state = {k: (v[:, :11] if ".karat.operator." in k else v) for k, v in state.items()}  # 11 keys: no grid
     with pytest.raises(ValueError, match="cannot be resampled"):
-        fit_vit_state(state, small_vit(adapter))
-    no_cls = small_vit(adapter, with_cls_token=False)
+        fit_vit_state(state, small_vit(mmseg_backbones))
+    no_cls = small_vit(mmseg_backbones, with_cls_token=False)
     with pytest.raises(ValueError, match="class token"):
-        fit_vit_state(no_cls.state_dict(), small_vit(adapter, img_size=(64, 64)))
+        fit_vit_state(no_cls.state_dict(), small_vit(mmseg_backbones, img_size=(64, 64)))
 
 
-def test_bad_options_fail_clearly(adapter):
+def test_bad_options_fail_clearly(mmseg_backbones):
     with pytest.raises(ValueError, match="basis_type"):
-        small_vit(adapter, basis_type="Nope")
+        small_vit(mmseg_backbones, basis_type="Nope")
     with pytest.raises(ValueError, match="karat_depth"):
-        small_vit(adapter, depth=2)
+        small_vit(mmseg_backbones, depth=2)
     with pytest.raises(ValueError, match="multiple of patch_size"):
-        small_vit(adapter, img_size=(30, 30))
+        small_vit(mmseg_backbones, img_size=(30, 30))

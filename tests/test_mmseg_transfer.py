@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import require
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = dict(img_size=8, patch_size=2, in_chans=1, class_token=False, global_pool="avg", num_classes=10,
@@ -32,15 +31,7 @@ def classifier(tmp_path: Path, karat: bool, **overrides) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def adapter():
-    require("mmseg")
-    import mmseg_configs.backbones as backbones
-
-    return backbones
-
-
-def test_convert_cli_report_and_overwrite(adapter, tmp_path, capsys):
+def test_convert_cli_report_and_overwrite(mmseg_backbones, tmp_path, capsys):
     src = classifier(tmp_path, karat=True)
     out = tmp_path / "backbone.pth"
     cmd = [sys.executable, "-W", "ignore", str(REPO / "tools" / "convert_to_mmseg.py"), str(src), str(out),
@@ -61,7 +52,7 @@ def test_convert_cli_report_and_overwrite(adapter, tmp_path, capsys):
     assert "not a ViT" in capsys.readouterr().err and not (tmp_path / "x.pth").exists()
 
 
-def test_converted_checkpoint_loads_with_init_cfg_and_load_from(adapter, tmp_path):
+def test_converted_checkpoint_loads_with_init_cfg_and_load_from(mmseg_backbones, tmp_path):
     from mmseg_configs.export import convert_classifier
 
     from karat.checkpoint import load_checkpoint
@@ -71,7 +62,7 @@ def test_converted_checkpoint_loads_with_init_cfg_and_load_from(adapter, tmp_pat
     assert any(".karat.operator." in k for k in report.resampled)
     meta = load_checkpoint(out)["meta"]["backbone"]
     kwargs = {k: v for k, v in meta.items() if k not in ("type", "karat_cfg")}
-    model = adapter.KArAtVisionTransformer(**kwargs, karat_cfg=meta["karat_cfg"],
+    model = mmseg_backbones.KArAtVisionTransformer(**kwargs, karat_cfg=meta["karat_cfg"],
                                            init_cfg=dict(type="Pretrained", checkpoint=str(out)))
     model.init_weights()
     assert model.load_report.new == [] and model.num_tokens == 64  # a converted KArAt checkpoint: nothing new
@@ -79,20 +70,20 @@ def test_converted_checkpoint_loads_with_init_cfg_and_load_from(adapter, tmp_pat
     from mmengine.runner.checkpoint import _load_checkpoint_to_model
 
     seg = torch.nn.Module()
-    seg.backbone = adapter.KArAtVisionTransformer(**kwargs, karat_cfg=meta["karat_cfg"])
+    seg.backbone = mmseg_backbones.KArAtVisionTransformer(**kwargs, karat_cfg=meta["karat_cfg"])
     _load_checkpoint_to_model(seg, load_checkpoint(out), strict=True)
     torch.testing.assert_close(seg.backbone.layers[1].attn.karat.operator.weight,
                                model.layers[1].attn.karat.operator.weight)
 
     soft = tmp_path / "soft_mmseg.pth"
     convert_classifier(str(classifier(tmp_path, karat=False)), soft, img_size=(16, 16))
-    model = adapter.KArAtVisionTransformer(**kwargs, karat_cfg=meta["karat_cfg"],
+    model = mmseg_backbones.KArAtVisionTransformer(**kwargs, karat_cfg=meta["karat_cfg"],
                                            init_cfg=dict(type="Pretrained", checkpoint=str(soft)))
     model.init_weights()  # a softmax backbone starts a KArAt one: only the KArAt tensors are new
     assert model.load_report.new and all(".karat.operator." in k for k in model.load_report.new)
 
 
-def test_convert_with_class_token_to_512px(adapter, tmp_path):
+def test_convert_with_class_token_to_512px(mmseg_backbones, tmp_path):
     """The segmentation token count of the configs: 32 x 32 patches + class token at 512 px."""
     from mmseg_configs.export import convert_classifier
 
@@ -107,7 +98,7 @@ def test_convert_with_class_token_to_512px(adapter, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_stage_quick(adapter, tmp_path):
+def test_demo_stage_quick(mmseg_backbones, tmp_path):
     from mmseg_configs.demo import run_stage, summary_table
 
     ckpts = {"karat": classifier(tmp_path, karat=True, depth=4), "softmax": classifier(tmp_path, karat=False, depth=4)}

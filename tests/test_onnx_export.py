@@ -153,20 +153,6 @@ def test_detectron2_coco_vitdet_t_backbone_exports(tmp_path):
     assert_ort_matches(net, path, x)
 
 
-@pytest.fixture(scope="module")
-def mmseg_backbones():
-    require("mmseg")
-    require("mmdet")
-    from mmengine.registry import DefaultScope
-    from mmseg.utils import register_all_modules
-
-    register_all_modules(init_default_scope=False)
-    import mmseg_configs.backbones as backbones
-
-    with DefaultScope.overwrite_default_scope("mmseg"):
-        yield backbones
-
-
 def test_mmseg_vit_exports(mmseg_backbones, tmp_path):
     torch.manual_seed(0)
     net = mmseg_backbones.KArAtVisionTransformer(
