@@ -567,13 +567,24 @@ _POINTERS = {"Q": None, "K": None, "BIAS": "*fp32", "RELH": "*fp32", "RELW": "*f
 _FP32_POINTERS = ("C", "Hout", "DH", "DQ", "DK", "DC", "DB", "DRELH", "DRELW")
 
 
+# What the offline compiles (tests/test_fused_compile.py, tools/kernel_table.py) cover, as (head_dim, G, r, q/k dtype,
+# flags): the plain ViT kernel; every flag at once (bias, decomposed rel-pos, mask, SiLU base: each adds code, none
+# removes any); the largest program (head_dim 256, G = 16) with every flag; cubic B-splines with every flag.
+SHIPPED_VARIANTS = {
+    "plain": (64, 3, 12, "fp32", {}),
+    "all-flags": (64, 3, 12, "bf16", dict(bias=True, relpos=True, mask=True, base=True)),
+    "d256-g16-all-flags": (256, 16, 16, "fp16", dict(bias=True, relpos=True, mask=True, base=True)),
+    "bspline-all-flags": (64, 5, 12, "bf16", dict(spline=3, bias=True, relpos=True, mask=True, base=True)),
+}
+
+
 def compile_offline(arch: int, head_dim: int, grid: int, rank: int, dtype: str = "fp32", *, bias: bool = False,
                     relpos: bool = False, mask: bool = False, base: bool = False, spline: int = 0) -> dict:
     """Compile the three kernels of one variant for ``sm_<arch>`` without a GPU (Triton's bundled ptxas):
-    ``{kernel name: shared memory bytes}``. Compile errors and shared-memory overruns show up on any machine.
+    ``{kernel name: shared memory bytes}``. Compile errors and shared-memory overruns show up on any machine;
+    ``offline.stats_of(compile_offline, ...)`` reads registers, spills and the instruction mix of the same compile.
     ``dtype`` is that of q and k (``fp32``, ``bf16``, ``fp16``); ``spline`` a B-spline order (0: Fourier)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from . import offline
 
     features = (grid + spline if spline else 2 * grid)
     flags = dict(HAS_BIAS=bias, HAS_REL=relpos, HAS_MASK=mask, HAS_BASE=base, SPLINE=spline, BROW=features)
@@ -591,8 +602,7 @@ def compile_offline(arch: int, head_dim: int, grid: int, rank: int, dtype: str =
                 sig[a] = _POINTERS[a] or f"*{dtype}"
             else:
                 sig[a] = "*fp32" if a in _FP32_POINTERS else "fp32" if a in ("LO", "INVH", "SCALE") else "i32"
-        consts = {(kernel.arg_names.index(k),): v for k, v in const.items() if k in kernel.arg_names}
-        compiled = triton.compile(ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32))
+        compiled = offline.compile_kernel(kernel, sig, const, arch)
         shared[name] = compiled.metadata.shared
         limit = SHARED_MEMORY_LIMIT.get(arch, 101376)
         if "cubin" not in compiled.asm or shared[name] > limit:
