@@ -115,6 +115,10 @@ PLAN: Dict[str, Plan] = {
     "python -m tools.host_ops --paths softmax fused efficient": Plan("shorten", "20 steps", "--repeat 20"),
     "--repeat 2 --rounds 1 --profile 8": Plan("shorten", "17 tokens, one round, with its profile tables",
                                               BENCH_ATTENTION),
+    "tools.kernel_table --out benchmarks/gpu_kernel_table": Plan(
+        "shorten", "the tool's registry and writing on a module without variants; tests/test_fused_compile.py runs "
+        "the compiles", "--archs 90 --modules karat.kernels.offline"),
+    "tools.kernel_table --space": Plan("shorten", "as above", "--archs 90 --modules karat.kernels.offline"),
 }
 
 

@@ -30,8 +30,9 @@ COLUMNS = [("mma", "MMA"), ("sincos", "SFU sin/cos"), ("mufu", "SFU all"), ("ffm
            ("shared", "shared ld/st"), ("all", "all")]
 
 
-def measure(modules: Sequence[str], archs: Sequence[int]) -> tuple:
-    """(rows, notes): one row per (module, variant, arch, kernel)."""
+def measure(modules: Sequence[str], archs: Sequence[int], space: bool = False) -> tuple:
+    """(rows, notes): one row per (module, variant, arch, kernel), or per launch configuration of each kernel's
+    tuning space with ``space`` (a module whose ``compile_offline`` takes ``space=True``)."""
     from karat.kernels import offline
 
     rows, notes = [], []
@@ -47,7 +48,8 @@ def measure(modules: Sequence[str], archs: Sequence[int]) -> tuple:
             continue
         for variant, (d, g, r, dtype, flags) in variants.items():
             for arch in archs:
-                for st in offline.stats_of(module.compile_offline, arch, d, g, r, dtype, **flags):
+                extra = dict(space=True) if space else {}
+                for st in offline.stats_of(module.compile_offline, arch, d, g, r, dtype, **flags, **extra):
                     rows.append(dict(module=name.rsplit(".", 1)[-1], variant=variant, head_dim=d, G=g, r=r,
                                      dtype=dtype, flags=sorted(k for k, v in flags.items() if v), **st))
     return rows, notes
@@ -82,11 +84,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/gpu_kernel_table", help="path stem: writes STEM.md and STEM.json")
     p.add_argument("--archs", type=int, nargs="+", default=[80, 90])
     p.add_argument("--modules", nargs="+", default=list(MODULES))
+    p.add_argument("--space", action="store_true",
+                   help="every launch configuration of each kernel's tuning space (the default first), not just the "
+                        "default: that each fits in shared memory, and what it spills")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         p.error("unset TRITON_INTERPRET: the table needs real compiles, not the interpreter")
     start = time.time()
-    rows, notes = measure(args.modules, args.archs)
+    rows, notes = measure(args.modules, args.archs, args.space)
     command = "python -m tools.kernel_table " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -30,11 +30,15 @@ projection, no copies), the softmax scale is applied in-kernel, the coefficients
 the whole ``sigma(S) V`` (kernels, coefficient scaling, rank expansion ``H (W^T V)``) is one autograd node whose
 gradients are written out in :class:`_FusedAttention`.
 
-Precision per product: ``q k^T`` is IEEE fp32 (its error would be multiplied by the frequencies ``g <= G``); the
-products with the coefficients and the gradient products run as TF32 on tensor cores (``DOT_PRECISION``,
-about 1.5e-3 relative error on an H100, benchmarks/gpu/suite.md); the one-hot sums of the decomposed bias
-gradient are IEEE. Offsets are 64-bit. Blocks shrink with the head dim and the feature count so that a program
-fits in shared memory; ``tests/test_fused_compile.py`` compiles every variant for sm_80 and sm_90 without a GPU.
+Precision per product: ``q k^T`` runs on tensor cores as three TF32 products for fp32 q, k (about fp32's error,
+which the frequencies ``g <= G`` multiply) and as one for bf16 / fp16 (their values are exact in TF32); the
+products with the coefficients and the gradient products run as TF32 (``DOT_PRECISION``, about 1.5e-3 relative
+error on an H100, benchmarks/gpu/suite.md); the one-hot sums of the decomposed bias gradient as three TF32
+products. ``cos S`` and ``sin S`` are the SFU's after reducing S to [-pi, pi]. Offsets are 64-bit. The launch
+configuration (tile sizes, warps, pipeline stages) comes from :func:`launch_config`, keyed by head dim, feature
+count, rank, dtype, options and N bucket, chosen from the offline table of registers, spills and instructions per
+logit (``python -m tools.kernel_table``, benchmarks/gpu_kernel_table.md); ``tests/test_fused_compile.py``
+compiles every shipped variant for sm_80 and sm_90 without a GPU and fails on a spill or a shared-memory overrun.
 What the kernels do not serve, :func:`supports` names in one line; ``karat.kernels.choose`` then takes the
 efficient path. Tested on the CPU with ``TRITON_INTERPRET=1``, and on an H100 by ``tests/test_gpu_fused.py``.
 """
@@ -42,7 +46,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -50,6 +54,7 @@ import torch.nn as nn
 try:  # Triton ships with CUDA builds of torch; the core works without it.
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
 
@@ -112,24 +117,27 @@ def _interpreting() -> bool:
 
 
 if triton is not None:
+    # the SFU's sine and cosine on a GPU; numpy's under the interpreter (which has no libdevice)
+    FAST_TRIG = tl.constexpr(not _interpreting())
 
     @triton.jit
     def _rows(P, bh, heads, s0, s1, sn, offs, offs_d, N):
         """A (rows, D) tile of head ``bh % heads`` of batch element ``bh // heads`` of a (B, H, N, D) tensor with
-        strides (s0, s1, sn, 1) (a slice of a fused qkv is read in place), in fp32; rows past N read as zeros."""
-        return tl.load(P + (bh // heads) * s0 + (bh % heads) * s1 + offs[:, None] * sn + offs_d[None, :],
-                       mask=offs[:, None] < N, other=0.0).to(tl.float32)
+        strides (s0, s1, sn, 1) (a slice of a fused qkv is read in place), in its own dtype; rows past N read as
+        zeros."""
+        base = P + (bh // heads) * s0 + (bh % heads) * s1  # 64-bit offsets in the scalar, 32-bit in the tile
+        return tl.load(base + offs[:, None] * sn + offs_d[None, :], mask=offs[:, None] < N, other=0.0)
 
     @triton.jit
     def _cols(P, bh, heads, s0, s1, sn, offs, offs_d, N):
         """The same tile transposed, (D, cols), as the right operand of ``q k^T``."""
-        return tl.load(P + (bh // heads) * s0 + (bh % heads) * s1 + offs[None, :] * sn + offs_d[:, None],
-                       mask=offs[None, :] < N, other=0.0).to(tl.float32)
+        base = P + (bh // heads) * s0 + (bh % heads) * s1
+        return tl.load(base + offs[None, :] * sn + offs_d[:, None], mask=offs[None, :] < N, other=0.0)
 
     @triton.jit
     def _rank_rows(P, bh, sb, sn, offs, offs_r, N, R):
         """A (rows, RP) tile of a (B*H, N, r) fp32 tensor (dL/dH); rows past N and ranks past r read as zeros."""
-        return tl.load(P + bh * sb + offs[:, None] * sn + offs_r[None, :],
+        return tl.load((P + bh * sb) + offs[:, None] * sn + offs_r[None, :],
                        mask=(offs[:, None] < N) & (offs_r[None, :] < R), other=0.0)
 
     @triton.jit
@@ -141,23 +149,45 @@ if triton is not None:
     @triton.jit
     def _logits(q, kt, SCALE, bh, heads, offs_m, offs_n, N, BIAS, sbb, sbh, sbi, sbj, RELH, RELW, KH, KW,
                 MASK, smb, smh, smi, smj, HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, HAS_MASK: tl.constexpr):
-        """The (BM, BN) tile of S = scale q k^T (+ bias) and where it is valid (inside N, not masked)."""
-        s = tl.dot(q, kt, input_precision="ieee") * SCALE
+        """The (BM, BN) tile of S = scale q k^T (+ bias) and where it is valid (inside N, not masked). On tensor
+        cores: fp32 q, k as three TF32 products (about fp32's error, which the frequencies g <= G multiply); bf16 /
+        fp16 q, k as one (their values are exact in TF32: exact products, fp32 sums)."""
+        if q.dtype == tl.float32:
+            s = tl.dot(q, kt, input_precision="tf32x3") * SCALE
+        else:
+            s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="tf32") * SCALE
         valid = (offs_m[:, None] < N) & (offs_n[None, :] < N)
         b = bh // heads
         h = bh % heads
         if HAS_BIAS:
-            s += tl.load(BIAS + b * sbb + h * sbh + offs_m[:, None] * sbi + offs_n[None, :] * sbj, mask=valid,
+            s += tl.load((BIAS + b * sbb + h * sbh) + offs_m[:, None] * sbi + offs_n[None, :] * sbj, mask=valid,
                          other=0.0).to(tl.float32)
         if HAS_REL:
-            row = (bh * N + offs_m[:, None])
-            s += tl.load(RELH + row * KH + (offs_n // KW)[None, :], mask=valid, other=0.0)
-            s += tl.load(RELW + row * KW + (offs_n % KW)[None, :], mask=valid, other=0.0)
+            s += tl.load((RELH + bh * N * KH) + offs_m[:, None] * KH + (offs_n // KW)[None, :], mask=valid, other=0.0)
+            s += tl.load((RELW + bh * N * KW) + offs_m[:, None] * KW + (offs_n % KW)[None, :], mask=valid, other=0.0)
         if HAS_MASK:
-            keep = tl.load(MASK + b * smb + h * smh + offs_m[:, None] * smi + offs_n[None, :] * smj, mask=valid,
+            keep = tl.load((MASK + b * smb + h * smh) + offs_m[:, None] * smi + offs_n[None, :] * smj, mask=valid,
                            other=0)
             valid = valid & (keep != 0)
         return s, valid
+
+    @triton.jit
+    def _cos_sin(s, valid):
+        """(cos s, sin s), zero where not valid. The argument is reduced to [-pi, pi] first (2 pi in two parts,
+        the first exact in a product with any n < 2^16), then the SFU's sine and cosine (MUFU.SIN / COS, about
+        1e-6 absolute error there) take one instruction each instead of libdevice's software routine with its
+        slow path for large arguments (a stack array and fp64 work). The interpreter evaluates the same reduction
+        with numpy's cos and sin."""
+        n = tl.floor(s * 0.15915494309189535 + 0.5)
+        x = s - n * 6.28125
+        x = x - n * 0.0019353071795864769
+        if FAST_TRIG:
+            c = libdevice.fast_cosf(x)
+            sn = libdevice.fast_sinf(x)
+        else:
+            c = tl.cos(x)
+            sn = tl.sin(x)
+        return tl.where(valid, c, 0.0), tl.where(valid, sn, 0.0)
 
     @triton.jit
     def _bspline(s, m: tl.constexpr, LO, INVH, K: tl.constexpr, DERIV: tl.constexpr):
@@ -213,8 +243,7 @@ if triton is not None:
             coef = c_head + offs_n[:, None] * scj + offs_r[None, :] * scr
             cmask = (offs_n[:, None] < N) & (offs_r[None, :] < R)
             if SPLINE == 0:
-                c1 = tl.where(valid, tl.cos(s), 0.0)  # zero features where masked: the recurrence keeps them zero
-                s1 = tl.where(valid, tl.sin(s), 0.0)
+                c1, s1 = _cos_sin(s, valid)  # zero features where masked: the recurrence keeps them zero
                 ck = c1
                 sk = s1
                 for g in tl.static_range(G):
@@ -240,8 +269,7 @@ if triton is not None:
         coef_t = c_head + offs_n[None, :] * scj + offs_r[:, None] * scr
         cmask = (offs_n[None, :] < N) & (offs_r[:, None] < R)
         if SPLINE == 0:
-            c1 = tl.where(valid, tl.cos(s), 0.0)
-            s1 = tl.where(valid, tl.sin(s), 0.0)
+            c1, s1 = _cos_sin(s, valid)
             ck = c1
             sk = s1
             for g in tl.static_range(G):
@@ -287,15 +315,15 @@ if triton is not None:
                                KW, MASK, smb, smh, smi, smj, HAS_BIAS, HAS_REL, HAS_MASK)
             ds = _dscore(s, valid, dh, c_head, offs_n, offs_r, N, R, scj, scm, scr, LO, INVH, G, HAS_BASE, DOT, SPLINE,
                          BROW)
-            dq += tl.dot(ds, tl.trans(kt), input_precision=DOT)
+            dq += tl.dot(ds, tl.trans(kt).to(tl.float32), input_precision=DOT)
             if BIAS_GRAD:
                 tl.store(DB + bh * N * N + offs_m[:, None] * N + offs_n[None, :], ds,
                          mask=mrow & (offs_n[None, :] < N))
             if HAS_REL:  # sum dS over the keys of each grid row / column: products with one-hot matrices
                 onehot_h = ((offs_n // KW)[:, None] == tl.arange(0, KHP)[None, :]).to(tl.float32)
                 onehot_w = ((offs_n % KW)[:, None] == tl.arange(0, KWP)[None, :]).to(tl.float32)
-                drh += tl.dot(ds, onehot_h, input_precision="ieee")
-                drw += tl.dot(ds, onehot_w, input_precision="ieee")
+                drh += tl.dot(ds, onehot_h, input_precision="tf32x3")  # one-hots are exact in TF32
+                drw += tl.dot(ds, onehot_w, input_precision="tf32x3")
         tl.store(DQ + bh * N * D + offs_m[:, None] * D + offs_d[None, :], dq * SCALE, mask=mrow)  # (B, H, N, D)
         if HAS_REL:
             offs_kh = tl.arange(0, KHP)
@@ -334,8 +362,7 @@ if triton is not None:
             seen = dmask & (i0 > 0)  # the partial gradient starts in uninitialised memory: read it from the 2nd block
             ds = tl.zeros_like(s)
             if SPLINE == 0:
-                c1 = tl.where(valid, tl.cos(s), 0.0)  # zero on padded rows and masked entries
-                s1 = tl.where(valid, tl.sin(s), 0.0)
+                c1, s1 = _cos_sin(s, valid)  # zero on padded rows and masked entries
                 ck = c1
                 sk = s1
                 for g in tl.static_range(G):
@@ -358,7 +385,7 @@ if triton is not None:
                 ds += dfb * (sig * (1.0 + s * (1.0 - sig)))
                 _add_feature_grad(dc_tile + BROW * sdm, seen, dmask, base, dh, DOT)
             ds = tl.where(valid, ds, 0.0)
-            dk += tl.dot(tl.trans(ds), q, input_precision=DOT)
+            dk += tl.dot(tl.trans(ds), q.to(tl.float32), input_precision=DOT)
         tl.store(DK + bh * N * D + offs_n[:, None] * D + offs_d[None, :], dk * SCALE, mask=offs_n[:, None] < N)
 
 
@@ -366,10 +393,71 @@ def _pad(n: int, least: int = 16) -> int:
     return max(least, 1 << math.ceil(math.log2(max(n, 1))))
 
 
-def block_sizes(head_dim: int, features: int) -> Tuple[int, int]:
-    """(query block, key block): 32 x 32 up to head_dim 128, 16 x 16 beyond (a program's q, k tiles and feature
-    tiles must fit the shared memory of an A100 / H100 block, checked by tests/test_fused_compile.py)."""
-    return (32, 32) if head_dim <= 128 and features <= 33 else (16, 16)
+N_BUCKETS = (256, 1024, 4096)  # tokens up to each bound share a tuned configuration; more tokens: the last
+
+
+def n_bucket(n: Optional[int]) -> int:
+    """The bucket of :data:`N_BUCKETS` that ``n`` tokens fall in (``None``: the first)."""
+    return next((b for b in N_BUCKETS if n is None or n <= b), N_BUCKETS[-1])
+
+
+def _dtype_name(dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def _flag_names(flags) -> Tuple[str, ...]:
+    """The options that add code to a kernel (and so registers), from the kernels' flag dict or a tuple."""
+    if isinstance(flags, dict):
+        return tuple(k for k in ("HAS_BIAS", "HAS_REL", "HAS_MASK", "HAS_BASE", "SPLINE") if flags.get(k))
+    return tuple(flags)
+
+
+# Launch configurations (BM, BN, num_warps, num_stages), the default first, per kernel and kind of program,
+# from the offline table (benchmarks/gpu_kernel_table.md, ``python -m tools.kernel_table --space``): the default
+# is the one with the fewest instructions per logit among those that spill on neither sm_80 nor sm_90, unless
+# every such one costs far more instructions (B-spline dk, head_dim 256 with G = 16: the fewest spills and
+# instructions; tests/test_fused_compile.py holds their spills to a budget); the others are what a tuning run on
+# a GPU should time.
+# Kinds: "large" (head_dim > 128 or more than 33 features), "spline" (B-splines), "options" (a bias, a mask or the
+# SiLU base), "plain". Eight warps on a 16- or 32-row tile duplicate the tensor-core work across warps (the table's
+# MMA column doubles), so they serve only where four would spill.
+_SPACE: Dict[Tuple[str, str], List[Tuple[int, int, int, int]]] = {
+    ("_phi_fwd_kernel", "plain"): [(64, 32, 4, 2), (32, 32, 4, 3), (64, 64, 4, 2)],
+    ("_phi_fwd_kernel", "options"): [(64, 32, 8, 2), (32, 32, 4, 2)],
+    ("_phi_fwd_kernel", "spline"): [(64, 16, 4, 2), (32, 16, 4, 2), (64, 32, 4, 2)],
+    ("_phi_fwd_kernel", "large"): [(16, 16, 4, 2), (16, 16, 8, 2)],
+    ("_phi_bwd_dq_kernel", "plain"): [(32, 32, 4, 2), (32, 32, 4, 3), (32, 64, 8, 2)],
+    ("_phi_bwd_dq_kernel", "options"): [(32, 32, 8, 2), (32, 16, 4, 2)],
+    ("_phi_bwd_dq_kernel", "spline"): [(16, 16, 4, 2), (32, 32, 4, 2), (32, 16, 8, 2)],
+    ("_phi_bwd_dq_kernel", "large"): [(16, 16, 4, 2), (16, 16, 8, 2)],
+    ("_phi_bwd_dk_kernel", "plain"): [(16, 32, 4, 2), (32, 32, 8, 2), (32, 32, 4, 3)],
+    ("_phi_bwd_dk_kernel", "options"): [(16, 16, 4, 2), (16, 32, 8, 2)],
+    ("_phi_bwd_dk_kernel", "spline"): [(16, 32, 4, 2), (16, 16, 8, 2), (32, 32, 4, 2)],
+    ("_phi_bwd_dk_kernel", "large"): [(16, 16, 4, 2), (16, 16, 8, 2)],
+}
+
+
+def config_space(kernel: str, head_dim: int, features: int, rank: int, dtype: str, flags=()) -> List[dict]:
+    """The launch configurations worth timing for one kernel (BM, BN, num_warps, num_stages), the default first
+    (:data:`_SPACE`); ``flags``: the kernels' flag dict, or the names of the options that are on."""
+    names = _flag_names(flags)
+    kind = ("large" if head_dim > 128 or features > 33 else "spline" if "SPLINE" in names else
+            "options" if names else "plain")
+    return [dict(BM=bm, BN=bn, num_warps=w, num_stages=st) for bm, bn, w, st in _SPACE[(kernel, kind)]]
+
+
+_TUNED: Dict[tuple, dict] = {}  # (kernel, head_dim, features, padded rank, dtype, flags, N bucket) -> configuration
+
+
+def launch_config(kernel: str, head_dim: int, features: int, rank: int, dtype, n: Optional[int] = None,
+                  flags=()) -> dict:
+    """The launch configuration of ``kernel`` (a name of :data:`KERNELS`) for these shapes: the one recorded in
+    the tuning cache for this key (head_dim, features, rank, dtype, options, N bucket), else the first of
+    :func:`config_space` (deterministic, which the interpreter always takes)."""
+    dtype = dtype if isinstance(dtype, str) else _dtype_name(dtype)
+    flags = _flag_names(flags)
+    tuned = _TUNED.get((kernel, head_dim, features, _pad(rank), dtype, flags, n_bucket(n)))
+    return dict(tuned or config_space(kernel, head_dim, features, rank, dtype, flags)[0])
 
 
 def _basis_args(layer: nn.Module, grid: int) -> Tuple[float, float, int, int]:
@@ -411,11 +499,11 @@ def _phi_forward(q: torch.Tensor, k: torch.Tensor, coef: torch.Tensor, ex: _Extr
     """``H = Phi(scale q k^T + bias)``, (B, H, N, r) fp32, by the forward kernel; coef (H, N, r, M) fp32."""
     b, h, n, d = q.shape
     r = coef.shape[2]
-    bm, bn = block_sizes(d, coef.shape[3])
+    cfg = launch_config("_phi_fwd_kernel", d, coef.shape[3], r, q.dtype, n, ex.flags)
     out = torch.empty(b, h, n, r, device=q.device, dtype=torch.float32)
-    _phi_fwd_kernel[(triton.cdiv(n, bm), b * h)](
+    _phi_fwd_kernel[(triton.cdiv(n, cfg["BM"]), b * h)](
         q, k, coef, out, *ex.pointers, n, r, scale, *_qk_strides(q, k), *_coef_strides(coef),
-        out.stride(1), out.stride(2), h, *ex.scalars, D=d, G=grid, RP=_pad(r), BM=bm, BN=bn, DOT=DOT_PRECISION,
+        out.stride(1), out.stride(2), h, *ex.scalars, D=d, G=grid, RP=_pad(r), **cfg, DOT=DOT_PRECISION,
         **ex.flags)
     return out
 
@@ -425,7 +513,7 @@ def _phi_backward(q, k, coef, bias, rel_h, rel_w, ex: _Extras, grid: int, scale:
     """(dq, dk, dcoef, dbias, drel_h, drel_w) from ``dL/dH`` by the dq and dk kernels, all fp32."""
     b, h, n, d = q.shape
     r = coef.shape[2]
-    bm, bn = block_sizes(d, coef.shape[3])
+    cfg_q, cfg_k = (launch_config(name, d, coef.shape[3], r, q.dtype, n, ex.flags) for name in KERNELS[1:])
     dq = torch.empty(b, h, n, d, device=q.device, dtype=torch.float32)  # contiguous: the kernels' layout
     dk = torch.empty(b, h, n, d, device=q.device, dtype=torch.float32)
     # per-batch partials, laid out (B, H, N, r, M) like the basis coefficients, so their gradient needs no copy
@@ -433,14 +521,14 @@ def _phi_backward(q, k, coef, bias, rel_h, rel_w, ex: _Extras, grid: int, scale:
     db = torch.empty(b, h, n, n, device=q.device, dtype=torch.float32) if need_bias else q
     drh = torch.empty_like(rel_h, dtype=torch.float32) if rel_h is not None else q
     drw = torch.empty_like(rel_w, dtype=torch.float32) if rel_w is not None else q
-    common = dict(D=d, G=grid, RP=_pad(r), BM=bm, BN=bn, DOT=DOT_PRECISION, **ex.flags)
+    common = dict(D=d, G=grid, RP=_pad(r), DOT=DOT_PRECISION, **ex.flags)
     strides = (*_qk_strides(q, k), *_coef_strides(coef), dh.stride(1), dh.stride(2))
-    _phi_bwd_dq_kernel[(triton.cdiv(n, bm), b * h)](
+    _phi_bwd_dq_kernel[(triton.cdiv(n, cfg_q["BM"]), b * h)](
         q, k, coef, dh, dq, *ex.pointers, db, drh, drw, n, r, scale, *strides, h, *ex.scalars,
-        BIAS_GRAD=need_bias, KHP=_pad(ex.kh), KWP=_pad(ex.kw), **common)
-    _phi_bwd_dk_kernel[(triton.cdiv(n, bn), b * h)](
+        BIAS_GRAD=need_bias, KHP=_pad(ex.kh), KWP=_pad(ex.kw), **cfg_q, **common)
+    _phi_bwd_dk_kernel[(triton.cdiv(n, cfg_k["BN"]), b * h)](
         q, k, coef, dh, dk, dc, *ex.pointers, n, r, scale, *strides, dc.stride(1), dc.stride(2), dc.stride(4),
-        dc.stride(3), h, *ex.scalars, **common)
+        dc.stride(3), h, *ex.scalars, **cfg_k, **common)
     return (dq, dk, dc[0] if b == 1 else dc.sum(0), efficient._sum_to(db, bias.shape) if need_bias else None,
             None if rel_h is None else drh, None if rel_w is None else drw)
 
@@ -576,23 +664,34 @@ SHIPPED_VARIANTS = {
     "d256-g16-all-flags": (256, 16, 16, "fp16", dict(bias=True, relpos=True, mask=True, base=True)),
     "bspline-all-flags": (64, 5, 12, "bf16", dict(spline=3, bias=True, relpos=True, mask=True, base=True)),
 }
+# Bytes of register spill stores a shipped variant's kernel may have on sm_80 or sm_90 (any other kernel: none),
+# as measured in benchmarks/gpu_kernel_table.md with some headroom: the dq and dk programs of head_dim 256 with
+# G = 16 and every option hold more live tiles than 255 registers (a split of the head dim across programs would
+# fix it); B-spline dk spills 32-188 bytes at its default, against 3x the instructions per logit at the
+# configuration that does not spill.
+SPILL_BUDGET = {("d256-g16-all-flags", "_phi_bwd_dq_kernel"): 256, ("d256-g16-all-flags", "_phi_bwd_dk_kernel"): 1280,
+                ("bspline-all-flags", "_phi_bwd_dk_kernel"): 256}
 
 
 def compile_offline(arch: int, head_dim: int, grid: int, rank: int, dtype: str = "fp32", *, bias: bool = False,
-                    relpos: bool = False, mask: bool = False, base: bool = False, spline: int = 0) -> dict:
+                    relpos: bool = False, mask: bool = False, base: bool = False, spline: int = 0,
+                    configs: Optional[Dict[str, dict]] = None, kernels: Sequence[str] = (),
+                    space: bool = False) -> dict:
     """Compile the three kernels of one variant for ``sm_<arch>`` without a GPU (Triton's bundled ptxas):
     ``{kernel name: shared memory bytes}``. Compile errors and shared-memory overruns show up on any machine;
     ``offline.stats_of(compile_offline, ...)`` reads registers, spills and the instruction mix of the same compile.
-    ``dtype`` is that of q and k (``fp32``, ``bf16``, ``fp16``); ``spline`` a B-spline order (0: Fourier)."""
+    ``dtype`` is that of q and k (``fp32``, ``bf16``, ``fp16``); ``spline`` a B-spline order (0: Fourier);
+    ``configs`` a launch configuration per kernel name (default: :func:`launch_config`'s); ``kernels`` the names
+    to compile (default: all of :data:`KERNELS`); ``space``: compile every configuration of
+    :func:`config_space` instead (the default first), ``{kernel name: [shared memory bytes, ...]}``."""
     from . import offline
 
     features = (grid + spline if spline else 2 * grid)
     flags = dict(HAS_BIAS=bias, HAS_REL=relpos, HAS_MASK=mask, HAS_BASE=base, SPLINE=spline, BROW=features)
-    bm, bn = block_sizes(head_dim, features + int(base))
-    const = dict(D=head_dim, G=grid, RP=_pad(rank), BM=bm, BN=bn, DOT=DOT_PRECISION, BIAS_GRAD=bias,
+    const = dict(D=head_dim, G=grid, RP=_pad(rank), DOT=DOT_PRECISION, BIAS_GRAD=bias,
                  KHP=64 if relpos else 16, KWP=64 if relpos else 16, **flags)
     shared = {}
-    for name in KERNELS:
+    for name in kernels or KERNELS:
         kernel = globals()[name]
         sig = {}
         for a in kernel.arg_names:
@@ -602,10 +701,16 @@ def compile_offline(arch: int, head_dim: int, grid: int, rank: int, dtype: str =
                 sig[a] = _POINTERS[a] or f"*{dtype}"
             else:
                 sig[a] = "*fp32" if a in _FP32_POINTERS else "fp32" if a in ("LO", "INVH", "SCALE") else "i32"
-        compiled = offline.compile_kernel(kernel, sig, const, arch)
-        shared[name] = compiled.metadata.shared
-        limit = SHARED_MEMORY_LIMIT.get(arch, 101376)
-        if "cubin" not in compiled.asm or shared[name] > limit:
-            raise RuntimeError(f"{name} for sm_{arch} (head_dim {head_dim}, G {grid}, {dtype}, {flags}): "
-                               f"{shared[name]} bytes of shared memory, limit {limit}")
-    return shared
+        default = (configs or {}).get(name) or launch_config(name, head_dim, features + int(base), rank, dtype,
+                                                             flags=flags)
+        todo = config_space(name, head_dim, features + int(base), rank, dtype, flags) if space else [default]
+        for cfg in map(dict, todo):
+            options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+            compiled = offline.compile_kernel(kernel, sig, {**const, **cfg}, arch, **options)
+            used = compiled.metadata.shared
+            shared.setdefault(name, []).append(used)
+            limit = SHARED_MEMORY_LIMIT.get(arch, 101376)
+            if "cubin" not in compiled.asm or used > limit:
+                raise RuntimeError(f"{name} for sm_{arch} (head_dim {head_dim}, G {grid}, {dtype}, {flags}, "
+                                   f"{cfg}, {options}): {used} bytes of shared memory, limit {limit}")
+    return shared if space else {name: used[0] for name, used in shared.items()}
