@@ -64,3 +64,17 @@ def test_launch_configurations_come_from_the_tuning_space_by_key(monkeypatch):
     assert fused.launch_config("_phi_fwd_kernel", 64, 6, 12, torch.bfloat16, 1025, {"HAS_MASK": True}) != tuned
     for configs in fused._SPACE.values():
         assert all(bm in (16, 32, 64) and bn in (16, 32, 64) and w in (2, 4, 8) for bm, bn, w, _ in configs)
+
+
+def test_kernel_table_skips_a_module_that_is_not_there_and_renders_rows():
+    """tools/kernel_table.py measures the modules of its registry that exist (another kernel module joins with one
+    line) and renders one row per kernel."""
+    from tools import kernel_table
+
+    rows, notes = kernel_table.measure(["karat.kernels.no_such_kernels"], [90])
+    assert rows == [] and "not measured" in notes[0]
+    row = dict(module="fused_triton", variant="plain", head_dim=64, G=3, r=12, dtype="fp32", arch="sm_90",
+               kernel="_phi_fwd_kernel", tile=[64, 32], num_warps=4, num_stages=2, registers=165, spill_stores=0,
+               spill_loads=0, stack=0, shared=81920, per_logit=dict(mma=0.094, sincos=0.062, all=2.135))
+    table = kernel_table.markdown([row], notes, "python -m tools.kernel_table")
+    assert "| fused_triton: plain (d 64, G 3, r 12, fp32) | sm_90 | fwd | 64x32 | 4 | 2 | 165 | 0/0 |" in table

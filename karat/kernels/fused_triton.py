@@ -419,7 +419,7 @@ def _flag_names(flags) -> Tuple[str, ...]:
 # instructions; tests/test_fused_compile.py holds their spills to a budget); the others are what a tuning run on
 # a GPU should time.
 # Kinds: "large" (head_dim > 128 or more than 33 features), "spline" (B-splines), "options" (a bias, a mask or the
-# SiLU base), "plain". Eight warps on a 16- or 32-row tile duplicate the tensor-core work across warps (the table's
+# SiLU base), "plain"; "KIND-half", where listed, for bf16 / fp16 q, k. Eight warps on a 16- or 32-row tile duplicate the tensor-core work across warps (the table's
 # MMA column doubles), so they serve only where four would spill.
 _SPACE: Dict[Tuple[str, str], List[Tuple[int, int, int, int]]] = {
     ("_phi_fwd_kernel", "plain"): [(64, 32, 4, 2), (32, 32, 4, 3), (64, 64, 4, 2)],
@@ -430,7 +430,8 @@ _SPACE: Dict[Tuple[str, str], List[Tuple[int, int, int, int]]] = {
     ("_phi_bwd_dq_kernel", "options"): [(32, 32, 8, 2), (32, 16, 4, 2)],
     ("_phi_bwd_dq_kernel", "spline"): [(16, 16, 4, 2), (32, 32, 4, 2), (32, 16, 8, 2)],
     ("_phi_bwd_dq_kernel", "large"): [(16, 16, 4, 2), (16, 16, 8, 2)],
-    ("_phi_bwd_dk_kernel", "plain"): [(16, 32, 4, 2), (32, 32, 8, 2), (32, 32, 4, 3)],
+    ("_phi_bwd_dk_kernel", "plain"): [(16, 32, 4, 2), (32, 16, 4, 2), (32, 32, 8, 2)],
+    ("_phi_bwd_dk_kernel", "plain-half"): [(32, 16, 4, 2), (16, 32, 4, 2), (32, 32, 8, 2)],  # bf16 / fp16 q, k
     ("_phi_bwd_dk_kernel", "options"): [(16, 16, 4, 2), (16, 32, 8, 2)],
     ("_phi_bwd_dk_kernel", "spline"): [(16, 32, 4, 2), (16, 16, 8, 2), (32, 32, 4, 2)],
     ("_phi_bwd_dk_kernel", "large"): [(16, 16, 4, 2), (16, 16, 8, 2)],
@@ -443,7 +444,8 @@ def config_space(kernel: str, head_dim: int, features: int, rank: int, dtype: st
     names = _flag_names(flags)
     kind = ("large" if head_dim > 128 or features > 33 else "spline" if "SPLINE" in names else
             "options" if names else "plain")
-    return [dict(BM=bm, BN=bn, num_warps=w, num_stages=st) for bm, bn, w, st in _SPACE[(kernel, kind)]]
+    configs = _SPACE.get((kernel, f"{kind}-half")) if dtype != "fp32" else None
+    return [dict(BM=bm, BN=bn, num_warps=w, num_stages=st) for bm, bn, w, st in configs or _SPACE[(kernel, kind)]]
 
 
 _TUNED: Dict[tuple, dict] = {}  # (kernel, head_dim, features, padded rank, dtype, flags, N bucket) -> configuration
@@ -656,10 +658,11 @@ _FP32_POINTERS = ("C", "Hout", "DH", "DQ", "DK", "DC", "DB", "DRELH", "DRELW")
 
 
 # What the offline compiles (tests/test_fused_compile.py, tools/kernel_table.py) cover, as (head_dim, G, r, q/k dtype,
-# flags): the plain ViT kernel; every flag at once (bias, decomposed rel-pos, mask, SiLU base: each adds code, none
+# flags): the plain ViT kernel, in fp32 and in bf16 (autocast training); every flag at once (bias, decomposed rel-pos, mask, SiLU base: each adds code, none
 # removes any); the largest program (head_dim 256, G = 16) with every flag; cubic B-splines with every flag.
 SHIPPED_VARIANTS = {
     "plain": (64, 3, 12, "fp32", {}),
+    "plain-bf16": (64, 3, 12, "bf16", {}),
     "all-flags": (64, 3, 12, "bf16", dict(bias=True, relpos=True, mask=True, base=True)),
     "d256-g16-all-flags": (256, 16, 16, "fp16", dict(bias=True, relpos=True, mask=True, base=True)),
     "bspline-all-flags": (64, 5, 12, "bf16", dict(spline=3, bias=True, relpos=True, mask=True, base=True)),
