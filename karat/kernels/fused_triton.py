@@ -419,8 +419,9 @@ def _flag_names(flags) -> Tuple[str, ...]:
 # instructions; tests/test_fused_compile.py holds their spills to a budget); the others are what a tuning run on
 # a GPU should time.
 # Kinds: "large" (head_dim > 128 or more than 33 features), "spline" (B-splines), "options" (a bias, a mask or the
-# SiLU base), "plain"; "KIND-half", where listed, for bf16 / fp16 q, k. Eight warps on a 16- or 32-row tile duplicate the tensor-core work across warps (the table's
-# MMA column doubles), so they serve only where four would spill.
+# SiLU base), "plain"; "KIND-half", where listed, for bf16 / fp16 q, k. Eight warps on a 16- or 32-row tile
+# duplicate the tensor-core and SFU work across warps (the table's MMA column doubles), so they serve only where
+# four would spill.
 _SPACE: Dict[Tuple[str, str], List[Tuple[int, int, int, int]]] = {
     ("_phi_fwd_kernel", "plain"): [(64, 32, 4, 2), (32, 32, 4, 3), (64, 64, 4, 2)],
     ("_phi_fwd_kernel", "options"): [(64, 32, 8, 2), (32, 32, 4, 2)],
@@ -658,8 +659,9 @@ _FP32_POINTERS = ("C", "Hout", "DH", "DQ", "DK", "DC", "DB", "DRELH", "DRELW")
 
 
 # What the offline compiles (tests/test_fused_compile.py, tools/kernel_table.py) cover, as (head_dim, G, r, q/k dtype,
-# flags): the plain ViT kernel, in fp32 and in bf16 (autocast training); every flag at once (bias, decomposed rel-pos, mask, SiLU base: each adds code, none
-# removes any); the largest program (head_dim 256, G = 16) with every flag; cubic B-splines with every flag.
+# flags): the plain ViT kernel, in fp32 and in bf16 (autocast training); every flag at once (bias, decomposed
+# rel-pos, mask, SiLU base: each adds code, none removes any); the largest program (head_dim 256, G = 16) with every
+# flag; cubic B-splines with every flag.
 SHIPPED_VARIANTS = {
     "plain": (64, 3, 12, "fp32", {}),
     "plain-bf16": (64, 3, 12, "bf16", {}),
