@@ -65,7 +65,7 @@ def _fused_attention(q: Tensor, k: Tensor, v: Tensor, coefficients: Tensor, basi
     rel_h / rel_w: contiguous fp32 (B, H, N, k_h / k_w); mask: bool, (.., 1, N) for padding or (.., N, N)."""
     q, k = ft._rowwise(q), ft._rowwise(k)
     coef = _coef(coefficients, basis_scale, base_weight)
-    ex = ft._Extras(q, bias, rel_h, rel_w, mask, grid, lo, inv_h, spline, base_weight is not None)
+    ex = ft._Extras(q, bias, rel_h, rel_w, mask, None, grid, (lo, inv_h, spline, base_weight is not None))
     hidden = ft._phi_forward(q, k, coef, ex, grid, scale)
     if efficient._is_key_level(mask):  # H (W^T V): linear in N
         u = weight.float().transpose(-1, -2) @ efficient._masked_rows(v.float(), mask)  # (B, H, r, d)
@@ -74,13 +74,12 @@ def _fused_attention(q: Tensor, k: Tensor, v: Tensor, coefficients: Tensor, basi
     return sigma @ v.float(), hidden, sigma, coef
 
 
-def _fused_attention_backward(g: Tensor, q: Tensor, k: Tensor, v: Tensor, coefficients: Tensor, basis_scale: Tensor,
-                              coef: Tensor, weight: Tensor, hidden: Tensor, saved: Tensor, bias: Optional[Tensor],
-                              rel_h: Optional[Tensor], rel_w: Optional[Tensor], mask: Optional[Tensor], grid: int,
-                              scale: float, lo: float, inv_h: float, spline: int, has_base: bool,
-                              need_bias: bool) -> List[Tensor]:
-    """[dq, dk, dv, dcoefficients, dbasis_scale, dbase_weight, dweight, dbias, drel_h, drel_w], fp32; the gradient
-    of an absent input (no base, no bias or ``need_bias`` False, no decomposed bias) is an empty tensor."""
+def _gradients_of(g: Tensor, q: Tensor, k: Tensor, v: Tensor, coefficients: Tensor, basis_scale: Tensor, coef: Tensor,
+                  weight: Tensor, hidden: Tensor, saved: Tensor, bias: Optional[Tensor], rel_h: Optional[Tensor],
+                  rel_w: Optional[Tensor], mask: Optional[Tensor], grid: int, scale: float, lo: float, inv_h: float,
+                  spline: int, has_base: bool, need_bias: bool) -> List[Optional[Tensor]]:
+    """[dq, dk, dv, dcoefficients, dbasis_scale, dbase_weight, dweight, dbias, drel_h, drel_w], fp32; None for an
+    absent input (no base, no bias or ``need_bias`` False, no decomposed bias)."""
     q, k = ft._rowwise(q), ft._rowwise(k)
     g, weight = g.float(), weight.float()
     if efficient._is_key_level(mask):
@@ -95,40 +94,97 @@ def _fused_attention_backward(g: Tensor, q: Tensor, k: Tensor, v: Tensor, coeffi
         dh = (dsigma @ weight).contiguous()
         dv = sigma.transpose(-1, -2) @ g
         dw = (dsigma.transpose(-1, -2) @ hidden).sum(0)
-    ex = ft._Extras(q, bias, rel_h, rel_w, mask, grid, lo, inv_h, spline, has_base)
+    ex = ft._Extras(q, bias, rel_h, rel_w, mask, None, grid, (lo, inv_h, spline, has_base))
     dq, dk, dc, db, drh, drw = ft._phi_backward(q, k, coef, bias, rel_h, rel_w, ex, grid, scale, dh, need_bias)
     m = coefficients.shape[-1]
     dc_basis = dc[..., :m]  # (H, N, r, M), the coefficients' layout
     dcoefficients = dc_basis * basis_scale.float().unsqueeze(-1)
     dscale = (dc_basis * coefficients.float()).sum(-1)
-    def absent() -> Tensor:  # one per absent gradient: an operator's outputs must not alias each other
-        return q.new_empty(0, dtype=torch.float32)
+    return [dq, dk, dv, dcoefficients, dscale, dc[..., m].clone() if has_base else None, dw, db, drh, drw]
 
-    return [dq, dk, dv, dcoefficients, dscale, dc[..., m].clone() if has_base else absent(), dw,
-            absent() if db is None else db, absent() if drh is None else drh, absent() if drw is None else drw]
+
+def _fused_attention_backward(g: Tensor, q: Tensor, k: Tensor, v: Tensor, coefficients: Tensor, basis_scale: Tensor,
+                              coef: Tensor, weight: Tensor, hidden: Tensor, saved: Tensor, bias: Optional[Tensor],
+                              rel_h: Optional[Tensor], rel_w: Optional[Tensor], mask: Optional[Tensor], grid: int,
+                              scale: float, lo: float, inv_h: float, spline: int, has_base: bool,
+                              need_bias: bool) -> List[Tensor]:
+    """:func:`_gradients_of` as an operator's outputs: an empty tensor for an absent gradient."""
+    grads = _gradients_of(g, q, k, v, coefficients, basis_scale, coef, weight, hidden, saved, bias, rel_h, rel_w,
+                          mask, grid, scale, lo, inv_h, spline, has_base, need_bias)
+    # one new tensor per absent gradient: an operator's outputs must not alias each other
+    return [q.new_empty(0, dtype=torch.float32) if t is None else t for t in grads]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, coefficients, basis_scale, base_weight, weight, bias, rel_h, rel_w, mask, *args = inputs
+    _, hidden, saved, coef = output
+    ctx.save_for_backward(q, k, v, coefficients, basis_scale, coef, weight, hidden, saved, bias, rel_h, rel_w, mask)
+    ctx.args = (*args, base_weight is not None)
+    ctx.mark_non_differentiable(hidden, saved, coef)
+    ctx.set_materialize_grads(False)  # no zeros for the gradients of those three
+
+
+def _gradients(ctx, g: Tensor, backward: Callable) -> tuple:
+    """The autograd formula of ``karat::fused_attention``: ``backward`` (the backward operator, or its body in eager
+    mode) on what the forward saved; None for an input that gets no gradient."""
+    q, k, v, coefficients, basis_scale, coef, weight, hidden, saved, bias, rel_h, rel_w, mask = ctx.saved_tensors
+    need_bias = bias is not None and ctx.needs_input_grad[7]
+    grads = backward(g, q, k, v, coefficients, basis_scale, coef, weight, hidden, saved, bias, rel_h, rel_w, mask,
+                     *ctx.args, need_bias)
+    present = (True, True, True, True, True, ctx.args[-1], True, need_bias, rel_h is not None, rel_w is not None)
+    return (*(t if keep else None for t, keep in zip(grads, present)), *(None,) * 6)  # mask, then constants
 
 
 if ft.triton is not None:
     fused_attention = define("karat::fused_attention", _fused_attention)
     fused_attention_backward = define("karat::fused_attention_backward", _fused_attention_backward)
+    fused_attention.register_autograd(lambda ctx, g, *_: _gradients(ctx, g, fused_attention_backward),
+                                      setup_context=_setup_context)
 
-    def _setup_context(ctx, inputs, output) -> None:
-        q, k, v, coefficients, basis_scale, base_weight, weight, bias, rel_h, rel_w, mask, *args = inputs
-        _, hidden, saved, coef = output
-        ctx.save_for_backward(q, k, v, coefficients, basis_scale, coef, weight, hidden, saved, bias, rel_h, rel_w,
-                              mask)
-        ctx.args = (*args, base_weight is not None)
-        ctx.mark_non_differentiable(hidden, saved, coef)
 
-    def _backward(ctx, g, *_):
-        q, k, v, coefficients, basis_scale, coef, weight, hidden, saved, bias, rel_h, rel_w, mask = ctx.saved_tensors
-        need_bias = bias is not None and ctx.needs_input_grad[7]
-        grads = fused_attention_backward(g, q, k, v, coefficients, basis_scale, coef, weight, hidden, saved, bias,
-                                         rel_h, rel_w, mask, *ctx.args, need_bias)
-        present = (True, True, True, True, True, ctx.args[-1], True, need_bias, rel_h is not None, rel_w is not None)
-        return (*(t if keep else None for t, keep in zip(grads, present)), *(None,) * 6)  # mask, then constants
+def _direct_launches():
+    """Triton launches straight to Triton, as in the operators' own eager calls (``wrap_triton`` would go through
+    a higher-order op, about a millisecond per launch)."""
+    import contextlib
 
-    fused_attention.register_autograd(_backward, setup_context=_setup_context)
+    from torch._library import triton as library_triton
+
+    return getattr(library_triton, "set_wrap_triton_enabled", lambda _: contextlib.nullcontext())(False)
+
+
+class _Eager(torch.autograd.Function):
+    """The operators' bodies and autograd formula without the operator dispatch: what an eager call runs. The
+    ``torch.library`` dispatch of the pair (Python kernels behind the dispatcher, a generated autograd function)
+    costs host time on every call, which an eager GPU step at ViT-Tiny widths waits for (``tools/host_ops.py``)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        with _direct_launches():
+            output = _fused_attention(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g, *_):
+        with _direct_launches():
+            return _gradients(ctx, g, _gradients_of)
+
+
+def _tracing() -> bool:
+    """Whether a compiler or tracer is watching: Dynamo or export, or a fake, proxy (``make_fx``) or
+    functionalization mode."""
+    keys = torch._C._TorchDispatchModeKey
+    return torch.compiler.is_compiling() or any(torch._C._get_dispatch_mode(key) is not None
+                                                for key in (keys.FAKE, keys.PROXY, keys.FUNCTIONAL))
+
+
+def attention(*inputs) -> Tensor:
+    """``sigma(S) V`` (fp32) by the fused kernels, the arguments of ``karat::fused_attention``: that operator where
+    it is traced (:func:`_tracing`), else the same bodies without the dispatch (:class:`_Eager`)."""
+    if _tracing():
+        return fused_attention(*inputs)[0]
+    return _Eager.apply(*inputs)[0]
 
 
 def variant(op, q: Tensor, bias, key_mask: Optional[Tensor]) -> Tuple:

@@ -414,10 +414,17 @@ class _Extras:
     arguments (Fourier, or B-spline knots)."""
 
     def __init__(self, q: torch.Tensor, bias: Optional[torch.Tensor], rel_h: Optional[torch.Tensor],
-                 rel_w: Optional[torch.Tensor], mask: Optional[torch.Tensor], grid: int, lo: float, inv_h: float,
-                 spline: int, has_base: bool) -> None:
+                 rel_w: Optional[torch.Tensor], mask: Optional[torch.Tensor], layer: Optional[nn.Module], grid: int,
+                 basis: Optional[Tuple[float, float, int, bool]] = None) -> None:
+        # the basis from the KAN layer, or (lo, 1 / h, B-spline order or 0, has_base) where there is no layer (in
+        # the operators of karat.kernels.fused_ops, which take numbers)
         b, h, n, _ = q.shape
-        base_row = grid + spline if spline else 2 * grid
+        if layer is not None:
+            lo, inv_h, spline, base_row = _basis_args(layer, grid)
+            has_base = layer.has_base
+        else:
+            lo, inv_h, spline, has_base = basis
+            base_row = grid + spline if spline else 2 * grid
         self.flags = dict(HAS_BIAS=bias is not None, HAS_REL=rel_h is not None, HAS_MASK=mask is not None,
                           HAS_BASE=has_base, SPLINE=spline, BROW=base_row)
         bias4 = bias.expand(b, h, n, n) if bias is not None else None
@@ -498,9 +505,8 @@ def attend(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         dense = upcast(bias)
     lo, inv_h, spline, _ = _basis_args(phi, op.cfg.grid)
     with autocast_off(q.device.type):  # one operator, one autograd node (karat.kernels.fused_ops)
-        out = fused_ops.fused_attention(q, k, v, phi.basis.coefficients, phi.basis_scale, phi.base_weight,
-                                        op.weight, dense, rel_h, rel_w, key_mask, op.cfg.grid, float(scale), lo,
-                                        inv_h, spline)[0]
+        out = fused_ops.attention(q, k, v, phi.basis.coefficients, phi.basis_scale, phi.base_weight, op.weight,
+                                  dense, rel_h, rel_w, key_mask, op.cfg.grid, float(scale), lo, inv_h, spline)
     return out.to(dtype)
 
 
