@@ -2,12 +2,13 @@
 
 ``karat::fused_attention`` is the whole ``sigma(S) V = ((Phi(S) W^T) * mask) V`` of a ``phi1_w2`` operator: the
 forward kernel for ``H = Phi(S)``, the coefficient scaling and the rank expansion ``H (W^T V)``. Its autograd
-formula (:func:`_backward`) calls ``karat::fused_attention_backward``: the dq and dk kernels and the gradients of
-those few tensor ops, written out. In eager mode the pair is one autograd node, as the ``autograd.Function`` it
-replaces was; for ``torch.compile`` each is one node in Dynamo's graph, and AOTAutograd decomposes both
-(``torch.library.triton_op``) into their tensor ops and the Triton launches (``wrap_triton``), which Inductor
-compiles with the rest of the step, and which a CUDA graph (``mode="reduce-overhead"``) replays. Their fake
-implementations are their own bodies run on fake tensors, so output shapes, dtypes and strides are exact.
+formula (:func:`_gradients`) calls ``karat::fused_attention_backward``: the dq and dk kernels and the gradients of
+those few tensor ops, written out. For ``torch.compile`` each is one node in Dynamo's graph, and AOTAutograd
+decomposes both (``torch.library.triton_op``) into their tensor ops and the Triton launches (``wrap_triton``), which
+Inductor compiles with the rest of the step, and which a CUDA graph (``mode="reduce-overhead"``) replays. Their fake
+implementations are their own bodies run on fake tensors, so output shapes, dtypes and strides are exact. An eager
+call runs the same bodies and formula as one ``autograd.Function`` node (:class:`_Eager`), without the operator
+dispatch; :func:`attention` picks.
 
 Nothing in the operators syncs with the host, reads a tensor's value, or picks a branch from one: every decision
 is made from shapes, dtypes and flags. Whether the kernels build on this device is settled before any tracing
@@ -19,9 +20,11 @@ Under ``TRITON_INTERPRET=1`` (Triton on CPU tensors, for tests) the operators ar
 Inductor cannot generate code for interpreted kernels, but a compiled graph can call the operators, so a compiled
 training step runs the real kernels on the CPU.
 
-Another kernel module registers its operators the same way: a body calling its launch wrappers (each launch
-written ``_launch(kernel)[grid](...)``, ``karat.kernels.fused_triton._launch``), passed to :func:`define`, and an
-autograd formula registered with ``register_autograd``.
+Another kernel module (say ``fused_window``) registers its operators the same way: its launches written
+``fused_triton._launch(kernel)[grid](...)``; a forward body and a backward body taking tensors and numbers only;
+each passed to :func:`define` under its own name; the formula registered with ``register_autograd``; an eager
+``autograd.Function`` over the same bodies chosen by :func:`_tracing`; and a tiny run of its kernels behind
+``torch.compiler.assume_constant_result`` (as :func:`builds`) before its path is chosen.
 """
 from __future__ import annotations
 
