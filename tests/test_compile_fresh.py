@@ -140,9 +140,11 @@ with FakeTensorMode(allow_non_fake_inputs=True):
     q, k, v = (torch.randn(2, 2, 65, 32, device="cuda") for _ in range(3))
     coefficients, ones = torch.randn(2, 65, 12, 6, device="cuda"), torch.ones(2, 65, 12, device="cuda")
     torch.compile(fused_pair, backend=aot_autograd(fw_compiler=record), fullgraph=True)(q, k, v, coefficients, ones)
+kernels = {op: [k.fn.__name__ for k in torch._library.triton.get_triton_kernels_for_op(op)]
+           for op in ("karat::fused_attention", "karat::fused_attention_backward")}
 print(json.dumps(dict(path=path, graphs=explained.graph_count, breaks=explained.graph_break_count,
                       reasons=[str(r.reason).splitlines()[0] for r in explained.break_reasons],
-                      disabled=fused_triton._DISABLED, forward=graphs[0], pair=graphs[1])))
+                      disabled=fused_triton._DISABLED, forward=graphs[0], pair=graphs[1], kernels=kernels)))
 """
 
 
@@ -162,13 +164,16 @@ def test_fused_triton_path_traces_with_fake_cuda_tensors():
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    forward, pair = report.pop("forward"), report.pop("pair")
+    forward, pair, kernels = report.pop("forward"), report.pop("pair"), report.pop("kernels")
     assert report == dict(path="fused (triton)", graphs=1, breaks=0, reasons=[], disabled=None), report
     assert forward.count("_phi_fwd_kernel") == 1 and "_phi_bwd_dq_kernel" not in forward, forward
     assert {"_phi_fwd_kernel", "_phi_bwd_dq_kernel", "_phi_bwd_dk_kernel"} <= set(pair), pair
     for graph in (forward, pair):  # no Fourier feature outside the kernels: no efficient or reference path
         assert not {"aten.cos.default", "aten.sin.default"} & set(graph), graph
         assert not any(name.startswith("karat.") for name in graph), graph  # decomposed for Inductor
+    # what torch's compiled-graph cache hashes for each operator: an edited kernel is not served from a stale entry
+    assert kernels == {"karat::fused_attention": ["_phi_fwd_kernel"],
+                       "karat::fused_attention_backward": ["_phi_bwd_dq_kernel", "_phi_bwd_dk_kernel"]}, kernels
 
 
 # Under TRITON_INTERPRET=1 the fused operators are opaque custom ops (Inductor cannot compile interpreted kernels),

@@ -28,7 +28,7 @@ each passed to :func:`define` under its own name; the formula registered with ``
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -39,15 +39,25 @@ from . import fused_triton as ft
 _BUILDS: Dict[Tuple, bool] = {}
 
 
-def define(name: str, fn: Callable) -> "torch._library.custom_ops.CustomOpDef":
+def define(name: str, fn: Callable, kernels: Sequence[str]) -> "torch._library.custom_ops.CustomOpDef":
     """``fn`` (tensor ops and ``_launch``-ed Triton kernels, no host sync) as the operator ``name``: a
     ``triton_op`` that ``torch.compile`` traces into; under the Triton interpreter an opaque ``custom_op`` whose fake
-    implementation is ``fn`` itself (``_launch`` skips the launches on fake tensors)."""
+    implementation is ``fn`` itself (``_launch`` skips the launches on fake tensors).
+
+    ``kernels`` names the Triton kernels ``fn`` launches (globals of ``fused_triton``): torch finds them by reading
+    ``fn``'s source, which misses launches made through helpers, and keys its compiled-graph cache on their source,
+    so that an edited kernel is not served from a stale cache entry."""
     if ft._interpreting():
         op = torch.library.custom_op(name, fn, mutates_args=())
         op.register_fake(fn)
         return op
-    return torch.library.triton_op(name, fn, mutates_args=())
+    op = torch.library.triton_op(name, fn, mutates_args=())
+    from torch._library import triton as library_triton
+
+    table = getattr(library_triton, "triton_ops_to_kernels", None)
+    if table is not None:
+        table[name] = [getattr(ft, kernel) for kernel in kernels]
+    return op
 
 
 def _coef(coefficients: Tensor, basis_scale: Tensor, base_weight: Optional[Tensor]) -> Tensor:
@@ -139,8 +149,9 @@ def _gradients(ctx, g: Tensor, backward: Callable) -> tuple:
 
 
 if ft.triton is not None:
-    fused_attention = define("karat::fused_attention", _fused_attention)
-    fused_attention_backward = define("karat::fused_attention_backward", _fused_attention_backward)
+    fused_attention = define("karat::fused_attention", _fused_attention, ["_phi_fwd_kernel"])
+    fused_attention_backward = define("karat::fused_attention_backward", _fused_attention_backward,
+                                      ["_phi_bwd_dq_kernel", "_phi_bwd_dk_kernel"])
     fused_attention.register_autograd(lambda ctx, g, *_: _gradients(ctx, g, fused_attention_backward),
                                       setup_context=_setup_context)
 
