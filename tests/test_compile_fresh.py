@@ -191,6 +191,10 @@ torch.manual_seed(0)
 model = timm.create_model("vit_tiny_patch16_224_karat", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                           num_classes=10, impl="fused", hidden_dim=4, grid=2, base_fn="nn.SiLU").train()
 reference = copy.deepcopy(model)
+core = next(m for m in model.modules() if isinstance(m, karat.KArAtCore))
+rng = torch.get_rng_state()
+path = core.choose_path(torch.zeros(2, 2, 17, 16)).describe()  # the kernels' tiny check runs here, eagerly
+rng_kept = bool(torch.equal(rng, torch.get_rng_state())) and len(fused_ops._BUILDS) == 1
 graphs = {"forward": set(), "backward": set()}
 
 
@@ -238,7 +242,7 @@ for name, extras in calls.items():
     checks[name + ", backward"] = torch.library.opcheck(fused_ops.fused_attention_backward, back)
 print(json.dumps(dict(graphs=explained.graph_count, breaks=explained.graph_break_count,
                       forward=sorted(graphs["forward"]), backward=sorted(graphs["backward"]),
-                      loss=abs(float(loss) - float(ref_loss)), grads=grads,
+                      loss=abs(float(loss) - float(ref_loss)), grads=grads, path=path, rng_kept=rng_kept,
                       opcheck={k: sorted(set(v.values())) for k, v in checks.items()})))
 """
 
@@ -259,6 +263,7 @@ def test_fused_training_step_compiles_and_its_operators_pass_opcheck_under_the_i
     assert proc.returncode == 0, proc.stderr[-6000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (report["graphs"], report["breaks"]) == (1, 0), report
+    assert report["path"] == "fused (triton)" and report["rng_kept"], report  # the build check draws no random number
     assert "karat.fused_attention.default" in report["forward"], report["forward"]
     assert "karat.fused_attention_backward.default" in report["backward"], report["backward"]
     for graph in (report["forward"], report["backward"]):

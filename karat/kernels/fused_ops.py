@@ -233,8 +233,9 @@ def _probe(device: str, dtype: str, d: int, grid: int, rank: int, features: int,
     try:
         with unset_fake_temporarily(), torch.no_grad():
             n = kh * kw if bias == "rel" else 16
-            q, k, v = (torch.randn(1, 1, n, d, device=dev).to(getattr(torch, dtype)) for _ in range(3))
-            coefficients = torch.randn(1, n, rank, features, device=dev)
+            # constants, not random draws: the check must not move the caller's random stream
+            q = k = v = torch.full((1, 1, n, d), 0.1, device=dev, dtype=getattr(torch, dtype))
+            coefficients = torch.full((1, n, rank, features), 0.1, device=dev)
             ones = torch.ones(1, n, rank, device=dev)
             dense = torch.zeros(1, 1, n, n, device=dev) if bias == "dense" else None
             rel_h, rel_w = ((torch.zeros(1, 1, n, kh, device=dev), torch.zeros(1, 1, n, kw, device=dev))
