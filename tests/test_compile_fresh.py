@@ -90,19 +90,30 @@ def test_cached_kernel_is_recognised(tmp_path):
 # On a machine without a GPU, Dynamo does not recognise Triton kernels (torch.utils._triton.has_triton() asks the CUDA
 # driver). The script says "a GPU is there" and traces with fake CUDA tensors: nothing runs, and the graphs show what
 # Inductor would compile. AOTDispatch decomposes the fused operators (karat::fused_attention and its backward,
-# torch.library.triton_op) into tensor ops and Triton launches (triton_kernel_wrapper_functional); without a GPU it
-# cannot tell which arguments a kernel writes (Triton has no driver) and assumes all of them, with a logged warning.
+# torch.library.triton_op) into tensor ops and Triton launches (triton_kernel_wrapper_functional). Which arguments a
+# kernel writes, torch reads from the kernel's Triton IR, which Triton generates for a target it asks its driver for:
+# a stand-in driver names an H100 (sm_90), as tests/test_fused_compile.py compiles for one.
 FAKE_CUDA = """
 import json
 import timm, torch
 import torch.utils._triton
+import triton
+from triton.backends.compiler import GPUTarget
 from torch._dynamo.backends.common import aot_autograd
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 from torch._subclasses.fake_tensor import FakeTensorMode
 import karat
 from karat.kernels import fused_ops, fused_triton
 
+
+
+class H100:
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
 torch.utils._triton.has_triton = lambda: True
+triton.runtime.driver.set_active(H100())
 torch.manual_seed(0)
 model = timm.create_model("vit_tiny_patch16_224_karat", img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=2,
                           num_classes=10).train()
@@ -121,12 +132,12 @@ def record(gm, inputs):
     return gm
 
 
-def fused_pair(q, k, v, coefficients, ones):
-    consts = (3, 0.125, 0.0, 1.0, 0)
-    out, hidden, saved, coef = fused_ops.fused_attention(q, k, v, coefficients, ones, ones, ones, None, None, None,
-                                                         None, *consts)
-    return fused_ops.fused_attention_backward(out, q, k, v, coefficients, ones, coef, ones, hidden, saved, None,
-                                              None, None, None, *consts, True, False)
+def fused_pair(q, k, v, coefficients, ones, bias, rel_h, rel_w, mask, spline):
+    consts = (3, 0.125, -1.0, 2.0, spline)
+    out, hidden, saved, coef = fused_ops.fused_attention(q, k, v, coefficients, ones, ones, ones, bias, rel_h, rel_w,
+                                                         mask, *consts)
+    return fused_ops.fused_attention_backward(out, q, k, v, coefficients, ones, coef, ones, hidden, saved, bias,
+                                              rel_h, rel_w, mask, *consts, True, bias is not None)
 
 
 with FakeTensorMode(allow_non_fake_inputs=True):
@@ -137,21 +148,32 @@ with FakeTensorMode(allow_non_fake_inputs=True):
     explained = torch._dynamo.explain(model)(x)
     with torch.no_grad():  # the forward graph as Inductor receives it
         torch.compile(model, backend=aot_autograd(fw_compiler=record), fullgraph=True)(x)
-    q, k, v = (torch.randn(2, 2, 65, 32, device="cuda") for _ in range(3))
-    coefficients, ones = torch.randn(2, 65, 12, 6, device="cuda"), torch.ones(2, 65, 12, device="cuda")
-    torch.compile(fused_pair, backend=aot_autograd(fw_compiler=record), fullgraph=True)(q, k, v, coefficients, ones)
+    # the operator pair alone, with what hosts pass: bf16 slices of a fused qkv, a dense bias and a padding mask;
+    # the decomposed bias, a per-query mask and B-splines of order 3
+    b, h, n = 2, 2, 12
+    qkv = torch.randn(b, n, 3, h, 32, device="cuda", dtype=torch.bfloat16).permute(2, 0, 3, 1, 4)
+    ones = torch.ones(h, n, 12, device="cuda")
+    for extras in ((torch.randn(1, h, n, n, device="cuda"), None, None, torch.rand(b, 1, 1, n, device="cuda") > 0.2,
+                    0),
+                   (None, torch.randn(b, h, n, 3, device="cuda"), torch.randn(b, h, n, 4, device="cuda"),
+                    torch.rand(1, 1, n, n, device="cuda") > 0.2, 3)):
+        torch._dynamo.reset()
+        coefficients = torch.randn(h, n, 12, 6, device="cuda")
+        torch.compile(fused_pair, backend=aot_autograd(fw_compiler=record), fullgraph=True)(*qkv, coefficients, ones,
+                                                                                            *extras)
 kernels = {op: [k.fn.__name__ for k in torch._library.triton.get_triton_kernels_for_op(op)]
            for op in ("karat::fused_attention", "karat::fused_attention_backward")}
 print(json.dumps(dict(path=path, graphs=explained.graph_count, breaks=explained.graph_break_count,
                       reasons=[str(r.reason).splitlines()[0] for r in explained.break_reasons],
-                      disabled=fused_triton._DISABLED, forward=graphs[0], pair=graphs[1], kernels=kernels)))
+                      disabled=fused_triton._DISABLED, forward=graphs[0], pairs=graphs[1:], kernels=kernels)))
 """
 
 
 @pytest.mark.slow
 def test_fused_triton_path_traces_with_fake_cuda_tensors():
     """The default impl on (fake) CUDA: one graph, no break, and the Triton kernels themselves in the graphs that
-    Inductor compiles: the forward kernel in the model's forward, the dq and dk kernels in the backward operator's.
+    Inductor compiles: the forward kernel in the model's forward, all three in the operator pair's (bf16, each kind
+    of bias and mask, B-splines), and no input written back, which would keep a CUDA graph from capturing the step.
     The model's backward is traced on the CPU through the interpreter instead (below): AOTAutograd's backward trace
     runs the autograd engine, which needs a CUDA context even for fake CUDA tensors (``hasPrimaryContext``).
     ``tests/test_gpu_fused.py`` compiles the whole training step on a GPU, with CUDA graphs too."""
@@ -164,13 +186,17 @@ def test_fused_triton_path_traces_with_fake_cuda_tensors():
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    forward, pair, kernels = report.pop("forward"), report.pop("pair"), report.pop("kernels")
+    forward, pairs, kernels = report.pop("forward"), report.pop("pairs"), report.pop("kernels")
     assert report == dict(path="fused (triton)", graphs=1, breaks=0, reasons=[], disabled=None), report
     assert forward.count("_phi_fwd_kernel") == 1 and "_phi_bwd_dq_kernel" not in forward, forward
-    assert {"_phi_fwd_kernel", "_phi_bwd_dq_kernel", "_phi_bwd_dk_kernel"} <= set(pair), pair
-    for graph in (forward, pair):  # no Fourier feature outside the kernels: no efficient or reference path
+    assert len(pairs) == 2
+    for pair in pairs:
+        assert {"_phi_fwd_kernel", "_phi_bwd_dq_kernel", "_phi_bwd_dk_kernel"} <= set(pair), pair
+    for graph in (forward, *pairs):  # no Fourier feature outside the kernels: no efficient or reference path
         assert not {"aten.cos.default", "aten.sin.default"} & set(graph), graph
         assert not any(name.startswith("karat.") for name in graph), graph  # decomposed for Inductor
+        # the kernels write only what they allocate: no input is written back (a CUDA graph would skip that)
+        assert not {"aten.copy_.default", "aten.select_scatter.default"} & set(graph), graph
     # what torch's compiled-graph cache hashes for each operator: an edited kernel is not served from a stale entry
     assert kernels == {"karat::fused_attention": ["_phi_fwd_kernel"],
                        "karat::fused_attention_backward": ["_phi_bwd_dq_kernel", "_phi_bwd_dk_kernel"]}, kernels
