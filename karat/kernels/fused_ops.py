@@ -41,13 +41,14 @@ _BUILDS: Dict[Tuple, bool] = {}
 
 def define(name: str, fn: Callable, kernels: Sequence[str]) -> "torch._library.custom_ops.CustomOpDef":
     """``fn`` (tensor ops and ``_launch``-ed Triton kernels, no host sync) as the operator ``name``: a
-    ``triton_op`` that ``torch.compile`` traces into; under the Triton interpreter an opaque ``custom_op`` whose fake
-    implementation is ``fn`` itself (``_launch`` skips the launches on fake tensors).
+    ``triton_op`` that ``torch.compile`` traces into; under the Triton interpreter (or before torch 2.6, which has no
+    ``triton_op``) an opaque ``custom_op`` whose fake implementation is ``fn`` itself (``_launch`` skips the launches
+    on fake tensors).
 
     ``kernels`` names the Triton kernels ``fn`` launches (globals of ``fused_triton``): torch finds them by reading
     ``fn``'s source, which misses launches made through helpers, and keys its compiled-graph cache on their source,
     so that an edited kernel is not served from a stale cache entry."""
-    if ft._interpreting():
+    if ft._interpreting() or ft.wrap_triton is None:
         op = torch.library.custom_op(name, fn, mutates_args=())
         op.register_fake(fn)
         return op

@@ -55,7 +55,10 @@ try:  # Triton ships with CUDA builds of torch; the core works without it.
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
 else:
-    from torch.library import wrap_triton
+    try:
+        from torch.library import wrap_triton
+    except ImportError:  # torch < 2.6: the fused operators are opaque to torch.compile (karat.kernels.fused_ops)
+        wrap_triton = None
 
 from ..bases import FourierBasis, SplineBasis
 from ..operator import KArAtOperator
@@ -119,14 +122,14 @@ def _interpreting() -> bool:
 
 def _launch(kernel):
     """``kernel`` as ``karat.kernels.fused_ops``' operators launch it: through ``wrap_triton``, so that
-    ``torch.compile`` sees the launch (eager calls go straight to Triton); under the interpreter, not at all on fake
-    tensors (the interpreter would read them), which makes the operators' bodies their own fake implementations."""
-    if not _interpreting():
+    ``torch.compile`` sees the launch (eager calls go straight to Triton); under the interpreter (or before torch
+    2.6), directly but not at all on fake tensors, which makes the operators' bodies their own fake implementations."""
+    if wrap_triton is not None and not _interpreting():
         return wrap_triton(kernel)
-    return _Interpreted(kernel)
+    return _Direct(kernel)
 
 
-class _Interpreted:
+class _Direct:
     def __init__(self, kernel) -> None:
         self.kernel = kernel
 
