@@ -141,6 +141,21 @@ def _lru_get(table: "OrderedDict[Hashable, object]", key: Hashable, make: Callab
 def _skeleton(op: KArAtOperator, num_tokens: int) -> KArAtOperator:
     """An operator for ``num_tokens`` keys without weights (its parameter slots empty): the attributes and buffers
     (frequencies, knots, a Shannon window over the keys) exactly as :func:`resample_operator` would build them."""
+    _build_skeleton(op, num_tokens)
+    ref = next(op.parameters())
+    return _lru_get(op.__dict__[_SKELETON_ATTR], (num_tokens, ref.device, ref.dtype, op.training), _no_skeleton)
+
+
+def _no_skeleton() -> KArAtOperator:
+    raise AssertionError("_build_skeleton has built it")
+
+
+@torch.compiler.assume_constant_result
+def _build_skeleton(op: KArAtOperator, num_tokens: int) -> bool:
+    """Build :func:`_skeleton`'s operator into ``op``'s table unless it is there. ``torch.compile`` runs this eagerly
+    while it traces (and keeps the answer as a constant): building a module (a forked RNG, a device context) inside
+    the traced region would break the graph there, so a compiled model's first call at a new size would fail with
+    ``fullgraph=True``; the traced code only looks the skeleton up."""
     ref = next(op.parameters())
     table = op.__dict__.setdefault(_SKELETON_ATTR, OrderedDict())
 
@@ -151,7 +166,8 @@ def _skeleton(op: KArAtOperator, num_tokens: int) -> KArAtOperator:
                 module._parameters[name] = None
         return new
 
-    return _lru_get(table, (num_tokens, ref.device, ref.dtype), make)
+    _lru_get(table, (num_tokens, ref.device, ref.dtype, op.training), make)
+    return True
 
 
 def _with_parameters(skeleton: nn.Module, tensors: Dict[str, torch.Tensor], prefix: str = "") -> nn.Module:

@@ -203,28 +203,43 @@ def test_universal_model_step_matches_reference():
     assert compared >= 2  # the shared operator's tensors got gradients from both blocks
 
 
-@pytest.mark.skipif(INTERPRET, reason="Dynamo traces into Triton's interpreter; this needs real CUDA kernels")
-def test_fused_model_under_torch_compile_matches_eager():
-    """``torch.compile`` (Inductor) of a KArAt ViT on the fused path: the loss and every gradient equal eager
-    mode's. Compiling the step is how a user removes the host's per-op cost at small widths
-    (benchmarks/README.md, "Host cost per layer"); graph breaks at the kernels are allowed, wrong numbers are not."""
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_fused_model_under_torch_compile_matches_eager(mode):
+    """``torch.compile(fullgraph=True)`` of a KArAt ViT training step on the fused path, Inductor in its default mode
+    and with CUDA graphs (``reduce-overhead``): one graph, no step left out of the CUDA graphs, and the loss and every
+    gradient of eager mode. The fused operators (``karat.kernels.fused_ops``) are decomposed into tensor ops and
+    Triton launches that Inductor compiles with the step. Under the interpreter (CPU), ``aot_eager`` calls the
+    operators as they are; CUDA graphs need CUDA."""
     import timm
+    from torch._dynamo.utils import counters
 
+    if INTERPRET and mode != "default":
+        pytest.skip("CUDA graphs need a CUDA device")
     kw = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=5, grid=2, hidden_dim=8)
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224_karat", impl="fused", **kw).to(DEVICE)
     x = torch.randn(4, 3, 32, 32, device=DEVICE)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager" if INTERPRET else "inductor",
+                             **({} if INTERPRET else dict(mode=mode)))
     results = []
-    for fn in (model, torch.compile(model)):
-        model.zero_grad(set_to_none=True)
-        loss = fn(x).square().mean()
-        loss.backward()
-        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (eager_loss, eager), (loss, compiled) = results
+    for fn, steps in ((model, 1), (compiled, 3)):  # CUDA graphs: warm-up, recording, then a replay
+        for _ in range(steps):
+            if mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()
+            model.zero_grad(set_to_none=True)
+            loss = fn(x).square().mean()
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.item(), grads))
+    (eager_loss, eager), (loss, compiled_grads) = results
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
     assert abs(loss - eager_loss) <= TOLERANCE[torch.float32] * abs(eager_loss) + 1e-6
-    assert compiled.keys() == eager.keys() and any("karat" in n for n in eager)
+    assert compiled_grads.keys() == eager.keys() and any("karat" in n for n in eager)
     for n, g in eager.items():
-        assert _rel_err(compiled[n], g) <= TOLERANCE[torch.float32] * 2, n
+        assert _rel_err(compiled_grads[n], g) <= TOLERANCE[torch.float32] * 2, n
 
 
 COMPILE = """

@@ -59,3 +59,24 @@ def test_every_stage_runs_tiny_on_the_cpu(tmp_path):
     # A stage already in the folder is not overwritten silently.
     again = _suite("--cpu", "--out", str(out), "--stage", "env", timeout=120)
     assert again.returncode != 0 and "--overwrite" in again.stderr
+
+
+def test_bench_plan_has_compiled_and_cuda_graph_rows_for_softmax_and_karat():
+    """The bench stage ends with the ViT training step compiled by Inductor, in its default mode and with CUDA graphs
+    (``reduce-overhead``), softmax and the fused KArAt path alike; each mode's rows get their ratio to softmax
+    compiled the same way."""
+    from tools import benchmark, gpu_suite
+
+    cases = gpu_suite.compiled_cases("cuda")
+    plan = {(c["model"], c["impl"], c["compile"], c.get("compile_mode")) for c in cases}
+    assert plan == {(m, i, "inductor", mode) for m in ("tiny", "small") for i in ("softmax", "fused")
+                    for mode in (None, "reduce-overhead")}
+    assert all(c["level"] == "model" and c["warmup"] >= 3 for c in cases)  # compile, recompile, record the graphs
+    timed = [dict(c, seconds=1.0, peak_mb=10.0, path="x",
+                  items_per_s=(2.0 if c["impl"] == "fused" else 4.0) * (3 if c.get("compile_mode") else 1))
+             for c in cases if c["model"] == "tiny"]
+    rows = {line.split("|")[5].strip(): line for line in benchmark.table(timed).splitlines()[2:]}
+    assert set(rows) == {"softmax + compile (inductor)", "fused + compile (inductor)",
+                         "softmax + compile (inductor, reduce-overhead)", "fused + compile (inductor, reduce-overhead)"}
+    assert "| 0.50x |" in rows["fused + compile (inductor, reduce-overhead)"]  # against softmax with CUDA graphs
+    assert "| 0.50x |" in rows["fused + compile (inductor)"]

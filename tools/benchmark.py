@@ -106,6 +106,8 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
         y = torch.randint(0, 1000, (batch,), device=device)
 
         def step():
+            if case.get("compile_mode") == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the last one's graph outputs are done
             loss = torch.nn.functional.cross_entropy(forward(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -153,14 +155,15 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _compiled(module, case: Dict[str, Any]):
-    """``torch.compile(module, backend=case["compile"])`` where the case asks for it (``--compile``), else module:
-    compiling the step takes the host's per-op cost out, which dominates small widths on a GPU."""
+    """``torch.compile(module, backend=case["compile"], mode=case["compile_mode"])`` where the case asks for it
+    (``--compile``, ``--compile-mode``), else module: compiling the step takes the host's per-op cost out, which
+    dominates small widths on a GPU; ``reduce-overhead`` replays the step's kernels as CUDA graphs."""
     if not case.get("compile"):
         return module
     import torch
 
     torch._dynamo.reset()
-    return torch.compile(module, backend=case["compile"])
+    return torch.compile(module, backend=case["compile"], mode=case.get("compile_mode"))
 
 
 # Host attentions against each host's own softmax model: detectron2's ViTDet ViT-Tiny backbone at 512 px (window
@@ -241,12 +244,14 @@ def spawn(case: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def label(r: Dict[str, Any]) -> str:
-    """The impl column: the impl, and the torch.compile backend where the case was compiled."""
-    return r["impl"] + (f" + compile ({r['compile']})" if r.get("compile") else "")
+    """The impl column: the impl, and the torch.compile backend (and mode) where the case was compiled."""
+    how = ", ".join(filter(None, (r.get("compile"), r.get("compile_mode"))))
+    return r["impl"] + (f" + compile ({how})" if r.get("compile") else "")
 
 
 def table(results: List[Dict[str, Any]]) -> str:
-    key = lambda r: (r["level"], r["model"], r.get("tokens"), r["batch"], r.get("compile"))  # noqa: E731
+    key = lambda r: (r["level"], r["model"], r.get("tokens"), r["batch"], r.get("compile"),  # noqa: E731
+                     r.get("compile_mode"))
     softmax = {key(r): r for r in results if r["impl"] == "softmax" and "error" not in r}
     reference = {key(r): r for r in results if r["impl"] == "reference" and "error" not in r}
     model_level = any(r["level"] == "model" for r in results)
@@ -300,6 +305,8 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--compile", metavar="BACKEND", default=None,
                    help="torch.compile every case's module with this backend (inductor, aot_eager); ratios compare "
                         "compiled with compiled")
+    p.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs)")
     p.add_argument("--json", type=Path, help="write the results here (refuses to overwrite an existing file)")
     args = p.parse_args(argv)
     if args.case:
@@ -316,7 +323,7 @@ def main(argv: List[str] | None = None) -> int:
         return 0
     impls = args.impl or [i for i in IMPLS if i != "auto" and (i != "fused" or args.device.startswith("cuda"))]
     cases = make_cases(args.level, args.model, args.tokens, args.batch, impls, args.grid, args.device, args.repeat,
-                       args.warmup, args.profile, args.compile)
+                       args.warmup, args.profile, args.compile, args.compile_mode)
     results = run_rounds(cases, args.rounds)
     meta = environment(args.device)
     print()
@@ -330,15 +337,16 @@ def main(argv: List[str] | None = None) -> int:
 
 def make_cases(level: str, models: List[str], tokens: List[int], batch: int, impls: List[str], grid: int | None,
                device: str, repeat: int, warmup: int, profile: int = 0,
-               compile_backend: Optional[str] = None) -> List[Dict[str, Any]]:
+               compile_backend: Optional[str] = None, compile_mode: Optional[str] = None) -> List[Dict[str, Any]]:
     """One case per (model, token count, implementation); the model level always has 197 tokens, the host level
-    its host's (``HOSTS``). A compiled case warms up at least 3 steps (the first ones compile and recompile)."""
+    its host's (``HOSTS``). A compiled case warms up at least 3 steps (the first ones compile, recompile and, with
+    ``reduce-overhead``, record the CUDA graphs)."""
     def token_counts(model: str) -> List[int]:
         return tokens if level == "attention" else [HOSTS[model]["tokens"]] if level == "host" else [197]
 
     return [dict(level=level, model=model, tokens=n, batch=batch, impl=impl, grid=grid, device=device,
                  repeat=repeat, warmup=max(3 if compile_backend else 1, warmup), profile=profile,
-                 compile=compile_backend)
+                 compile=compile_backend, **({"compile_mode": compile_mode} if compile_mode else {}))
             for model in models for n in token_counts(model) for impl in impls]
 
 

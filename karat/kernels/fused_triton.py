@@ -27,8 +27,9 @@ The same three kernels serve every variant through compile-time flags:
 The host's side is kept small, because at ViT-Tiny widths a GPU step waits on the host (``tools/host_ops.py``):
 ``q`` and ``k`` are read in place through their batch, head and token strides (timm's slices of the fused qkv
 projection, no copies), the softmax scale is applied in-kernel, the coefficients are read in their own layout, and
-the whole ``sigma(S) V`` (kernels, coefficient scaling, rank expansion ``H (W^T V)``) is one autograd node whose
-gradients are written out in :class:`_FusedAttention`.
+the whole ``sigma(S) V`` (kernels, coefficient scaling, rank expansion ``H (W^T V)``) is one operator and one
+autograd node whose gradients are written out (``karat.kernels.fused_ops``, which registers them for
+``torch.compile`` and CUDA graphs; the launches below go through :func:`_launch` for that).
 
 Precision per product: ``q k^T`` runs on tensor cores as three TF32 products for fp32 q, k (about fp32's error,
 which the frequencies ``g <= G`` multiply) and as one for bf16 / fp16 (their values are exact in TF32); the
@@ -39,7 +40,8 @@ configuration (tile sizes, warps, pipeline stages) comes from :func:`launch_conf
 count, rank, dtype, options and N bucket, chosen from the offline table of registers, spills and instructions per
 logit (``python -m tools.kernel_table``, benchmarks/gpu_kernel_table.md); ``tests/test_fused_compile.py``
 compiles every shipped variant for sm_80 and sm_90 without a GPU and fails on a spill or a shared-memory overrun.
-What the kernels do not serve, :func:`supports` names in one line; ``karat.kernels.choose`` then takes the
+What the kernels do not serve, or a variant whose kernels fail to build here (tried once, before any
+trace), :func:`supports` names in one line; ``karat.kernels.choose`` then takes the
 efficient path. Tested on the CPU with ``TRITON_INTERPRET=1``, and on an H100 by ``tests/test_gpu_fused.py``.
 """
 from __future__ import annotations
@@ -57,6 +59,11 @@ try:  # Triton ships with CUDA builds of torch; the core works without it.
     from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
+else:
+    try:
+        from torch.library import wrap_triton
+    except ImportError:  # torch < 2.6: the fused operators are opaque to torch.compile (karat.kernels.fused_ops)
+        wrap_triton = None
 
 from ..bases import FourierBasis, SplineBasis
 from ..operator import KArAtOperator
@@ -107,6 +114,8 @@ def supports(op: KArAtOperator, q: torch.Tensor, bias: Optional[Bias],
         return "the key mask must be boolean"
     if not (q.is_cuda or _interpreting()):
         return "the fused kernels run on CUDA (or under TRITON_INTERPRET=1)"
+    if not fused_ops.builds(fused_ops.variant(op, q, bias, key_mask)):  # settled before any trace or capture
+        return f"the fused kernels failed to build in this process ({_DISABLED})"
     return None
 
 
@@ -114,6 +123,25 @@ def _interpreting() -> bool:
     import os
 
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _launch(kernel):
+    """``kernel`` as ``karat.kernels.fused_ops``' operators launch it: through ``wrap_triton``, so that
+    ``torch.compile`` sees the launch (eager calls go straight to Triton); under the interpreter (or before torch
+    2.6), directly but not at all on fake tensors, which makes the operators' bodies their own fake implementations."""
+    if wrap_triton is not None and not _interpreting():
+        return wrap_triton(kernel)
+    return _Direct(kernel)
+
+
+class _Direct:
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:  # a fake implementation
+            return lambda *args, **kwargs: None
+        return self.kernel[grid]
 
 
 if triton is not None:
@@ -477,11 +505,19 @@ class _Extras:
     arguments (Fourier, or B-spline knots)."""
 
     def __init__(self, q: torch.Tensor, bias: Optional[torch.Tensor], rel_h: Optional[torch.Tensor],
-                 rel_w: Optional[torch.Tensor], mask: Optional[torch.Tensor], layer: nn.Module, grid: int) -> None:
+                 rel_w: Optional[torch.Tensor], mask: Optional[torch.Tensor], layer: Optional[nn.Module], grid: int,
+                 basis: Optional[Tuple[float, float, int, bool]] = None) -> None:
+        # the basis from the KAN layer, or (lo, 1 / h, B-spline order or 0, has_base) where there is no layer (in
+        # the operators of karat.kernels.fused_ops, which take numbers)
         b, h, n, _ = q.shape
-        lo, inv_h, spline, base_row = _basis_args(layer, grid)
+        if layer is not None:
+            lo, inv_h, spline, base_row = _basis_args(layer, grid)
+            has_base = layer.has_base
+        else:
+            lo, inv_h, spline, has_base = basis
+            base_row = grid + spline if spline else 2 * grid
         self.flags = dict(HAS_BIAS=bias is not None, HAS_REL=rel_h is not None, HAS_MASK=mask is not None,
-                          HAS_BASE=layer.has_base, SPLINE=spline, BROW=base_row)
+                          HAS_BASE=has_base, SPLINE=spline, BROW=base_row)
         bias4 = bias.expand(b, h, n, n) if bias is not None else None
         mask4 = mask.view(torch.uint8).expand(b, h, n, n) if mask is not None else None  # a view, no copy
         self.kh, self.kw = (rel_h.shape[-1], rel_w.shape[-1]) if rel_h is not None else (1, 1)
@@ -504,7 +540,7 @@ def _phi_forward(q: torch.Tensor, k: torch.Tensor, coef: torch.Tensor, ex: _Extr
     r = coef.shape[2]
     cfg = launch_config("_phi_fwd_kernel", d, coef.shape[3], r, q.dtype, n, ex.flags)
     out = torch.empty(b, h, n, r, device=q.device, dtype=torch.float32)
-    _phi_fwd_kernel[(triton.cdiv(n, cfg["BM"]), b * h)](
+    _launch(_phi_fwd_kernel)[(triton.cdiv(n, cfg["BM"]), b * h)](
         q, k, coef, out, *ex.pointers, n, r, scale, *_qk_strides(q, k), *_coef_strides(coef),
         out.stride(1), out.stride(2), h, *ex.scalars, D=d, G=grid, RP=_pad(r), **cfg, DOT=DOT_PRECISION,
         **ex.flags)
@@ -526,102 +562,14 @@ def _phi_backward(q, k, coef, bias, rel_h, rel_w, ex: _Extras, grid: int, scale:
     drw = torch.empty_like(rel_w, dtype=torch.float32) if rel_w is not None else q
     common = dict(D=d, G=grid, RP=_pad(r), DOT=DOT_PRECISION, **ex.flags)
     strides = (*_qk_strides(q, k), *_coef_strides(coef), dh.stride(1), dh.stride(2))
-    _phi_bwd_dq_kernel[(triton.cdiv(n, cfg_q["BM"]), b * h)](
+    _launch(_phi_bwd_dq_kernel)[(triton.cdiv(n, cfg_q["BM"]), b * h)](
         q, k, coef, dh, dq, *ex.pointers, db, drh, drw, n, r, scale, *strides, h, *ex.scalars,
         BIAS_GRAD=need_bias, KHP=_pad(ex.kh), KWP=_pad(ex.kw), **cfg_q, **common)
-    _phi_bwd_dk_kernel[(triton.cdiv(n, cfg_k["BN"]), b * h)](
+    _launch(_phi_bwd_dk_kernel)[(triton.cdiv(n, cfg_k["BN"]), b * h)](
         q, k, coef, dh, dk, dc, *ex.pointers, n, r, scale, *strides, dc.stride(1), dc.stride(2), dc.stride(4),
         dc.stride(3), h, *ex.scalars, **cfg_k, **common)
     return (dq, dk, dc[0] if b == 1 else dc.sum(0), efficient._sum_to(db, bias.shape) if need_bias else None,
             None if rel_h is None else drh, None if rel_w is None else drw)
-
-
-def _phi_backward_efficient(q, k, coef, bias, rel_h, rel_w, mask, layer: nn.Module, scale: float,
-                            dh: torch.Tensor) -> tuple:
-    """The same gradients through the efficient path's blockwise recomputation (autograd over it): what runs
-    when a backward kernel fails to build. ``coef`` is (H, N, r, M); the efficient path takes its transpose."""
-    coef = coef.transpose(-1, -2)
-    with torch.enable_grad():
-        inputs = [t.detach().requires_grad_() if t is not None else None for t in (q, k, coef, bias, rel_h, rel_w)]
-        qd, kd, cd, bd, rh, rw = inputs
-        dense = bd if rh is None else (rh[..., :, None] + rw[..., None, :]).flatten(-2)
-        block = efficient.block_size(q.shape[0] * q.shape[1] * q.shape[2], coef.shape[2], q.shape[2], q.device)
-        hidden = efficient._ReduceKeysFromQK.apply(qd.float(), kd.float(), dense, cd, layer, mask, block, scale)
-        used = [t for t in inputs if t is not None]
-        grads = iter(torch.autograd.grad(hidden, used, dh, allow_unused=True))
-        dq, dk, dc, *rest = (next(grads) if t is not None else None for t in inputs)
-        return (dq, dk, dc.transpose(-1, -2), *rest)
-
-
-class _FusedAttention(torch.autograd.Function):
-    """``sigma(S) V = ((Phi(S) W^T) * mask) V`` for ``phi1_w2`` as one autograd node: ``Phi(S)`` by the Triton
-    kernels, the coefficient scaling and the rank expansion ``H (W^T V)`` by a few tensor ops whose gradients are
-    written out here. One node instead of a dozen keeps the host's share of a step small (at ViT-Tiny widths the
-    GPU waits on the host: benchmarks/README.md, "Host cost per layer"). A backward kernel that fails to build
-    falls back to the efficient path's recomputation."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, coefficients, basis_scale, base_weight, weight, bias, rel_h, rel_w, mask, layer, grid,
-                scale):
-        # q, k, v: (B, H, N, d), any strides with a contiguous last dim (q, k read in place; v in fp32);
-        # coefficients (H, N, r, M), basis_scale / base_weight / weight (H, N, r); bias: fp32 broadcastable to
-        # (B, H, N, N) or None; rel_h / rel_w: contiguous fp32 (B, H, N, k_h / k_w) or None; mask: bool or None
-        q, k = _rowwise(q), _rowwise(k)
-        v, weight32 = v.float(), weight.float()
-        coef = coefficients.float() * basis_scale.float().unsqueeze(-1)  # (H, N, r, M), read through its strides
-        if base_weight is not None:
-            coef = torch.cat([coef, base_weight.float().unsqueeze(-1)], dim=-1)
-        ex = _Extras(q, bias, rel_h, rel_w, mask, layer, grid)
-        hidden = _phi_forward(q, k, coef, ex, grid, scale)
-        key_level = efficient._is_key_level(mask)
-        if key_level:  # H (W^T V): linear in N
-            vm = efficient._masked_rows(v, mask)
-            u = weight32.transpose(-1, -2) @ vm  # (B, H, r, d)
-            out = hidden @ u
-            ctx.save_for_backward(q, k, vm, coefficients, basis_scale, coef, weight32, hidden, u, bias, rel_h,
-                                  rel_w, mask)
-        else:  # a per-query mask (shifted windows) needs the N x N product
-            sigma = (hidden @ weight32.transpose(-1, -2)) * mask
-            out = sigma @ v
-            ctx.save_for_backward(q, k, v, coefficients, basis_scale, coef, weight32, hidden, sigma, bias, rel_h,
-                                  rel_w, mask)
-        ctx.layer, ctx.grid, ctx.scale, ctx.key_level = layer, grid, scale, key_level
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        q, k, vm, coefficients, basis_scale, coef, weight, hidden, u_or_sigma, bias, rel_h, rel_w, mask = \
-            ctx.saved_tensors
-        g = g.float()
-        need = ctx.needs_input_grad
-        if ctx.key_level:
-            u = u_or_sigma
-            dh = (g @ u.transpose(-1, -2)).contiguous()
-            du = hidden.transpose(-1, -2) @ g  # (B, H, r, d)
-            dv = efficient._masked_rows(weight @ du, mask) if need[2] else None
-            dw = (vm @ du.transpose(-1, -2)).sum(0) if need[6] else None
-        else:
-            sigma = u_or_sigma
-            dsigma = (g @ vm.transpose(-1, -2)) * mask
-            dh = (dsigma @ weight).contiguous()
-            dv = sigma.transpose(-1, -2) @ g if need[2] else None
-            dw = (dsigma.transpose(-1, -2) @ hidden).sum(0) if need[6] else None
-        ex = _Extras(q, bias, rel_h, rel_w, mask, ctx.layer, ctx.grid)
-        need_bias = bias is not None and need[7]
-        try:
-            dq, dk, dc, db, drh, drw = _phi_backward(q, k, coef, bias, rel_h, rel_w, ex, ctx.grid, ctx.scale, dh,
-                                                     need_bias)
-        except Exception as e:  # noqa: BLE001  a backward kernel that fails to build must not end the run
-            disable(f"backward: {type(e).__name__}: {e}")
-            dq, dk, dc, db, drh, drw = _phi_backward_efficient(q, k, coef, bias, rel_h, rel_w, mask, ctx.layer,
-                                                               ctx.scale, dh)
-        m = coefficients.shape[-1]
-        dc_basis = dc[..., :m]  # (H, N, r, M), the coefficients' layout
-        dcoefficients = dc_basis * basis_scale.float().unsqueeze(-1) if need[3] else None
-        dscale = (dc_basis * coefficients.float()).sum(-1) if need[4] else None
-        dbase = dc[..., m] if need[5] else None
-        return (dq, dk, dv, dcoefficients, dscale, dbase, dw, db, drh, drw, None, None, None, None)
 
 
 def _coef_strides(coef: torch.Tensor) -> Tuple[int, int, int]:
@@ -646,9 +594,10 @@ def attend(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         rel_h, rel_w = (upcast(t).contiguous() for t in (bias.rel_h, bias.rel_w))
     elif bias is not None:
         dense = upcast(bias)
-    with autocast_off(q.device.type):
-        out = _FusedAttention.apply(q, k, v, phi.basis.coefficients, phi.basis_scale, phi.base_weight, op.weight,
-                                    dense, rel_h, rel_w, key_mask, phi, op.cfg.grid, float(scale))
+    lo, inv_h, spline, _ = _basis_args(phi, op.cfg.grid)
+    with autocast_off(q.device.type):  # one operator, one autograd node (karat.kernels.fused_ops)
+        out = fused_ops.attention(q, k, v, phi.basis.coefficients, phi.basis_scale, phi.base_weight, op.weight,
+                                  dense, rel_h, rel_w, key_mask, op.cfg.grid, float(scale), lo, inv_h, spline)
     return out.to(dtype)
 
 
@@ -719,3 +668,6 @@ def compile_offline(arch: int, head_dim: int, grid: int, rank: int, dtype: str =
                 raise RuntimeError(f"{name} for sm_{arch} (head_dim {head_dim}, G {grid}, {dtype}, {flags}, "
                                    f"{cfg}, {options}): {used} bytes of shared memory, limit {limit}")
     return shared if space else {name: used[0] for name, used in shared.items()}
+
+
+from . import fused_ops  # noqa: E402  the operators around the launch wrappers above
