@@ -487,6 +487,7 @@ def launch_config(kernel: str, head_dim: int, features: int, rank: int, dtype, n
     :func:`config_space` (deterministic, which the interpreter always takes)."""
     dtype = dtype if isinstance(dtype, str) else _dtype_name(dtype)
     flags = _flag_names(flags)
+    head_dim, features, rank = int(head_dim), int(features), int(rank)  # shapes may be SymInts while tracing
     tuned = _TUNED.get((kernel, head_dim, features, _pad(rank), dtype, flags, n_bucket(n)))
     return dict(tuned or config_space(kernel, head_dim, features, rank, dtype, flags)[0])
 
