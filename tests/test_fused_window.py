@@ -1,0 +1,193 @@
+"""The whole-window Triton kernels (``karat.kernels.fused_window``): values and every gradient against the reference
+path through Triton's interpreter on the CPU, a whole timm Swin, and the dispatch that sends CUDA windows of at most
+64 keys to them with ``impl="auto"``.
+
+``TRITON_INTERPRET=1`` must be set before Triton is imported, so the kernel checks run in a fresh process.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import require_triton
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (name, batch x windows, heads, N, head_dim, G, r, config, bias, mask, dtype, windows per program or 0 for the
+# default): Swin's 7 x 7 window with its bias table and shifted-window mask (several windows per program, the last
+# program short), the largest window (64) with B-splines and the SiLU base, a small odd window with key padding and
+# strided q, k, v (timm's fused qkv), a bias per window, and half precision.
+CASES = [
+    ("swin-49", 7, 2, 49, 16, 2, 5, {}, "table", "query", "float32", 3),
+    ("swin-49-bf16", 4, 2, 49, 32, 3, 12, {}, "table", "query", "bfloat16", 0),
+    ("n64-bspline-base", 3, 2, 64, 16, 3, 5, dict(basis_type="SplineBasis", order=2, grid_range=(-2.0, 1.5),
+                                                   base_fn="nn.SiLU"), "table", "query", "float32", 2),
+    ("n64-bspline-bf16", 2, 2, 64, 16, 4, 5, dict(basis_type="SplineBasis"), None, "key", "bfloat16", 0),
+    ("n9-qkv-base", 3, 2, 9, 16, 3, 12, dict(base_fn="nn.SiLU"), None, "key", "float32", 2),
+    ("n25-bias-per-window-fp16", 3, 2, 25, 16, 2, 5, {}, "per-window", None, "float16", 2),
+]
+TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
+
+KERNEL_CHECK = textwrap.dedent("""
+    import copy, json, sys, time
+    import torch
+    from karat import KArAtConfig, KArAtCore
+    from karat.kernels import fused_window
+
+    def check(name, batch, heads, n, d, grid, r, extra, bias_kind, mask_kind, dtype, wpp):
+        torch.manual_seed(0)
+        dtype = getattr(torch, dtype)
+        cfg = KArAtConfig(grid=grid, hidden_dim=r, **extra)
+        ref = KArAtCore(heads, n, cfg.replace(impl="reference"))
+        fus = KArAtCore(heads, n, cfg.replace(impl="fused"), operator_factory=lambda *_: ref.operator)
+        with torch.no_grad():  # trained-looking coefficients, not the small initial ones
+            for p in ref.operator.parameters():
+                p.mul_(4.0)
+        bias = None
+        if bias_kind == "table":  # Swin's: one (1, H, N, N) table for every window, with its gradient
+            bias = (torch.randn(1, heads, n, n) * 0.5).requires_grad_()
+        elif bias_kind == "per-window":
+            bias = (torch.randn(batch, 1, n, n) * 0.5).requires_grad_()
+        mask = None
+        if mask_kind == "query":  # shifted windows: (B, 1, N, N), every query keeps itself
+            mask = (torch.rand(batch, 1, n, n) > 0.3) | torch.eye(n, dtype=torch.bool)
+        elif mask_kind == "key":
+            mask = torch.rand(batch, 1, 1, n) > 0.2
+        if "qkv" in name:  # timm's fused qkv: q, k, v are strided views
+            qkv = torch.randn(batch, n, 3, heads, d).to(dtype).permute(2, 0, 3, 1, 4)
+            q, k, v = (t.detach().requires_grad_() for t in qkv.unbind(0))
+            assert not q.is_contiguous()
+        else:
+            q, k, v = (torch.randn(batch, heads, n, d).to(dtype).requires_grad_() for _ in range(3))
+        choice = fus.choose_path(q, bias, mask)
+        assert choice.detail == fused_window.DETAIL, choice
+        if wpp:
+            fused_window.TARGET_PROGRAMS = batch * heads // wpp
+            assert fused_window.windows_per_program(batch * heads) == wpp
+        out = fus(q, k, v, bias=bias, key_mask=mask)
+        fused_window.TARGET_PROGRAMS = 1024
+        params = [p for p in ref.operator.parameters() if p.requires_grad]
+        leaves = [q, k, v] + ([bias] if bias is not None else []) + params
+        g = torch.randn(out.shape)
+        grads = torch.autograd.grad(out, leaves, g.to(out.dtype))
+        # the reference in float64 from the same (rounded) inputs: only the computation is judged
+        ref64 = copy.deepcopy(ref).double()
+        leaves64 = [t.detach().double().requires_grad_() for t in leaves[:len(leaves) - len(params)]]
+        params64 = [p for p in ref64.operator.parameters() if p.requires_grad]
+        out64 = ref64(*leaves64[:3], bias=leaves64[3] if bias is not None else None, key_mask=mask)
+        grads64 = torch.autograd.grad(out64, leaves64 + params64, g.double())
+        names = ["out", "dq", "dk", "dv"] + (["dbias"] if bias is not None else []) + [
+            nm for nm, p in ref.operator.named_parameters() if p.requires_grad]
+        errors = {nm: ((a.double() - b).abs().max() / b.abs().max()).item()
+                  for nm, a, b in zip(names, (out, *grads), (out64, *grads64))}
+        assert out.dtype == dtype and all(t.dtype == dtype for t in grads[:3])
+        return errors
+
+    start = time.time()
+    report = {case[0]: check(*case) for case in json.loads(sys.argv[1])}
+    print(json.dumps(dict(errors=report, seconds=time.time() - start)))
+""")
+
+
+@pytest.mark.slow
+def test_window_kernels_match_float64_reference_under_the_interpreter():
+    """Output and every gradient (q, k, v, the bias, the coefficients, their scalers, the base and rank weights) of
+    the whole-window kernels, run by Triton's interpreter, against the reference path in float64."""
+    require_triton()
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
+        "PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", KERNEL_CHECK, json.dumps(CASES)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(report["errors"]) == sorted(c[0] for c in CASES)
+    for name, *_, dtype, _wpp in CASES:
+        errors = report["errors"][name]
+        assert {"out", "dq", "dk", "dv", "weight", "phi.basis.coefficients", "phi.basis_scale"} <= set(errors), name
+        bad = {k: v for k, v in errors.items() if not v <= TOLERANCE[dtype]}
+        assert not bad, f"{name}: relative error over {TOLERANCE[dtype]:g}: {bad}"
+
+
+SWIN = textwrap.dedent("""
+    import json
+    import timm, torch
+    import karat  # noqa: F401
+    from karat import KArAtCore
+    from karat.kernels import fused_window
+
+    kw = dict(img_size=28, patch_size=2, window_size=7, embed_dim=32, depths=(2,), num_heads=(2,), num_classes=3,
+              grid=2, hidden_dim=5, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    fus = timm.create_model("swin_tiny_patch4_window7_224_karat", impl="fused", **kw)
+    ref = timm.create_model("swin_tiny_patch4_window7_224_karat", impl="reference", **kw)
+    ref.load_state_dict(fus.state_dict())
+    paths = []
+    real = fused_window.attend
+    def spy(op, q, k, v, bias=None, key_mask=None, scale=1.0):
+        paths.append([list(q.shape), bias is not None, key_mask is not None and key_mask.shape[-2] > 1])
+        return real(op, q, k, v, bias, key_mask, scale)
+    fused_window.attend = spy
+    x = torch.randn(1, 3, 28, 28)
+    losses, grads = [], []
+    for model in (fus, ref):
+        loss = model(x).square().mean()
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    err = max(((grads[0][n] - g).abs().max() / g.abs().max().clamp_min(1e-12)).item() for n, g in grads[1].items())
+    print(json.dumps(dict(losses=losses, paths=paths, same_params=sorted(grads[0]) == sorted(grads[1]),
+                          grad_error=err)))
+""")
+
+
+@pytest.mark.slow
+def test_swin_with_fused_window_kernels_matches_reference():
+    """A timm KArAt Swin (7 x 7 windows, one plain and one shifted block, relative-position bias tables) with
+    ``impl="fused"`` runs every window attention on the whole-window kernels, and its loss and every parameter
+    gradient (the bias tables' included) equal the reference path's."""
+    require_triton()
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
+        "PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", SWIN], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["paths"] == [[[4, 2, 49, 16], True, False], [[4, 2, 49, 16], True, True]], report["paths"]
+    assert abs(report["losses"][0] - report["losses"][1]) <= 1e-5 * abs(report["losses"][1]) + 1e-7, report
+    assert report["same_params"] and report["grad_error"] < 1e-4, report
+
+
+def test_auto_takes_the_window_kernels_for_small_cuda_windows():
+    """With fake CUDA tensors (nothing runs): ``impl="auto"`` sends windows of at most 64 keys, with Swin's bias
+    table and shifted-window mask, to the whole-window kernels (softmax's memory) instead of materialising
+    sigma(S); 65 keys, a decomposed bias and head_dim 256 go to the flash-style kernels."""
+    require_triton()
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from karat import KArAtConfig, KArAtCore, kernels
+    from karat.kernels import fused_window
+    from karat.relpos import DecomposedRelPos
+
+    cfg = KArAtConfig()  # impl="auto"
+    assert cfg.impl == "auto"
+    cores = {n: KArAtCore(3, n, cfg) for n in (9, 49, 64, 65)}
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for n, core in cores.items():
+            q = torch.empty(8, 3, n, 32, device="cuda")
+            bias = torch.empty(1, 3, n, n, device="cuda")
+            mask = torch.empty(8, 1, n, n, dtype=torch.bool, device="cuda")
+            choice = core.choose_path(q, bias, mask)
+            expected = kernels.Choice("fused", fused_window.DETAIL if n <= 64 else "triton")
+            assert choice == expected, (n, choice)
+        q = torch.empty(8, 3, 49, 32, device="cuda")
+        rel = DecomposedRelPos(torch.empty(8, 3, 49, 7, device="cuda"), torch.empty(8, 3, 49, 7, device="cuda"))
+        assert cores[49].choose_path(q, rel).detail == "triton"
+        wide = torch.empty(8, 3, 49, 256, device="cuda")
+        assert cores[49].choose_path(wide).detail == "triton"
+        assert "head_dim 256 > 128" in fused_window.supports(cores[49].operator, wide, None, None)
+    assert kernels.REFERENCE_MAX_TOKENS[fused_window.DETAIL] == 0 and kernels.REFERENCE_MAX_TOKENS["triton"] == 0
