@@ -64,7 +64,7 @@ KERNEL_CHECK = textwrap.dedent("""
         else:
             q, k, v = (torch.randn(batch, heads, n, d).to(dtype).requires_grad_() for _ in range(3))
         choice = fus.choose_path(q, bias, mask)
-        assert choice.detail == fused_window.DETAIL, choice
+        assert choice.detail == fused_window.DETAIL or name == "fallback", choice
         if wpp:
             fused_window.TARGET_PROGRAMS = batch * heads // wpp
             assert fused_window.windows_per_program(batch * heads) == wpp
@@ -89,7 +89,18 @@ KERNEL_CHECK = textwrap.dedent("""
 
     start = time.time()
     report = {case[0]: check(*case) for case in json.loads(sys.argv[1])}
-    print(json.dumps(dict(errors=report, seconds=time.time() - start)))
+
+    def broken(*args):
+        raise RuntimeError("backward kernel failed to compile")
+
+    fused_window._backward = broken  # the backward falls back to autograd through the reference path
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fallback = check("fallback", 2, 2, 49, 16, 2, 5, dict(base_fn="nn.SiLU"), "table", "query", "float32", 0)
+    assert any("whole-window kernels disabled" in str(w.message) for w in caught)
+    assert fused_window._DISABLED is not None
+    print(json.dumps(dict(errors=report, fallback=fallback, seconds=time.time() - start)))
 """)
 
 
@@ -105,6 +116,7 @@ def test_window_kernels_match_float64_reference_under_the_interpreter():
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert sorted(report["errors"]) == sorted(c[0] for c in CASES)
+    assert max(report["fallback"].values()) <= TOLERANCE["float32"], report["fallback"]  # a failed backward kernel
     for name, *_, dtype, _wpp in CASES:
         errors = report["errors"][name]
         assert {"out", "dq", "dk", "dv", "weight", "phi.basis.coefficients", "phi.basis_scale"} <= set(errors), name
@@ -159,6 +171,30 @@ def test_swin_with_fused_window_kernels_matches_reference():
     assert report["paths"] == [[[4, 2, 49, 16], True, False], [[4, 2, 49, 16], True, True]], report["paths"]
     assert abs(report["losses"][0] - report["losses"][1]) <= 1e-5 * abs(report["losses"][1]) + 1e-7, report
     assert report["same_params"] and report["grad_error"] < 1e-4, report
+
+
+def test_auto_falls_back_when_the_window_kernels_fail(monkeypatch):
+    """A whole-window kernel that fails (e.g. a GPU with too little shared memory per block) costs that call the
+    efficient path, with a warning, and turns off the whole-window kernels only: the flash ones stay on."""
+    import torch
+
+    from karat import KArAtConfig, KArAtCore, kernels
+    from karat.kernels import fused_triton, fused_window
+
+    core = KArAtCore(2, 9, KArAtConfig(impl="auto"))
+    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
+    expected = core(q, k, v)
+    monkeypatch.setattr(fused_window, "_DISABLED", None)
+    monkeypatch.setattr(fused_triton, "_DISABLED", None)
+    monkeypatch.setattr(core, "choose_path", lambda *a: kernels.Choice("fused", fused_window.DETAIL))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resource: shared memory")
+
+    monkeypatch.setattr(fused_window, "attend", broken)
+    with pytest.warns(UserWarning, match="whole-window kernels disabled"):
+        torch.testing.assert_close(core(q, k, v), expected)
+    assert "shared memory" in fused_window._DISABLED and fused_triton._DISABLED is None
 
 
 def test_auto_takes_the_window_kernels_for_small_cuda_windows():

@@ -99,15 +99,16 @@ def attend(choice: Choice, op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, 
            bias: Optional[Bias], key_mask: Optional[torch.Tensor], scale: float,
            strict: bool = False) -> torch.Tensor:
     """``sigma(S) V`` by the chosen (non-reference) path. A fused kernel that fails to build falls back to the
-    efficient path (and stays off in this process) unless ``strict`` (the user asked for ``impl='fused'``)."""
+    efficient path (and stays off in this process: the whole-window kernels alone where they failed, so that small
+    windows take the flash kernels next) unless ``strict`` (the user asked for ``impl='fused'``)."""
     if choice.path == "fused":
+        fused = fused_window if choice.detail == fused_window.DETAIL else fused_triton
         try:
-            fused = fused_window if choice.detail == fused_window.DETAIL else fused_triton
             return fused.attend(op, q, k, v, bias, key_mask, scale)
         except Exception as e:  # a kernel that fails to build here must not take `auto` users down
             if strict:
                 raise
-            fused_triton.disable(f"{type(e).__name__}: {e}")
+            fused.disable(f"{type(e).__name__}: {e}")
     if choice.path == "reference":
         return reference.attend(op, q, k, v, dense_bias(bias), key_mask, scale)
     return efficient.attend(op, q, k, v, dense_bias(bias), key_mask, scale)

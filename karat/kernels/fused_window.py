@@ -24,6 +24,7 @@ decomposed bias is left to the flash kernels. :func:`supports` names what it can
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -45,6 +46,19 @@ DETAIL = "triton, whole window"  # Choice.detail of this variant
 MAX_TOKENS = 64  # keys one program holds
 MAX_HEAD_DIM = 128  # q, k, v, dO tiles of 64 x 128 in fp32: beyond, the flash kernels serve
 TARGET_PROGRAMS = 1024  # windows per program grow until a launch has about this many programs
+STAGES = 1  # no software pipelining of the window loop: prefetched q, k, v and coefficient tiles overflow shared memory
+
+
+_DISABLED: Optional[str] = None
+
+
+def disable(reason: str) -> None:
+    """Stop ``choose`` from taking the whole-window kernels in this process (after they failed to run, e.g. a GPU
+    whose blocks have less shared memory than a 64-key window's backward takes); the flash kernels stay on."""
+    global _DISABLED
+    if _DISABLED is None:
+        warnings.warn(f"KArAt whole-window kernels disabled, small windows take the flash-style kernels: {reason}")
+    _DISABLED = reason
 
 
 def supports(op: KArAtOperator, q: torch.Tensor, bias: Optional[Bias],
@@ -53,6 +67,8 @@ def supports(op: KArAtOperator, q: torch.Tensor, bias: Optional[Bias],
     why = fused_triton.supports(op, q, bias, key_mask)
     if why is not None:
         return why
+    if _DISABLED is not None:
+        return f"the whole-window kernels failed earlier in this process ({_DISABLED})"
     if op.num_tokens > MAX_TOKENS:
         return f"{op.num_tokens} keys > {MAX_TOKENS}: a window must fit one tile"
     if q.shape[-1] > MAX_HEAD_DIM:
@@ -235,7 +251,7 @@ def _forward(q, k, v, coef, weight, a: _Args, scale: float, dtype: torch.dtype) 
     _window_fwd_kernel[a.grid](
         q, k, v, coef, weight, out, a.bias, a.mask, b, n, coef.shape[2], scale, a.wpp, h,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *a.coef_strides, *a.weight_strides,
-        *a.bias_strides, *a.mask_strides, *a.basis, num_warps=a.warps, **a.flags)
+        *a.bias_strides, *a.mask_strides, *a.basis, num_warps=a.warps, num_stages=STAGES, **a.flags)
     return out
 
 
@@ -254,7 +270,7 @@ def _backward(q, k, v, coef, weight, go, a: _Args, scale: float, bias_grad: int)
         q, k, v, coef, weight, go, dq, dk, dv, dc, dw, db, a.bias, a.mask, b, n, r, scale, a.wpp, h,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *go.stride()[:3], *a.coef_strides, *a.weight_strides,
         dc.stride(1), dc.stride(2), dc.stride(4), dc.stride(3), h * n * n, *a.bias_strides, *a.mask_strides,
-        *a.basis, BIAS_GRAD=bias_grad, num_warps=a.warps, **a.flags)
+        *a.basis, BIAS_GRAD=bias_grad, num_warps=a.warps, num_stages=STAGES, **a.flags)
     dbias = (db.sum(0, keepdim=True) if bias_grad == 1 else db) if bias_grad else None
     return dq, dk, dv, dc.sum(0), dw.sum(0), dbias
 
@@ -262,7 +278,7 @@ def _backward(q, k, v, coef, weight, go, a: _Args, scale: float, bias_grad: int)
 class _WindowAttention(torch.autograd.Function):
     """``sigma(S) V = ((Phi(S) W^T) * mask) V`` over whole windows as one autograd node that saves its inputs only
     (softmax attention's memory). A backward kernel that fails to build falls back to autograd through the
-    reference path (a window is small) and turns the fused kernels off for the process."""
+    reference path (a window is small) and turns the whole-window kernels off for the process."""
 
     @staticmethod
     def forward(ctx, q, k, v, coefficients, basis_scale, base_weight, weight, bias, mask, op, scale, dtype):
@@ -290,7 +306,7 @@ class _WindowAttention(torch.autograd.Function):
             a = _Args(q, coef, weight32, bias, mask, ctx.op.phi, ctx.op.cfg.grid)
             dq, dk, dv, dc, dw, db = _backward(q, k, v, coef, weight32, _rowwise(go), a, ctx.scale, bias_grad)
         except Exception as e:  # noqa: BLE001  a backward kernel that fails to build must not end the run
-            fused_triton.disable(f"window backward: {type(e).__name__}: {e}")
+            disable(f"backward: {type(e).__name__}: {e}")
             return _backward_reference(ctx, go)
         m = coefficients.shape[-1]
         dc_basis = dc[..., :m]
@@ -366,7 +382,7 @@ def compile_offline(arch: int, head_dim: int, grid: int, rank: int, dtype: str =
                 sig[a] = "fp32" if a in ("LO", "INVH", "SCALE") else "i32"
         consts = {(kernel.arg_names.index(k),): v for k, v in const.items() if k in kernel.arg_names}
         compiled = triton.compile(ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
-                                  options=dict(num_warps=_warps(np_)))
+                                  options=dict(num_warps=_warps(np_), num_stages=STAGES))
         shared[name] = compiled.metadata.shared
         limit = fused_triton.SHARED_MEMORY_LIMIT.get(arch, 101376)
         if "cubin" not in compiled.asm or shared[name] > limit:
