@@ -139,9 +139,16 @@ SWIN = textwrap.dedent("""
     ref.load_state_dict(fus.state_dict())
     paths = []
     real = fused_window.attend
+    saved_other = []  # what the window node saves beyond its inputs (softmax's memory: nothing)
     def spy(op, q, k, v, bias=None, key_mask=None, scale=1.0):
         paths.append([list(q.shape), bias is not None, key_mask is not None and key_mask.shape[-2] > 1])
-        return real(op, q, k, v, bias, key_mask, scale)
+        inputs = {t.data_ptr() for t in (q, k, v, bias, key_mask, *op.parameters()) if t is not None}
+        def pack(t):
+            if t.data_ptr() not in inputs:
+                saved_other.append(list(t.shape))
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return real(op, q, k, v, bias, key_mask, scale)
     fused_window.attend = spy
     x = torch.randn(1, 3, 28, 28)
     losses, grads = [], []
@@ -152,7 +159,7 @@ SWIN = textwrap.dedent("""
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     err = max(((grads[0][n] - g).abs().max() / g.abs().max().clamp_min(1e-12)).item() for n, g in grads[1].items())
     print(json.dumps(dict(losses=losses, paths=paths, same_params=sorted(grads[0]) == sorted(grads[1]),
-                          grad_error=err)))
+                          grad_error=err, saved_other=saved_other)))
 """)
 
 
@@ -160,7 +167,8 @@ SWIN = textwrap.dedent("""
 def test_swin_with_fused_window_kernels_matches_reference():
     """A timm KArAt Swin (7 x 7 windows, one plain and one shifted block, relative-position bias tables) with
     ``impl="fused"`` runs every window attention on the whole-window kernels, and its loss and every parameter
-    gradient (the bias tables' included) equal the reference path's."""
+    gradient (the bias tables' included) equal the reference path's. The kernels' autograd node saves its inputs
+    and nothing else (softmax attention's memory: no N x N or N x r tensor is kept for backward)."""
     require_triton()
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
         "PYTHONPATH", "")])}
@@ -171,6 +179,7 @@ def test_swin_with_fused_window_kernels_matches_reference():
     assert report["paths"] == [[[4, 2, 49, 16], True, False], [[4, 2, 49, 16], True, True]], report["paths"]
     assert abs(report["losses"][0] - report["losses"][1]) <= 1e-5 * abs(report["losses"][1]) + 1e-7, report
     assert report["same_params"] and report["grad_error"] < 1e-4, report
+    assert report["saved_other"] == [], report["saved_other"]  # saved for backward: the node's inputs only
 
 
 def test_auto_falls_back_when_the_window_kernels_fail(monkeypatch):

@@ -66,7 +66,8 @@ def stubbed_triton_kernels() -> Iterator[Counter]:
                 launches[self.name] += 1
             return launch
 
-    saved = {(module, name): getattr(module, name) for module in (fused_triton, fused_window) for name in module.KERNELS}
+    saved = {(module, name): getattr(module, name) for module in (fused_triton, fused_window)
+             for name in module.KERNELS}
     env = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
