@@ -330,12 +330,14 @@ def markdown(suite: Dict[str, Any]) -> str:
         if fused.get("cases"):
             lines += [f"Device: {fused.get('device')}{' (Triton interpreter)' if fused.get('interpreted') else ''}; "
                       f"tolerances: {fused.get('tolerance')}", "",
-                      "| variant | dtype | B, H, N, d | G | r | options, inputs | worst error | tensor | tolerance |",
+                      "| variant (kernels) | dtype | B, H, N, d | G | r | options, inputs | worst error | tensor "
+                      "| tolerance |",
                       "|---|---|---|---|---|---|---|---|---|"]
             for c in fused["cases"]:
                 worst = max(c["errors"], key=c["errors"].get)
                 options = ", ".join(f"{k}={v}" for k, v in (c.get("options") or {}).items()) or "-"
-                lines.append(f"| {c['variant']} | {c['dtype']} | {', '.join(map(str, c['shape']))} | {c['grid']} | "
+                variant = c["variant"] + (f" ({c['kernel']})" if c.get("kernel") else "")
+                lines.append(f"| {variant} | {c['dtype']} | {', '.join(map(str, c['shape']))} | {c['grid']} | "
                              f"{c['rank']} | {options} | {c['errors'][worst]:.2e} | {worst} | {c['tolerance']:g} |")
             lines.append("")
         if fused.get("compiled"):
