@@ -130,10 +130,12 @@ def stage_bench(opts: argparse.Namespace) -> Dict[str, Any]:
         model = benchmark.make_cases("model", ["tiny"], [197], 1, ["softmax", "efficient"], None, opts.device, 1, 0)
         host = benchmark.make_cases("host", ["swin"], [], 1, ["softmax", "auto"], None, opts.device, 1, 0)
         compiled = []
-    else:  # per layer at 224, 512 and 1024 px (ViTDet-B's global blocks: base at N = 4096, batch 1), the whole-model
-        # training step at batch 32, and the hosts' models at batch 8 (ViTDet-T at 512 px, Swin-T at 224 px)
+    else:  # per layer at 224, 512 and 1024 px (ViTDet-B's global blocks: base at N = 4096, batch 1), a Swin-T
+        # 7 x 7 window layer (N = 49, the 512 windows of a batch of 8 at stage 1: fused is the whole-window kernels),
+        # the whole-model training step at batch 32, and the hosts' models at batch 8 (ViTDet-T at 512 px, Swin-T
+        # at 224 px)
         sizes = ["tiny", "small", "base"]
-        attention = [c for n, batch in ((197, 32), (1025, 8), (4096, 1))
+        attention = [c for n, batch in ((197, 32), (1025, 8), (4096, 1), (49, 512))
                      for c in benchmark.make_cases("attention", sizes, [n], batch, impls, None, opts.device, 10, 3)]
         model = benchmark.make_cases("model", sizes, [197], 32, impls, None, opts.device, 10, 3)
         # last (they compile for minutes): the same steps under torch.compile (Inductor) at the widths where the

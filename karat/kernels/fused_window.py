@@ -248,6 +248,8 @@ class _Args:
 def _forward(q, k, v, coef, weight, a: _Args, scale: float, dtype: torch.dtype) -> torch.Tensor:
     b, h, n, d = q.shape
     out = torch.empty(b, h, n, d, device=q.device, dtype=dtype)
+    if out.numel() == 0:
+        return out
     _window_fwd_kernel[a.grid](
         q, k, v, coef, weight, out, a.bias, a.mask, b, n, coef.shape[2], scale, a.wpp, h,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *a.coef_strides, *a.weight_strides,
@@ -266,6 +268,8 @@ def _backward(q, k, v, coef, weight, go, a: _Args, scale: float, bias_grad: int)
     db = q
     if bias_grad:
         db = torch.empty(programs if bias_grad == 1 else b, h, n, n, device=q.device, dtype=torch.float32)
+    if q.numel() == 0:  # no window: zero parameter gradients
+        return dq, dk, dv, torch.zeros_like(coef), torch.zeros_like(weight), db.zero_() if bias_grad else None
     _window_bwd_kernel[a.grid](
         q, k, v, coef, weight, go, dq, dk, dv, dc, dw, db, a.bias, a.mask, b, n, r, scale, a.wpp, h,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *go.stride()[:3], *a.coef_strides, *a.weight_strides,
