@@ -10,10 +10,11 @@ only. So the autograd node saves its inputs and nothing else, as softmax attenti
 * forward: one program per (group of windows, head) loops over its windows: the head's coefficient and rank
   weight tiles stay in cache, and a launch covers every window and head with a small grid;
 * backward: one kernel, the same grid. Per window it recomputes ``S`` and its features and writes ``dq``, ``dk``,
-  ``dv``; the coefficient, rank-weight and (broadcast) bias gradients are summed over the program's windows and
-  written as per-program partials, summed afterwards in PyTorch: deterministic, no atomics. The order inside a
-  window needs no split (``dsigma = (dO V^T) * mask`` first, then ``dH = dsigma W``, then one pass over the
-  features for ``H``, ``dS`` and the coefficient gradient).
+  ``dv`` (``dk``, ``dv`` summed over the window's query blocks in registers); the coefficient, rank-weight and
+  (broadcast) bias gradients are summed over the program's windows and written as per-program partials, summed
+  afterwards in PyTorch: deterministic, no atomics. The order inside a query block needs no split (``dsigma =
+  (dO V^T) * mask`` first, then ``dH = dsigma W``, then one pass over the features for ``H``, ``dS`` and the
+  coefficient gradient).
 
 It serves what :mod:`karat.kernels.fused_triton` serves (Fourier by the angle-addition recurrence, B-splines,
 the SiLU base function, a dense bias broadcastable to ``(B, H, N, N)`` with its gradient, boolean key-padding and
@@ -22,10 +23,11 @@ strides) at N <= 64 and head_dim <= 128, reusing its Triton helpers (``_logits``
 decomposed bias is left to the flash kernels. :func:`supports` names what it cannot serve in one line. Tested with
 ``TRITON_INTERPRET=1`` (tests/test_fused_window.py) and compiled for sm_80 / sm_90 (tests/test_fused_compile.py).
 
-Not yet run on a GPU. For Swin-T's windows (49 keys padded to 64, head_dim 32, G = 3, 8 warps) Triton's ptxas
-reports 255 registers and some spilling: about 0.4 KB per thread in the forward and 2.9 KB in the backward on
-sm_90 (5 KB on sm_80). If the GPU run finds the backward slow, the next step is to split a window's query rows in
-two halves (``dk``, ``dv`` and the partial gradients accumulated over them), which halves the N x N tiles.
+Not yet run on a GPU. A program holds a window's keys whole and its query rows in blocks of ``ROWS_PER_BLOCK``
+(32): for Swin-T's windows (49 keys padded to 64, head_dim 32, G = 3, 8 warps) Triton's ptxas then reports no
+spills in the forward and about 1.6 KB per thread in the backward on sm_90 (2.4 KB on sm_80; with all 64 rows at
+once it was 2.9 and 5 KB, and the backward needed 108 KiB of shared memory on sm_80, now 82 KiB). Blocks of 16
+rows spill less (0.6 KB on sm_90) at twice the partial-gradient traffic: a knob for the GPU run.
 """
 from __future__ import annotations
 
@@ -93,13 +95,20 @@ def _warps(np_: int) -> int:
     return 4 if np_ <= 32 else 8
 
 
+ROWS_PER_BLOCK = 32  # query rows a program holds at once: (32, 64) tiles of S and its features (register pressure)
+
+
+def _rows_per_block(np_: int) -> int:
+    return min(np_, ROWS_PER_BLOCK)
+
+
 if triton is not None:
 
     @triton.jit
     def _window_fwd_kernel(Q, K, V, C, W, OUT, BIAS, MASK, B, N, R, SCALE, WPP, heads,
                            sq0, sq1, sqn, sk0, sk1, skn, sv0, sv1, svn, so0, so1, son, sch, scj, scm, scr,
                            swh, swj, swr, sbb, sbh, sbi, sbj, smb, smh, smi, smj, LO, INVH,
-                           D: tl.constexpr, G: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
+                           D: tl.constexpr, G: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr,
                            HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BASE: tl.constexpr,
                            DOT: tl.constexpr, SPLINE: tl.constexpr, BROW: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
@@ -114,39 +123,41 @@ if triton is not None:
         b0 = pid * WPP
         for w in range(0, tl.minimum(WPP, B - b0)):
             bh = (b0 + w) * heads + h
-            q = _rows(Q, bh, heads, sq0, sq1, sqn, offs, offs_d, N)
             kt = _cols(K, bh, heads, sk0, sk1, skn, offs, offs_d, N)
-            s, valid = _logits(q, kt, SCALE, bh, heads, offs, offs, N, BIAS, sbb, sbh, sbi, sbj, BIAS, BIAS, 1, 1,
-                               MASK, smb, smh, smi, smj, HAS_BIAS, False, HAS_MASK)
-            hid = tl.zeros((NP, RP), dtype=tl.float32)
-            if SPLINE == 0:
-                c1 = tl.where(valid, tl.cos(s), 0.0)  # zero features where masked: the recurrence keeps them zero
-                s1 = tl.where(valid, tl.sin(s), 0.0)
-                ck = c1
-                sk = s1
-                for g in tl.static_range(G):
-                    hid += tl.dot(ck, tl.load(coef + g * scm, mask=cmask, other=0.0), input_precision=DOT)
-                    hid += tl.dot(sk, tl.load(coef + (G + g) * scm, mask=cmask, other=0.0), input_precision=DOT)
-                    ck, sk = ck * c1 - sk * s1, sk * c1 + ck * s1
-            else:
-                for m in tl.static_range(G + SPLINE):
-                    f = tl.where(valid, _bspline(s, m, LO, INVH, SPLINE, 0), 0.0)
-                    hid += tl.dot(f, tl.load(coef + m * scm, mask=cmask, other=0.0), input_precision=DOT)
-            if HAS_BASE:
-                base = tl.where(valid, s * tl.sigmoid(s), 0.0)
-                hid += tl.dot(base, tl.load(coef + BROW * scm, mask=cmask, other=0.0), input_precision=DOT)
-            sigma = tl.where(valid, tl.dot(hid, wt, input_precision=DOT), 0.0)
             v = _rows(V, bh, heads, sv0, sv1, svn, offs, offs_d, N)
-            out = tl.dot(sigma, v, input_precision=DOT)
-            tl.store(OUT + (bh // heads) * so0 + h * so1 + offs[:, None] * son + offs_d[None, :],
-                     out.to(OUT.dtype.element_ty), mask=offs[:, None] < N)
+            for i0 in range(0, NP, BM):  # query rows in blocks: (BM, NP) tiles keep the registers in bounds
+                offs_m = i0 + tl.arange(0, BM)
+                q = _rows(Q, bh, heads, sq0, sq1, sqn, offs_m, offs_d, N)
+                s, valid = _logits(q, kt, SCALE, bh, heads, offs_m, offs, N, BIAS, sbb, sbh, sbi, sbj, BIAS, BIAS, 1,
+                                   1, MASK, smb, smh, smi, smj, HAS_BIAS, False, HAS_MASK)
+                hid = tl.zeros((BM, RP), dtype=tl.float32)
+                if SPLINE == 0:
+                    c1 = tl.where(valid, tl.cos(s), 0.0)  # zero features where masked: the recurrence keeps them 0
+                    s1 = tl.where(valid, tl.sin(s), 0.0)
+                    ck = c1
+                    sk = s1
+                    for g in tl.static_range(G):
+                        hid += tl.dot(ck, tl.load(coef + g * scm, mask=cmask, other=0.0), input_precision=DOT)
+                        hid += tl.dot(sk, tl.load(coef + (G + g) * scm, mask=cmask, other=0.0), input_precision=DOT)
+                        ck, sk = ck * c1 - sk * s1, sk * c1 + ck * s1
+                else:
+                    for m in tl.static_range(G + SPLINE):
+                        f = tl.where(valid, _bspline(s, m, LO, INVH, SPLINE, 0), 0.0)
+                        hid += tl.dot(f, tl.load(coef + m * scm, mask=cmask, other=0.0), input_precision=DOT)
+                if HAS_BASE:
+                    base = tl.where(valid, s * tl.sigmoid(s), 0.0)
+                    hid += tl.dot(base, tl.load(coef + BROW * scm, mask=cmask, other=0.0), input_precision=DOT)
+                sigma = tl.where(valid, tl.dot(hid, wt, input_precision=DOT), 0.0)
+                out = tl.dot(sigma, v, input_precision=DOT)
+                tl.store(OUT + (bh // heads) * so0 + h * so1 + offs_m[:, None] * son + offs_d[None, :],
+                         out.to(OUT.dtype.element_ty), mask=offs_m[:, None] < N)
 
     @triton.jit
     def _window_bwd_kernel(Q, K, V, C, W, GO, DQ, DK, DV, DC, DW, DB, BIAS, MASK, B, N, R, SCALE, WPP, heads,
                            sq0, sq1, sqn, sk0, sk1, skn, sv0, sv1, svn, sg0, sg1, sgn, sch, scj, scm, scr,
                            swh, swj, swr, sdcp, sdcj, sdcm, sdcr, sdbp, sbb, sbh, sbi, sbj, smb, smh, smi, smj,
                            LO, INVH,
-                           D: tl.constexpr, G: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
+                           D: tl.constexpr, G: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr,
                            HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BASE: tl.constexpr,
                            DOT: tl.constexpr, SPLINE: tl.constexpr, BROW: tl.constexpr, BIAS_GRAD: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
@@ -163,67 +174,75 @@ if triton is not None:
         wt = tl.trans(wk)
         dc_tile = DC + slot * sdcp + offs[:, None] * sdcj + offs_r[None, :] * sdcr
         dw = tl.zeros((NP, RP), dtype=tl.float32)
-        db = tl.zeros((NP, NP), dtype=tl.float32)
-        nn_mask = (offs[:, None] < N) & (offs[None, :] < N)
+        rmask = offs[:, None] < N
         b0 = pid * WPP
         for w in range(0, tl.minimum(WPP, B - b0)):
             bh = (b0 + w) * heads + h
-            q = _rows(Q, bh, heads, sq0, sq1, sqn, offs, offs_d, N)
             kt = _cols(K, bh, heads, sk0, sk1, skn, offs, offs_d, N)
-            s, valid = _logits(q, kt, SCALE, bh, heads, offs, offs, N, BIAS, sbb, sbh, sbi, sbj, BIAS, BIAS, 1, 1,
-                               MASK, smb, smh, smi, smj, HAS_BIAS, False, HAS_MASK)
-            go = _rows(GO, bh, heads, sg0, sg1, sgn, offs, offs_d, N)
             vt = _cols(V, bh, heads, sv0, sv1, svn, offs, offs_d, N)
-            dsig = tl.where(valid, tl.dot(go, vt, input_precision=DOT), 0.0)  # dL/dsigma
-            dh = tl.dot(dsig, wk, input_precision=DOT)  # dL/dH, (NP, RP)
-            seen = kr & (w > 0)  # the partials start in uninitialised memory: read them from the 2nd window
-            hid = tl.zeros((NP, RP), dtype=tl.float32)
-            ds = tl.zeros((NP, NP), dtype=tl.float32)
-            if SPLINE == 0:
-                c1 = tl.where(valid, tl.cos(s), 0.0)
-                s1 = tl.where(valid, tl.sin(s), 0.0)
-                ck = c1
-                sk = s1
-                for g in tl.static_range(G):
-                    hid += tl.dot(ck, tl.load(coef + g * scm, mask=kr, other=0.0), input_precision=DOT)
-                    hid += tl.dot(sk, tl.load(coef + (G + g) * scm, mask=kr, other=0.0), input_precision=DOT)
-                    dfc = tl.dot(dh, tl.load(coef_t + g * scm, mask=cmask_t, other=0.0), input_precision=DOT)
-                    dfs = tl.dot(dh, tl.load(coef_t + (G + g) * scm, mask=cmask_t, other=0.0), input_precision=DOT)
-                    ds += (g + 1.0) * (dfs * ck - dfc * sk)
-                    _add_feature_grad(dc_tile + g * sdcm, seen, kr, ck, dh, DOT)
-                    _add_feature_grad(dc_tile + (G + g) * sdcm, seen, kr, sk, dh, DOT)
-                    ck, sk = ck * c1 - sk * s1, sk * c1 + ck * s1
-            else:
-                for m in tl.static_range(G + SPLINE):
-                    f = tl.where(valid, _bspline(s, m, LO, INVH, SPLINE, 0), 0.0)
-                    hid += tl.dot(f, tl.load(coef + m * scm, mask=kr, other=0.0), input_precision=DOT)
-                    df = tl.dot(dh, tl.load(coef_t + m * scm, mask=cmask_t, other=0.0), input_precision=DOT)
-                    ds += df * _bspline(s, m, LO, INVH, SPLINE, 1)
-                    _add_feature_grad(dc_tile + m * sdcm, seen, kr, f, dh, DOT)
-            if HAS_BASE:
-                sig = tl.sigmoid(s)
-                base = tl.where(valid, s * sig, 0.0)
-                hid += tl.dot(base, tl.load(coef + BROW * scm, mask=kr, other=0.0), input_precision=DOT)
-                dfb = tl.dot(dh, tl.load(coef_t + BROW * scm, mask=cmask_t, other=0.0), input_precision=DOT)
-                ds += dfb * (sig * (1.0 + s * (1.0 - sig)))
-                _add_feature_grad(dc_tile + BROW * sdcm, seen, kr, base, dh, DOT)
-            ds = tl.where(valid, ds, 0.0)  # dL/dS
-            sigma = tl.where(valid, tl.dot(hid, wt, input_precision=DOT), 0.0)
-            dw += tl.dot(tl.trans(dsig), hid, input_precision=DOT)
-            rows = bh * N * D + offs[:, None] * D + offs_d[None, :]  # dq, dk, dv: contiguous (B, H, N, D)
-            rmask = offs[:, None] < N
-            tl.store(DV + rows, tl.dot(tl.trans(sigma), go, input_precision=DOT).to(DV.dtype.element_ty), mask=rmask)
-            q_dk = tl.dot(tl.trans(ds), q, input_precision=DOT) * SCALE
-            tl.store(DK + rows, q_dk.to(DK.dtype.element_ty), mask=rmask)
-            dq = tl.dot(ds, tl.trans(kt), input_precision=DOT) * SCALE
-            tl.store(DQ + rows, dq.to(DQ.dtype.element_ty), mask=rmask)
-            if BIAS_GRAD == 1:  # a bias shared by the windows: summed over this program's windows
-                db += ds
-            if BIAS_GRAD == 2:  # a bias per window
-                tl.store(DB + (bh // heads) * sdbp + h * N * N + offs[:, None] * N + offs[None, :], ds, mask=nn_mask)
+            dk = tl.zeros((NP, D), dtype=tl.float32)
+            dv = tl.zeros((NP, D), dtype=tl.float32)
+            for i0 in range(0, NP, BM):  # query rows in blocks: (BM, NP) tiles keep the registers in bounds
+                offs_m = i0 + tl.arange(0, BM)
+                mmask = offs_m[:, None] < N
+                q = _rows(Q, bh, heads, sq0, sq1, sqn, offs_m, offs_d, N)
+                s, valid = _logits(q, kt, SCALE, bh, heads, offs_m, offs, N, BIAS, sbb, sbh, sbi, sbj, BIAS, BIAS, 1,
+                                   1, MASK, smb, smh, smi, smj, HAS_BIAS, False, HAS_MASK)
+                go = _rows(GO, bh, heads, sg0, sg1, sgn, offs_m, offs_d, N)
+                dsig = tl.where(valid, tl.dot(go, vt, input_precision=DOT), 0.0)  # dL/dsigma
+                dh = tl.dot(dsig, wk, input_precision=DOT)  # dL/dH, (BM, RP)
+                seen = kr & ((w > 0) | (i0 > 0))  # the partials start in uninitialised memory: add from the 2nd block
+                hid = tl.zeros((BM, RP), dtype=tl.float32)
+                ds = tl.zeros((BM, NP), dtype=tl.float32)
+                if SPLINE == 0:
+                    c1 = tl.where(valid, tl.cos(s), 0.0)
+                    s1 = tl.where(valid, tl.sin(s), 0.0)
+                    ck = c1
+                    sk = s1
+                    for g in tl.static_range(G):
+                        hid += tl.dot(ck, tl.load(coef + g * scm, mask=kr, other=0.0), input_precision=DOT)
+                        hid += tl.dot(sk, tl.load(coef + (G + g) * scm, mask=kr, other=0.0), input_precision=DOT)
+                        dfc = tl.dot(dh, tl.load(coef_t + g * scm, mask=cmask_t, other=0.0), input_precision=DOT)
+                        dfs = tl.dot(dh, tl.load(coef_t + (G + g) * scm, mask=cmask_t, other=0.0),
+                                     input_precision=DOT)
+                        ds += (g + 1.0) * (dfs * ck - dfc * sk)
+                        _add_feature_grad(dc_tile + g * sdcm, seen, kr, ck, dh, DOT)
+                        _add_feature_grad(dc_tile + (G + g) * sdcm, seen, kr, sk, dh, DOT)
+                        ck, sk = ck * c1 - sk * s1, sk * c1 + ck * s1
+                else:
+                    for m in tl.static_range(G + SPLINE):
+                        f = tl.where(valid, _bspline(s, m, LO, INVH, SPLINE, 0), 0.0)
+                        hid += tl.dot(f, tl.load(coef + m * scm, mask=kr, other=0.0), input_precision=DOT)
+                        df = tl.dot(dh, tl.load(coef_t + m * scm, mask=cmask_t, other=0.0), input_precision=DOT)
+                        ds += df * _bspline(s, m, LO, INVH, SPLINE, 1)
+                        _add_feature_grad(dc_tile + m * sdcm, seen, kr, f, dh, DOT)
+                if HAS_BASE:
+                    sig = tl.sigmoid(s)
+                    base = tl.where(valid, s * sig, 0.0)
+                    hid += tl.dot(base, tl.load(coef + BROW * scm, mask=kr, other=0.0), input_precision=DOT)
+                    dfb = tl.dot(dh, tl.load(coef_t + BROW * scm, mask=cmask_t, other=0.0), input_precision=DOT)
+                    ds += dfb * (sig * (1.0 + s * (1.0 - sig)))
+                    _add_feature_grad(dc_tile + BROW * sdcm, seen, kr, base, dh, DOT)
+                ds = tl.where(valid, ds, 0.0)  # dL/dS
+                sigma = tl.where(valid, tl.dot(hid, wt, input_precision=DOT), 0.0)
+                dw += tl.dot(tl.trans(dsig), hid, input_precision=DOT)
+                dv += tl.dot(tl.trans(sigma), go, input_precision=DOT)
+                dk += tl.dot(tl.trans(ds), q, input_precision=DOT)
+                dq = tl.dot(ds, tl.trans(kt), input_precision=DOT) * SCALE
+                tl.store(DQ + bh * N * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+                         mask=mmask)
+                if BIAS_GRAD != 0:  # a bias shared by the windows (1): summed over this program's windows in its
+                    # slice; a bias per window (2): its own slice
+                    db_tile = DB + (pid if BIAS_GRAD == 1 else bh // heads) * sdbp + h * N * N + \
+                        offs_m[:, None] * N + offs[None, :]
+                    dbm = mmask & (offs[None, :] < N)
+                    if BIAS_GRAD == 1:
+                        ds += tl.load(db_tile, mask=dbm & (w > 0), other=0.0)
+                    tl.store(db_tile, ds, mask=dbm)
+            rows = bh * N * D + offs[:, None] * D + offs_d[None, :]  # dk, dv: contiguous (B, H, N, D)
+            tl.store(DK + rows, (dk * SCALE).to(DK.dtype.element_ty), mask=rmask)
+            tl.store(DV + rows, dv.to(DV.dtype.element_ty), mask=rmask)
         tl.store(DW + slot * N * R + offs[:, None] * R + offs_r[None, :], dw, mask=kr)
-        if BIAS_GRAD == 1:
-            tl.store(DB + pid * sdbp + h * N * N + offs[:, None] * N + offs[None, :], db, mask=nn_mask)
 
 
 class _Args:
@@ -236,7 +255,7 @@ class _Args:
         lo, inv_h, spline, base_row = _basis_args(layer, grid)
         self.flags = dict(HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_BASE=layer.has_base,
                           SPLINE=spline, BROW=base_row, D=d, G=grid, NP=_pad(n), RP=_pad(coef.shape[2]),
-                          DOT=DOT_PRECISION)
+                          BM=_rows_per_block(_pad(n)), DOT=DOT_PRECISION)
         bias4 = bias.expand(b, h, n, n) if bias is not None else None
         mask4 = mask.view(torch.uint8).expand(b, h, n, n) if mask is not None else None
         self.bias, self.mask = (q if bias4 is None else bias4), (q if mask4 is None else mask4)
@@ -372,8 +391,8 @@ def compile_offline(arch: int, head_dim: int, grid: int, rank: int, dtype: str =
 
     features = grid + spline if spline else 2 * grid
     np_ = _pad(tokens)
-    const = dict(D=head_dim, G=grid, NP=np_, RP=_pad(rank), DOT=DOT_PRECISION, HAS_BIAS=bias, HAS_MASK=mask,
-                 HAS_BASE=base, SPLINE=spline, BROW=features, BIAS_GRAD=int(bias))
+    const = dict(D=head_dim, G=grid, NP=np_, RP=_pad(rank), BM=_rows_per_block(np_), DOT=DOT_PRECISION,
+                 HAS_BIAS=bias, HAS_MASK=mask, HAS_BASE=base, SPLINE=spline, BROW=features, BIAS_GRAD=int(bias))
     shared = {}
     for name in KERNELS:
         kernel = globals()[name]
