@@ -236,3 +236,41 @@ def test_auto_takes_the_window_kernels_for_small_cuda_windows():
         assert cores[49].choose_path(wide).detail == "triton"
         assert "head_dim 256 > 128" in fused_window.supports(cores[49].operator, wide, None, None)
     assert kernels.REFERENCE_MAX_TOKENS[fused_window.DETAIL] == 0 and kernels.REFERENCE_MAX_TOKENS["triton"] == 0
+
+
+# As tests/test_compile_fresh.py does for the flash kernels: the script says "a GPU is there" and traces a Swin with
+# fake CUDA tensors (nothing runs), so Dynamo sees the whole-window path.
+FAKE_CUDA_SWIN = textwrap.dedent("""
+    import json
+    import timm, torch
+    import torch.utils._triton
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    import karat
+    from karat.kernels import fused_triton, fused_window
+
+    torch.utils._triton.has_triton = lambda: True
+    model = timm.create_model("swin_tiny_patch4_window7_224_karat", img_size=28, patch_size=2, window_size=7,
+                              embed_dim=32, depths=(2,), num_heads=(2,), num_classes=3, grid=2, hidden_dim=5).train()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to("cuda")
+        x = torch.randn(2, 3, 28, 28, device="cuda")
+        core = next(m for m in model.modules() if isinstance(m, karat.KArAtCore))
+        path = core.choose_path(torch.empty(8, 2, 49, 16, device="cuda"),
+                                torch.empty(1, 2, 49, 49, device="cuda")).describe()
+        explained = torch._dynamo.explain(model)(x)
+    print(json.dumps(dict(path=path, graphs=explained.graph_count, breaks=explained.graph_break_count,
+                          disabled=[fused_triton._DISABLED, fused_window._DISABLED])))
+""")
+
+
+@pytest.mark.slow
+def test_swin_on_the_window_kernels_traces_into_one_graph():
+    """torch.compile's Dynamo takes a KArAt Swin's whole-window path (forward) as one graph without breaks."""
+    require_triton()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", FAKE_CUDA_SWIN], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == dict(path="fused (triton, whole window)", graphs=1, breaks=0, disabled=[None, None]), report
