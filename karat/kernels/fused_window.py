@@ -54,6 +54,7 @@ MAX_TOKENS = 64  # keys one program holds
 MAX_HEAD_DIM = 128  # q, k, v, dO tiles of 64 x 128 in fp32: beyond, the flash kernels serve
 TARGET_PROGRAMS = 1024  # windows per program grow until a launch has about this many programs
 STAGES = 1  # no software pipelining of the window loop: prefetched q, k, v and coefficient tiles overflow shared memory
+ROWS_PER_BLOCK = 32  # query rows a program holds at once: (32, 64) tiles of S and its features (register pressure)
 
 
 _DISABLED: Optional[str] = None
@@ -93,9 +94,6 @@ def windows_per_program(pairs: int) -> int:
 
 def _warps(np_: int) -> int:
     return 4 if np_ <= 32 else 8
-
-
-ROWS_PER_BLOCK = 32  # query rows a program holds at once: (32, 64) tiles of S and its features (register pressure)
 
 
 def _rows_per_block(np_: int) -> int:
