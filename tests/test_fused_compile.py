@@ -78,3 +78,36 @@ def test_kernel_table_skips_a_module_that_is_not_there_and_renders_rows():
                spill_loads=0, stack=0, shared=81920, per_logit=dict(mma=0.094, sincos=0.062, all=2.135))
     table = kernel_table.markdown([row], notes, "python -m tools.kernel_table")
     assert "| fused_triton: plain (d 64, G 3, r 12, fp32) | sm_90 | fwd | 64x32 | 4 | 2 | 165 | 0/0 |" in table
+
+
+# The whole-window kernels (karat.kernels.fused_window, windows of <= 64 keys): the plain Fourier kernel at the
+# largest window; B-splines with every flag (bias, mask, SiLU base); Swin-T's window attention (49 keys, head_dim
+# 32, G = 3, r = 12, bf16 under autocast, the bias table and the shifted-window mask).
+WINDOW_VARIANTS = [
+    (64, 3, 12, "fp32", dict(tokens=64)),
+    (64, 5, 12, "bf16", dict(spline=3, bias=True, mask=True, base=True, tokens=64)),
+    (32, 3, 12, "bf16", dict(bias=True, mask=True, tokens=49)),
+]
+
+WINDOW_SCRIPT = """
+import json, sys
+from karat.kernels import fused_window
+arch, d, g, r, dtype, flags = json.loads(sys.argv[1])
+print(json.dumps(fused_window.compile_offline(arch, d, g, r, dtype, **flags)))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("variant", WINDOW_VARIANTS, ids=["plain-n64", "bspline-all-flags-n64", "swin-t-bf16"])
+def test_every_window_kernel_variant_compiles_for_the_gpu(arch, variant):
+    require_triton()
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", WINDOW_SCRIPT, json.dumps([arch, *variant])], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shared = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(shared) == ["_window_bwd_kernel", "_window_fwd_kernel"]
+    assert all(0 < v <= (166912 if arch == 80 else 232448) for v in shared.values()), shared

@@ -25,6 +25,7 @@ import torch
 
 from conftest import require_triton
 from karat import KArAtConfig, KArAtCore
+from karat.kernels import fused_window
 from karat.relpos import DecomposedRelPos
 
 pytestmark = pytest.mark.gpu
@@ -62,6 +63,7 @@ VARIANTS = {
     "vitdet-window": (4, 3, 196, 64, 3, 12, {}, dict(relpos=(14, 14), mask="key")),
     "vitdet-global": (1, 3, 1024, 64, 3, 12, {}, dict(relpos=(32, 32))),
     "swin-window": (4, 3, 144, 32, 3, 12, {}, dict(bias="dense", mask="query")),
+    "swin-t-windows": (1024, 3, 49, 32, 3, 12, {}, dict(bias="dense", mask="query")),  # several per program
     "silu-base-padded": (2, 3, 197, 64, 3, 12, dict(base_fn="nn.SiLU"), dict(mask="key")),
     "bspline-padded": (2, 3, 197, 64, 5, 12, dict(basis_type="SplineBasis"), dict(mask="key")),
     # small cases of every kind: the Triton interpreter runs these in CI (tests/test_fused.py), seconds each
@@ -127,10 +129,23 @@ def _cores(heads: int, n: int, grid: int, r: int, extra: dict):
     return ref, fus, ref64
 
 
+def _fits_window(variant: str) -> bool:
+    """Whether the whole-window kernels (karat.kernels.fused_window) serve a variant: they take every call of at
+    most 64 keys with head_dim <= 128 and no decomposed bias; the flash kernels are tested there too, forced."""
+    _, _, n, d, _, _, _, inputs = VARIANTS[variant]
+    return n <= fused_window.MAX_TOKENS and d <= fused_window.MAX_HEAD_DIM and not inputs.get("relpos")
+
+
+CASES = [(v, kernel) for v in VARIANTS if DEVICE == "cuda" or v in TINY for kernel in ("flash", "window")
+         if kernel == "flash" or _fits_window(v)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if DEVICE == "cuda" or v in TINY])
-def test_fused_matches_float64_reference(variant, dtype):
+@pytest.mark.parametrize("variant,kernel", CASES, ids=[f"{v}-{k}" for v, k in CASES])
+def test_fused_matches_float64_reference(variant, kernel, dtype, monkeypatch):
     batch, heads, n, d, grid, r, extra, inputs = VARIANTS[variant]
+    if kernel == "flash":
+        monkeypatch.setattr(fused_window, "MAX_TOKENS", 0)
     torch.manual_seed(0)
     ref, fus, ref64 = _cores(heads, n, grid, r, extra)
     bias, dense, leaves, mask = _host_inputs(batch, heads, n, inputs)
@@ -152,7 +167,8 @@ def test_fused_matches_float64_reference(variant, dtype):
         q, k, v = (torch.randn(batch, heads, n, d, device=DEVICE).to(dtype).requires_grad_() for _ in range(3))
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
 
-    assert fus.resolve_impl(q[:, :fus.num_karat_heads], bias, mask) == "fused"
+    choice = fus.choose_path(q[:, :fus.num_karat_heads], bias, mask)
+    assert choice.path == "fused" and (choice.detail == fused_window.DETAIL) == (kernel == "window"), choice
     with torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32):
         out = fus(q, k, v, bias=bias, key_mask=mask)
     out64 = ref64(q64, k64, v64, bias=dense64, key_mask=mask)
@@ -166,8 +182,8 @@ def test_fused_matches_float64_reference(variant, dtype):
     names = ["out", "dq", "dk", "dv", *bias_names] + [n for n, p in ref.operator.named_parameters() if p.requires_grad]
     errors = {name: _rel_err(a, b) for name, a, b in zip(names, (out, *grads), (out64, *grads64))}
     tol = TOLERANCE[dtype]
-    _RESULTS.append(dict(variant=variant, dtype=str(dtype)[6:], shape=[batch, heads, n, d], grid=grid, rank=r,
-                         options=dict(extra, **inputs), tolerance=tol, errors=errors))
+    _RESULTS.append(dict(variant=variant, kernel=kernel, dtype=str(dtype)[6:], shape=[batch, heads, n, d], grid=grid,
+                         rank=r, options=dict(extra, **inputs), tolerance=tol, errors=errors))
     assert out.dtype == (dtype if dtype != torch.float32 else torch.float32)
     if extra.get("basis_not_trainable"):
         assert not any("coefficients" in n for n in names)

@@ -23,8 +23,8 @@ EXTRA_OPS_BUDGET = 14
 
 
 def test_fused_layer_dispatches_few_ops_beside_its_three_kernels():
-    soft = host_ops.measure("softmax", repeat=1)
-    fused = host_ops.measure("fused", repeat=1)
+    soft = host_ops.measure("softmax", tokens=65, repeat=1)
+    fused = host_ops.measure("fused", tokens=65, repeat=1)  # > 64 keys: the flash-style kernels
     assert fused["stubbed"] and fused["triton"] == 3  # forward, dq, dk: one launch each
     extra = fused["forward_ops"] + fused["backward_ops"] - soft["forward_ops"] - soft["backward_ops"]
     assert extra <= EXTRA_OPS_BUDGET, (extra, fused["ops"], soft["ops"])
@@ -33,11 +33,22 @@ def test_fused_layer_dispatches_few_ops_beside_its_three_kernels():
     assert fused["ops"].get("clone", 0) <= soft["ops"].get("clone", 0) + 1, fused["ops"]
     assert "copy_" not in fused["ops"] and "contiguous" not in fused["ops"], fused["ops"]
 
-def test_stubs_are_removed_afterwards_and_the_tool_prints_its_table(capsys):
-    from karat.kernels import fused_triton
+def test_whole_window_layer_dispatches_no_more_ops_than_the_flash_kernels():
+    """At most 64 keys (N = 16 here) the whole-window kernels serve: two launches (forward, backward), the rank
+    expansion inside them, and no more ops beside them than the flash-style path."""
+    soft = host_ops.measure("softmax", repeat=1)
+    window = host_ops.measure("fused", repeat=1)
+    assert window["stubbed"] and window["triton"] == 2
+    extra = window["forward_ops"] + window["backward_ops"] - soft["forward_ops"] - soft["backward_ops"]
+    assert extra <= EXTRA_OPS_BUDGET, (extra, window["ops"], soft["ops"])
+    assert "copy_" not in window["ops"] and "contiguous" not in window["ops"], window["ops"]
 
-    kernels = [getattr(fused_triton, name) for name in fused_triton.KERNELS]
+
+def test_stubs_are_removed_afterwards_and_the_tool_prints_its_table(capsys):
+    from karat.kernels import fused_triton, fused_window
+
+    kernels = [getattr(m, name) for m in (fused_triton, fused_window) for name in m.KERNELS]
     assert host_ops.main(["--paths", "softmax", "fused", "--repeat", "2"]) == 0
-    assert [getattr(fused_triton, name) for name in fused_triton.KERNELS] == kernels
+    assert [getattr(m, name) for m in (fused_triton, fused_window) for name in m.KERNELS] == kernels
     out = capsys.readouterr().out
     assert "| softmax | " in out and "| fused (kernels stubbed) | " in out

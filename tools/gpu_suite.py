@@ -130,10 +130,12 @@ def stage_bench(opts: argparse.Namespace) -> Dict[str, Any]:
         model = benchmark.make_cases("model", ["tiny"], [197], 1, ["softmax", "efficient"], None, opts.device, 1, 0)
         host = benchmark.make_cases("host", ["swin"], [], 1, ["softmax", "auto"], None, opts.device, 1, 0)
         compiled = []
-    else:  # per layer at 224, 512 and 1024 px (ViTDet-B's global blocks: base at N = 4096, batch 1), the whole-model
-        # training step at batch 32, and the hosts' models at batch 8 (ViTDet-T at 512 px, Swin-T at 224 px)
+    else:  # per layer at 224, 512 and 1024 px (ViTDet-B's global blocks: base at N = 4096, batch 1), a Swin-T
+        # 7 x 7 window layer (N = 49, the 512 windows of a batch of 8 at stage 1: fused is the whole-window kernels),
+        # the whole-model training step at batch 32, and the hosts' models at batch 8 (ViTDet-T at 512 px, Swin-T
+        # at 224 px)
         sizes = ["tiny", "small", "base"]
-        attention = [c for n, batch in ((197, 32), (1025, 8), (4096, 1))
+        attention = [c for n, batch in ((197, 32), (1025, 8), (4096, 1), (49, 512))
                      for c in benchmark.make_cases("attention", sizes, [n], batch, impls, None, opts.device, 10, 3)]
         model = benchmark.make_cases("model", sizes, [197], 32, impls, None, opts.device, 10, 3)
         compiled = compiled_cases(opts.device)
@@ -336,12 +338,14 @@ def markdown(suite: Dict[str, Any]) -> str:
         if fused.get("cases"):
             lines += [f"Device: {fused.get('device')}{' (Triton interpreter)' if fused.get('interpreted') else ''}; "
                       f"tolerances: {fused.get('tolerance')}", "",
-                      "| variant | dtype | B, H, N, d | G | r | options, inputs | worst error | tensor | tolerance |",
+                      "| variant (kernels) | dtype | B, H, N, d | G | r | options, inputs | worst error | tensor "
+                      "| tolerance |",
                       "|---|---|---|---|---|---|---|---|---|"]
             for c in fused["cases"]:
                 worst = max(c["errors"], key=c["errors"].get)
                 options = ", ".join(f"{k}={v}" for k, v in (c.get("options") or {}).items()) or "-"
-                lines.append(f"| {c['variant']} | {c['dtype']} | {', '.join(map(str, c['shape']))} | {c['grid']} | "
+                variant = c["variant"] + (f" ({c['kernel']})" if c.get("kernel") else "")
+                lines.append(f"| {variant} | {c['dtype']} | {', '.join(map(str, c['shape']))} | {c['grid']} | "
                              f"{c['rank']} | {options} | {c['errors'][worst]:.2e} | {worst} | {c['tolerance']:g} |")
             lines.append("")
         if fused.get("compiled"):

@@ -51,8 +51,9 @@ class OpCounter(TorchDispatchMode):
 @contextmanager
 def stubbed_triton_kernels() -> Iterator[Counter]:
     """The fused path with its Triton kernels replaced by launch counters (and ``TRITON_INTERPRET=1`` so that
-    ``supports()`` lets CPU tensors through): the host's side of the path runs for real, the kernels do not."""
-    from karat.kernels import fused_triton
+    ``supports()`` lets CPU tensors through): the host's side of the path runs for real, the kernels do not. Both
+    fused variants are stubbed: flash-style (``fused_triton``) and whole-window (``fused_window``, <= 64 keys)."""
+    from karat.kernels import fused_triton, fused_window
 
     launches: Counter = Counter()
 
@@ -65,16 +66,17 @@ def stubbed_triton_kernels() -> Iterator[Counter]:
                 launches[self.name] += 1
             return launch
 
-    saved = {name: getattr(fused_triton, name) for name in fused_triton.KERNELS}
+    saved = {(module, name): getattr(module, name) for module in (fused_triton, fused_window)
+             for name in module.KERNELS}
     env = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        for name in saved:
-            setattr(fused_triton, name, Stub(name))
+        for module, name in saved:
+            setattr(module, name, Stub(name))
         yield launches
     finally:
-        for name, kernel in saved.items():
-            setattr(fused_triton, name, kernel)
+        for (module, name), kernel in saved.items():
+            setattr(module, name, kernel)
         if env is None:
             os.environ.pop("TRITON_INTERPRET")
         else:

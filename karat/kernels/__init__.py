@@ -3,7 +3,8 @@
 =============  ==========================================================================================
 path           what it is
 =============  ==========================================================================================
-``fused``      Triton kernels on CUDA (``fused_triton``): tiles of ``S`` and their features stay in registers
+``fused``      Triton kernels on CUDA: windows of at most 64 keys one per tile (``fused_window``, softmax's memory),
+               longer rows flash-style (``fused_triton``); tiles of ``S`` and their features stay in registers
 ``efficient``  blockwise over keys, ``sigma(S)`` never materialised (``efficient``); on the CPU its Fourier key
                reduction runs the C++ kernel (``fused_cpu``) where that applies
 ``reference``  ``sigma(S)`` materialised (``reference``): the oracle, and what attention maps and dropout need
@@ -22,7 +23,7 @@ import torch
 
 from ..operator import KArAtOperator
 from ..relpos import Bias, dense_bias
-from . import efficient, fused_triton, onnx_export, reference
+from . import efficient, fused_triton, fused_window, onnx_export, reference
 
 PATHS = ("fused", "efficient", "reference")
 
@@ -30,8 +31,12 @@ PATHS = ("fused", "efficient", "reference")
 # N x N matrix this small costs less than blocking and recomputation (spec section 5: small windows such as
 # Swin's 49 tokens). Measured on the CPU (benchmarks/README.md, "Small windows"): the C++ kernel ties the
 # reference at about 26 keys and wins from there on, in time and memory; the PyTorch blockwise path from about 64.
-# Triton's crossover is not measured yet (the GPU suite's host table runs Swin both ways).
-REFERENCE_MAX_TOKENS: Dict[str, int] = {"triton": 64, "C++ CPU kernel": 24, "PyTorch, blockwise": 64}
+# On CUDA the Triton kernels serve every size (0): windows of at most 64 keys by the whole-window kernels, which
+# keep softmax's memory (the materialised sigma(S) cost a Swin-T 1.78x softmax's on an H100). That is the memory
+# promise; the speed crossover against the reference path is settled by the next GPU run (the GPU suite's host
+# table runs Swin both ways).
+REFERENCE_MAX_TOKENS: Dict[str, int] = {fused_window.DETAIL: 0, "triton": 0, "C++ CPU kernel": 24,
+                                        "PyTorch, blockwise": 64}
 
 
 @dataclass(frozen=True)
@@ -75,9 +80,12 @@ def choose(op: KArAtOperator, impl: str, q: Optional[torch.Tensor] = None, bias:
 
 def _fastest(op: KArAtOperator, impl: str, q: Optional[torch.Tensor], bias: Optional[Bias],
              key_mask: Optional[torch.Tensor]) -> Choice:
-    """The fused kernels where ``impl`` asks for them or (``auto``) they serve this CUDA call, else efficient."""
+    """The fused kernels where ``impl`` asks for them or (``auto``) they serve this CUDA call (whole windows up to
+    ``fused_window.MAX_TOKENS`` keys, else flash-style), else the efficient path."""
     passed: Dict[str, str] = {}
     if impl == "fused" or (impl == "auto" and q is not None and q.is_cuda):
+        if q is not None and fused_window.supports(op, q, bias, key_mask) is None:
+            return Choice("fused", fused_window.DETAIL)
         why_not = fused_triton.supports(op, q, bias, key_mask) if q is not None else "no input given"
         if why_not is None:
             return Choice("fused", "triton")
@@ -91,18 +99,20 @@ def attend(choice: Choice, op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, 
            bias: Optional[Bias], key_mask: Optional[torch.Tensor], scale: float,
            strict: bool = False) -> torch.Tensor:
     """``sigma(S) V`` by the chosen (non-reference) path. A fused kernel that fails to build falls back to the
-    efficient path (and stays off in this process) unless ``strict`` (the user asked for ``impl='fused'``)."""
+    efficient path (and stays off in this process: the whole-window kernels alone where they failed, so that small
+    windows take the flash kernels next) unless ``strict`` (the user asked for ``impl='fused'``)."""
     if choice.path == "fused":
+        fused = fused_window if choice.detail == fused_window.DETAIL else fused_triton
         try:
-            return fused_triton.attend(op, q, k, v, bias, key_mask, scale)
+            return fused.attend(op, q, k, v, bias, key_mask, scale)
         except Exception as e:  # a kernel that fails to build here must not take `auto` users down
             if strict:
                 raise
-            fused_triton.disable(f"{type(e).__name__}: {e}")
+            fused.disable(f"{type(e).__name__}: {e}")
     if choice.path == "reference":
         return reference.attend(op, q, k, v, dense_bias(bias), key_mask, scale)
     return efficient.attend(op, q, k, v, dense_bias(bias), key_mask, scale)
 
 
-__all__ = ["Choice", "PATHS", "REFERENCE_MAX_TOKENS", "attend", "choose", "efficient", "fused_triton", "onnx_export",
-           "reference"]
+__all__ = ["Choice", "PATHS", "REFERENCE_MAX_TOKENS", "attend", "choose", "efficient", "fused_triton", "fused_window",
+           "onnx_export", "reference"]

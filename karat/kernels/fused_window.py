@@ -1,0 +1,417 @@
+"""Fused Triton kernels for ``phi1_w2`` over small windows (at most 64 keys): one program holds a whole window.
+
+Swin's 49-token windows are too small for the flash-style kernels of :mod:`karat.kernels.fused_triton` to pay
+(their autograd node keeps ``Phi(S)`` and, for a per-query mask, the N x N ``sigma(S)``), and materialising
+``sigma(S)`` costs 1.78x softmax's memory on a Swin-T. Here every ``(window, head)`` pair fits one tile: ``S``
+(N x N, padded to a power of two of at least 16), its features, ``H = Phi(S)`` (N x r),
+``sigma = (H W^T) * mask`` and ``out = sigma V`` are all computed in registers, and the forward writes ``out``
+only. So the autograd node saves its inputs and nothing else, as softmax attention does.
+
+* forward: one program per (group of windows, head) loops over its windows: the head's coefficient and rank
+  weight tiles stay in cache, and a launch covers every window and head with a small grid;
+* backward: one kernel, the same grid. Per window it recomputes ``S`` and its features and writes ``dq``, ``dk``,
+  ``dv`` (``dk``, ``dv`` summed over the window's query blocks in registers); the coefficient, rank-weight and
+  (broadcast) bias gradients are summed over the program's windows and written as per-program partials, summed
+  afterwards in PyTorch: deterministic, no atomics. The order inside a query block needs no split (``dsigma =
+  (dO V^T) * mask`` first, then ``dH = dsigma W``, then one pass over the features for ``H``, ``dS`` and the
+  coefficient gradient).
+
+It serves what :mod:`karat.kernels.fused_triton` serves (Fourier by the angle-addition recurrence, B-splines,
+the SiLU base function, a dense bias broadcastable to ``(B, H, N, N)`` with its gradient, boolean key-padding and
+per-query masks such as Swin's shifted windows, fp32 / bf16 / fp16 ``q, k, v`` read in place through their
+strides) at N <= 64 and head_dim <= 128, reusing its Triton helpers (``_logits``, ``_bspline``, ...). A ViTDet
+decomposed bias is left to the flash kernels. :func:`supports` names what it cannot serve in one line. Tested with
+``TRITON_INTERPRET=1`` (tests/test_fused_window.py) and compiled for sm_80 / sm_90 (tests/test_fused_compile.py).
+
+Not yet run on a GPU. A program holds a window's keys whole and its query rows in blocks of ``ROWS_PER_BLOCK``
+(32): for Swin-T's windows (49 keys padded to 64, head_dim 32, G = 3, 8 warps) Triton's ptxas then reports no
+spills in the forward and about 1.6 KB per thread in the backward on sm_90 (2.4 KB on sm_80; with all 64 rows at
+once it was 2.9 and 5 KB, and the backward needed 108 KiB of shared memory on sm_80, now 82 KiB). Blocks of 16
+rows spill less (0.6 KB on sm_90) at twice the partial-gradient traffic: a knob for the GPU run.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..operator import KArAtOperator
+from ..precision import autocast_off, output_dtype, upcast
+from ..relpos import Bias, DecomposedRelPos
+from . import fused_triton, reference
+from .efficient import _sum_to
+from .fused_triton import DOT_PRECISION, _basis_args, _pad, _rowwise, triton
+
+if triton is not None:
+    import triton.language as tl
+
+    from .fused_triton import _add_feature_grad, _bspline, _cols, _logits, _rows
+
+DETAIL = "triton, whole window"  # Choice.detail of this variant
+MAX_TOKENS = 64  # keys one program holds
+MAX_HEAD_DIM = 128  # q, k, v, dO tiles of 64 x 128 in fp32: beyond, the flash kernels serve
+TARGET_PROGRAMS = 1024  # windows per program grow until a launch has about this many programs
+STAGES = 1  # no software pipelining of the window loop: prefetched q, k, v and coefficient tiles overflow shared memory
+ROWS_PER_BLOCK = 32  # query rows a program holds at once: (32, 64) tiles of S and its features (register pressure)
+
+
+_DISABLED: Optional[str] = None
+
+
+def disable(reason: str) -> None:
+    """Stop ``choose`` from taking the whole-window kernels in this process (after they failed to run, e.g. a GPU
+    whose blocks have less shared memory than a 64-key window's backward takes); the flash kernels stay on."""
+    global _DISABLED
+    if _DISABLED is None:
+        warnings.warn(f"KArAt whole-window kernels disabled, small windows take the flash-style kernels: {reason}")
+    _DISABLED = reason
+
+
+def supports(op: KArAtOperator, q: torch.Tensor, bias: Optional[Bias],
+             key_mask: Optional[torch.Tensor]) -> Optional[str]:
+    """None when the whole-window kernels can evaluate this call, else the reason (one line)."""
+    why = fused_triton.supports(op, q, bias, key_mask)
+    if why is not None:
+        return why
+    if _DISABLED is not None:
+        return f"the whole-window kernels failed earlier in this process ({_DISABLED})"
+    if op.num_tokens > MAX_TOKENS:
+        return f"{op.num_tokens} keys > {MAX_TOKENS}: a window must fit one tile"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    if isinstance(bias, DecomposedRelPos):
+        return "a decomposed relative-position bias runs in the flash kernels"
+    return None
+
+
+def windows_per_program(pairs: int) -> int:
+    """(window, head) pairs per program: 1 up to TARGET_PROGRAMS pairs, then enough for about that many programs
+    (a run-time loop count, so no batch size compiles a new kernel)."""
+    return max(1, min(64, pairs // TARGET_PROGRAMS))
+
+
+def _warps(np_: int) -> int:
+    return 4 if np_ <= 32 else 8
+
+
+def _rows_per_block(np_: int) -> int:
+    return min(np_, ROWS_PER_BLOCK)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _window_fwd_kernel(Q, K, V, C, W, OUT, BIAS, MASK, B, N, R, SCALE, WPP, heads,
+                           sq0, sq1, sqn, sk0, sk1, skn, sv0, sv1, svn, so0, so1, son, sch, scj, scm, scr,
+                           swh, swj, swr, sbb, sbh, sbi, sbj, smb, smh, smi, smj, LO, INVH,
+                           D: tl.constexpr, G: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BASE: tl.constexpr,
+                           DOT: tl.constexpr, SPLINE: tl.constexpr, BROW: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        offs = tl.arange(0, NP)
+        offs_d = tl.arange(0, D)
+        offs_r = tl.arange(0, RP)
+        coef = C + h * sch + offs[:, None] * scj + offs_r[None, :] * scr  # (NP, RP) tiles, one per feature
+        cmask = (offs[:, None] < N) & (offs_r[None, :] < R)
+        wt = tl.load(W + h * swh + offs[None, :] * swj + offs_r[:, None] * swr,
+                     mask=(offs[None, :] < N) & (offs_r[:, None] < R), other=0.0)  # W^T, (RP, NP)
+        b0 = pid * WPP
+        for w in range(0, tl.minimum(WPP, B - b0)):
+            bh = (b0 + w) * heads + h
+            kt = _cols(K, bh, heads, sk0, sk1, skn, offs, offs_d, N)
+            v = _rows(V, bh, heads, sv0, sv1, svn, offs, offs_d, N)
+            for i0 in range(0, NP, BM):  # query rows in blocks: (BM, NP) tiles keep the registers in bounds
+                offs_m = i0 + tl.arange(0, BM)
+                q = _rows(Q, bh, heads, sq0, sq1, sqn, offs_m, offs_d, N)
+                s, valid = _logits(q, kt, SCALE, bh, heads, offs_m, offs, N, BIAS, sbb, sbh, sbi, sbj, BIAS, BIAS, 1,
+                                   1, MASK, smb, smh, smi, smj, HAS_BIAS, False, HAS_MASK)
+                hid = tl.zeros((BM, RP), dtype=tl.float32)
+                if SPLINE == 0:
+                    c1 = tl.where(valid, tl.cos(s), 0.0)  # zero features where masked: the recurrence keeps them 0
+                    s1 = tl.where(valid, tl.sin(s), 0.0)
+                    ck = c1
+                    sk = s1
+                    for g in tl.static_range(G):
+                        hid += tl.dot(ck, tl.load(coef + g * scm, mask=cmask, other=0.0), input_precision=DOT)
+                        hid += tl.dot(sk, tl.load(coef + (G + g) * scm, mask=cmask, other=0.0), input_precision=DOT)
+                        ck, sk = ck * c1 - sk * s1, sk * c1 + ck * s1
+                else:
+                    for m in tl.static_range(G + SPLINE):
+                        f = tl.where(valid, _bspline(s, m, LO, INVH, SPLINE, 0), 0.0)
+                        hid += tl.dot(f, tl.load(coef + m * scm, mask=cmask, other=0.0), input_precision=DOT)
+                if HAS_BASE:
+                    base = tl.where(valid, s * tl.sigmoid(s), 0.0)
+                    hid += tl.dot(base, tl.load(coef + BROW * scm, mask=cmask, other=0.0), input_precision=DOT)
+                sigma = tl.where(valid, tl.dot(hid, wt, input_precision=DOT), 0.0)
+                out = tl.dot(sigma, v, input_precision=DOT)
+                tl.store(OUT + (bh // heads) * so0 + h * so1 + offs_m[:, None] * son + offs_d[None, :],
+                         out.to(OUT.dtype.element_ty), mask=offs_m[:, None] < N)
+
+    @triton.jit
+    def _window_bwd_kernel(Q, K, V, C, W, GO, DQ, DK, DV, DC, DW, DB, BIAS, MASK, B, N, R, SCALE, WPP, heads,
+                           sq0, sq1, sqn, sk0, sk1, skn, sv0, sv1, svn, sg0, sg1, sgn, sch, scj, scm, scr,
+                           swh, swj, swr, sdcp, sdcj, sdcm, sdcr, sdbp, sbb, sbh, sbi, sbj, smb, smh, smi, smj,
+                           LO, INVH,
+                           D: tl.constexpr, G: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BASE: tl.constexpr,
+                           DOT: tl.constexpr, SPLINE: tl.constexpr, BROW: tl.constexpr, BIAS_GRAD: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        slot = pid * heads + h  # this program's partial gradients
+        offs = tl.arange(0, NP)
+        offs_d = tl.arange(0, D)
+        offs_r = tl.arange(0, RP)
+        kr = (offs[:, None] < N) & (offs_r[None, :] < R)  # (keys, ranks) inside (N, r)
+        coef = C + h * sch + offs[:, None] * scj + offs_r[None, :] * scr  # (NP, RP): for H
+        coef_t = C + h * sch + offs[None, :] * scj + offs_r[:, None] * scr  # (RP, NP): for dF = dH C^T
+        cmask_t = (offs[None, :] < N) & (offs_r[:, None] < R)
+        wk = tl.load(W + h * swh + offs[:, None] * swj + offs_r[None, :] * swr, mask=kr, other=0.0)  # W, (NP, RP)
+        wt = tl.trans(wk)
+        dc_tile = DC + slot * sdcp + offs[:, None] * sdcj + offs_r[None, :] * sdcr
+        dw = tl.zeros((NP, RP), dtype=tl.float32)
+        rmask = offs[:, None] < N
+        b0 = pid * WPP
+        for w in range(0, tl.minimum(WPP, B - b0)):
+            bh = (b0 + w) * heads + h
+            kt = _cols(K, bh, heads, sk0, sk1, skn, offs, offs_d, N)
+            vt = _cols(V, bh, heads, sv0, sv1, svn, offs, offs_d, N)
+            dk = tl.zeros((NP, D), dtype=tl.float32)
+            dv = tl.zeros((NP, D), dtype=tl.float32)
+            for i0 in range(0, NP, BM):  # query rows in blocks: (BM, NP) tiles keep the registers in bounds
+                offs_m = i0 + tl.arange(0, BM)
+                mmask = offs_m[:, None] < N
+                q = _rows(Q, bh, heads, sq0, sq1, sqn, offs_m, offs_d, N)
+                s, valid = _logits(q, kt, SCALE, bh, heads, offs_m, offs, N, BIAS, sbb, sbh, sbi, sbj, BIAS, BIAS, 1,
+                                   1, MASK, smb, smh, smi, smj, HAS_BIAS, False, HAS_MASK)
+                go = _rows(GO, bh, heads, sg0, sg1, sgn, offs_m, offs_d, N)
+                dsig = tl.where(valid, tl.dot(go, vt, input_precision=DOT), 0.0)  # dL/dsigma
+                dh = tl.dot(dsig, wk, input_precision=DOT)  # dL/dH, (BM, RP)
+                seen = kr & ((w > 0) | (i0 > 0))  # the partials start in uninitialised memory: add from the 2nd block
+                hid = tl.zeros((BM, RP), dtype=tl.float32)
+                ds = tl.zeros((BM, NP), dtype=tl.float32)
+                if SPLINE == 0:
+                    c1 = tl.where(valid, tl.cos(s), 0.0)
+                    s1 = tl.where(valid, tl.sin(s), 0.0)
+                    ck = c1
+                    sk = s1
+                    for g in tl.static_range(G):
+                        hid += tl.dot(ck, tl.load(coef + g * scm, mask=kr, other=0.0), input_precision=DOT)
+                        hid += tl.dot(sk, tl.load(coef + (G + g) * scm, mask=kr, other=0.0), input_precision=DOT)
+                        dfc = tl.dot(dh, tl.load(coef_t + g * scm, mask=cmask_t, other=0.0), input_precision=DOT)
+                        dfs = tl.dot(dh, tl.load(coef_t + (G + g) * scm, mask=cmask_t, other=0.0),
+                                     input_precision=DOT)
+                        ds += (g + 1.0) * (dfs * ck - dfc * sk)
+                        _add_feature_grad(dc_tile + g * sdcm, seen, kr, ck, dh, DOT)
+                        _add_feature_grad(dc_tile + (G + g) * sdcm, seen, kr, sk, dh, DOT)
+                        ck, sk = ck * c1 - sk * s1, sk * c1 + ck * s1
+                else:
+                    for m in tl.static_range(G + SPLINE):
+                        f = tl.where(valid, _bspline(s, m, LO, INVH, SPLINE, 0), 0.0)
+                        hid += tl.dot(f, tl.load(coef + m * scm, mask=kr, other=0.0), input_precision=DOT)
+                        df = tl.dot(dh, tl.load(coef_t + m * scm, mask=cmask_t, other=0.0), input_precision=DOT)
+                        ds += df * _bspline(s, m, LO, INVH, SPLINE, 1)
+                        _add_feature_grad(dc_tile + m * sdcm, seen, kr, f, dh, DOT)
+                if HAS_BASE:
+                    sig = tl.sigmoid(s)
+                    base = tl.where(valid, s * sig, 0.0)
+                    hid += tl.dot(base, tl.load(coef + BROW * scm, mask=kr, other=0.0), input_precision=DOT)
+                    dfb = tl.dot(dh, tl.load(coef_t + BROW * scm, mask=cmask_t, other=0.0), input_precision=DOT)
+                    ds += dfb * (sig * (1.0 + s * (1.0 - sig)))
+                    _add_feature_grad(dc_tile + BROW * sdcm, seen, kr, base, dh, DOT)
+                ds = tl.where(valid, ds, 0.0)  # dL/dS
+                sigma = tl.where(valid, tl.dot(hid, wt, input_precision=DOT), 0.0)
+                dw += tl.dot(tl.trans(dsig), hid, input_precision=DOT)
+                dv += tl.dot(tl.trans(sigma), go, input_precision=DOT)
+                dk += tl.dot(tl.trans(ds), q, input_precision=DOT)
+                dq = tl.dot(ds, tl.trans(kt), input_precision=DOT) * SCALE
+                tl.store(DQ + bh * N * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+                         mask=mmask)
+                if BIAS_GRAD != 0:  # a bias shared by the windows (1): summed over this program's windows in its
+                    # slice; a bias per window (2): its own slice
+                    db_tile = DB + (pid if BIAS_GRAD == 1 else bh // heads) * sdbp + h * N * N + \
+                        offs_m[:, None] * N + offs[None, :]
+                    dbm = mmask & (offs[None, :] < N)
+                    if BIAS_GRAD == 1:
+                        ds += tl.load(db_tile, mask=dbm & (w > 0), other=0.0)
+                    tl.store(db_tile, ds, mask=dbm)
+            rows = bh * N * D + offs[:, None] * D + offs_d[None, :]  # dk, dv: contiguous (B, H, N, D)
+            tl.store(DK + rows, (dk * SCALE).to(DK.dtype.element_ty), mask=rmask)
+            tl.store(DV + rows, dv.to(DV.dtype.element_ty), mask=rmask)
+        tl.store(DW + slot * N * R + offs[:, None] * R + offs_r[None, :], dw, mask=kr)
+
+
+class _Args:
+    """The kernels' pointer, stride and flag arguments for one call (bias and mask as broadcast views, no copies;
+    placeholders where absent: a compile-time flag keeps the kernels from touching them)."""
+
+    def __init__(self, q: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 mask: Optional[torch.Tensor], layer: nn.Module, grid: int) -> None:
+        b, h, n, d = q.shape
+        lo, inv_h, spline, base_row = _basis_args(layer, grid)
+        self.flags = dict(HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_BASE=layer.has_base,
+                          SPLINE=spline, BROW=base_row, D=d, G=grid, NP=_pad(n), RP=_pad(coef.shape[2]),
+                          BM=_rows_per_block(_pad(n)), DOT=DOT_PRECISION)
+        bias4 = bias.expand(b, h, n, n) if bias is not None else None
+        mask4 = mask.view(torch.uint8).expand(b, h, n, n) if mask is not None else None
+        self.bias, self.mask = (q if bias4 is None else bias4), (q if mask4 is None else mask4)
+        self.bias_strides = bias4.stride() if bias4 is not None else (0,) * 4
+        self.mask_strides = mask4.stride() if mask4 is not None else (0,) * 4
+        self.coef_strides = (coef.stride(0), coef.stride(1), coef.stride(3), coef.stride(2))
+        self.weight_strides = weight.stride()
+        self.basis = (lo, inv_h)
+        self.wpp = windows_per_program(b * h)
+        self.grid = (triton.cdiv(b, self.wpp), h)
+        self.warps = _warps(self.flags["NP"])
+
+
+def _forward(q, k, v, coef, weight, a: _Args, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    b, h, n, d = q.shape
+    out = torch.empty(b, h, n, d, device=q.device, dtype=dtype)
+    if out.numel() == 0:
+        return out
+    _window_fwd_kernel[a.grid](
+        q, k, v, coef, weight, out, a.bias, a.mask, b, n, coef.shape[2], scale, a.wpp, h,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *a.coef_strides, *a.weight_strides,
+        *a.bias_strides, *a.mask_strides, *a.basis, num_warps=a.warps, num_stages=STAGES, **a.flags)
+    return out
+
+
+def _backward(q, k, v, coef, weight, go, a: _Args, scale: float, bias_grad: int) -> tuple:
+    """(dq, dk, dv, dcoef (H, N, r, M), dweight (H, N, r), dbias (the bias's broadcast shape, 4-d) or None)."""
+    b, h, n, d = q.shape
+    r, m = coef.shape[2], coef.shape[3]
+    programs = a.grid[0]
+    dq, dk, dv = (torch.empty(b, h, n, d, device=q.device, dtype=t.dtype) for t in (q, k, v))
+    dc = torch.empty(programs, h, n, r, m, device=q.device, dtype=torch.float32)  # per-program partials
+    dw = torch.empty(programs, h, n, r, device=q.device, dtype=torch.float32)
+    db = q
+    if bias_grad:
+        db = torch.empty(programs if bias_grad == 1 else b, h, n, n, device=q.device, dtype=torch.float32)
+    if q.numel() == 0:  # no window: zero parameter gradients
+        return dq, dk, dv, torch.zeros_like(coef), torch.zeros_like(weight), db.zero_() if bias_grad else None
+    _window_bwd_kernel[a.grid](
+        q, k, v, coef, weight, go, dq, dk, dv, dc, dw, db, a.bias, a.mask, b, n, r, scale, a.wpp, h,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *go.stride()[:3], *a.coef_strides, *a.weight_strides,
+        dc.stride(1), dc.stride(2), dc.stride(4), dc.stride(3), h * n * n, *a.bias_strides, *a.mask_strides,
+        *a.basis, BIAS_GRAD=bias_grad, num_warps=a.warps, num_stages=STAGES, **a.flags)
+    dbias = (db.sum(0, keepdim=True) if bias_grad == 1 else db) if bias_grad else None
+    return dq, dk, dv, dc.sum(0), dw.sum(0), dbias
+
+
+class _WindowAttention(torch.autograd.Function):
+    """``sigma(S) V = ((Phi(S) W^T) * mask) V`` over whole windows as one autograd node that saves its inputs only
+    (softmax attention's memory). A backward kernel that fails to build falls back to autograd through the
+    reference path (a window is small) and turns the whole-window kernels off for the process."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, coefficients, basis_scale, base_weight, weight, bias, mask, op, scale, dtype):
+        q, k, v = _rowwise(q), _rowwise(k), _rowwise(v)
+        coef = _coef(coefficients, basis_scale, base_weight)
+        weight32 = weight.float()
+        a = _Args(q, coef, weight32, bias, mask, op.phi, op.cfg.grid)
+        out = _forward(q, k, v, coef, weight32, a, scale, dtype)
+        ctx.save_for_backward(q, k, v, coefficients, basis_scale, base_weight, weight, bias, mask)
+        ctx.op, ctx.scale = op, scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, go):
+        q, k, v, coefficients, basis_scale, base_weight, weight, bias, mask = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        coef = _coef(coefficients, basis_scale, base_weight)
+        weight32 = weight.float()
+        bias_grad = 0
+        if bias is not None and need[7]:
+            bias4 = bias.expand(*q.shape[:2], q.shape[2], q.shape[2])
+            bias_grad = 1 if bias4.stride(0) == 0 else 2
+        try:
+            a = _Args(q, coef, weight32, bias, mask, ctx.op.phi, ctx.op.cfg.grid)
+            dq, dk, dv, dc, dw, db = _backward(q, k, v, coef, weight32, _rowwise(go), a, ctx.scale, bias_grad)
+        except Exception as e:  # noqa: BLE001  a backward kernel that fails to build must not end the run
+            disable(f"backward: {type(e).__name__}: {e}")
+            return _backward_reference(ctx, go)
+        m = coefficients.shape[-1]
+        dc_basis = dc[..., :m]
+        dcoefficients = dc_basis * basis_scale.float().unsqueeze(-1) if need[3] else None
+        dscale = (dc_basis * coefficients.float()).sum(-1) if need[4] else None
+        dbase = dc[..., m] if need[5] and base_weight is not None else None
+        dbias = _sum_to(db, bias.shape) if db is not None else None
+        return dq, dk, dv, dcoefficients, dscale, dbase, dw if need[6] else None, dbias, None, None, None, None
+
+
+def _coef(coefficients: torch.Tensor, basis_scale: torch.Tensor, base_weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """The scaled basis coefficients with the base weight as one more feature, (H, N, r, M (+1)) fp32."""
+    coef = coefficients.float() * basis_scale.float().unsqueeze(-1)
+    return coef if base_weight is None else torch.cat([coef, base_weight.float().unsqueeze(-1)], dim=-1)
+
+
+def _backward_reference(ctx, go: torch.Tensor) -> tuple:
+    """Every gradient by autograd through the reference path (what runs when the backward kernel fails)."""
+    q, k, v, coefficients, basis_scale, base_weight, weight, bias, mask = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    with torch.enable_grad():
+        qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v))
+        bd = bias.detach().requires_grad_() if bias is not None else None
+        out = reference.attend(ctx.op, qd, kd, vd, bd, mask, ctx.scale)
+        params = (coefficients, basis_scale, base_weight, weight)
+        wanted = [t for t, n in zip((qd, kd, vd, *params, bd), need[:8]) if n and t is not None]
+        grads = iter(torch.autograd.grad(out, wanted, go.to(out.dtype), allow_unused=True))
+        result = [next(grads) if n and t is not None else None for t, n in zip((qd, kd, vd, *params, bd), need[:8])]
+    return (*result, None, None, None, None)
+
+
+def attend(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[Bias] = None,
+           key_mask: Optional[torch.Tensor] = None, scale: float = 1.0) -> torch.Tensor:
+    """``sigma(S) V`` of a ``phi1_w2`` operator over windows of at most 64 keys, with autocast off; the output comes
+    back in the autocast dtype under autocast, else in q's dtype. ``choose`` has checked :func:`supports`."""
+    phi = op.phi
+    dense = upcast(bias) if bias is not None else None
+    with autocast_off(q.device.type):
+        return _WindowAttention.apply(q, k, v, phi.basis.coefficients, phi.basis_scale, phi.base_weight, op.weight,
+                                      dense, key_mask, op, float(scale), output_dtype(q))
+
+
+KERNELS = ("_window_fwd_kernel", "_window_bwd_kernel")
+_FP32_POINTERS = ("C", "W", "DC", "DW", "DB", "BIAS")
+
+
+def compile_offline(arch: int, head_dim: int, grid: int, rank: int, dtype: str = "fp32", *, bias: bool = False,
+                    mask: bool = False, base: bool = False, spline: int = 0, tokens: int = 49) -> dict:
+    """Compile both kernels of one variant for ``sm_<arch>`` without a GPU (Triton's bundled ptxas):
+    ``{kernel name: shared memory bytes}``. ``dtype`` is that of q, k, v, the output and the gradients
+    (``fp32``, ``bf16``, ``fp16``); ``spline`` a B-spline order (0: Fourier); ``tokens`` the window's keys."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    features = grid + spline if spline else 2 * grid
+    np_ = _pad(tokens)
+    const = dict(D=head_dim, G=grid, NP=np_, RP=_pad(rank), BM=_rows_per_block(np_), DOT=DOT_PRECISION,
+                 HAS_BIAS=bias, HAS_MASK=mask, HAS_BASE=base, SPLINE=spline, BROW=features, BIAS_GRAD=int(bias))
+    shared = {}
+    for name in KERNELS:
+        kernel = globals()[name]
+        sig = {}
+        for a in kernel.arg_names:
+            if a in const:
+                sig[a] = "constexpr"
+            elif a == "MASK":
+                sig[a] = "*u8"
+            elif a in _FP32_POINTERS:
+                sig[a] = "*fp32"
+            elif a in ("Q", "K", "V", "OUT", "GO", "DQ", "DK", "DV"):
+                sig[a] = f"*{dtype}"
+            else:
+                sig[a] = "fp32" if a in ("LO", "INVH", "SCALE") else "i32"
+        consts = {(kernel.arg_names.index(k),): v for k, v in const.items() if k in kernel.arg_names}
+        compiled = triton.compile(ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                                  options=dict(num_warps=_warps(np_), num_stages=STAGES))
+        shared[name] = compiled.metadata.shared
+        limit = fused_triton.SHARED_MEMORY_LIMIT.get(arch, 101376)
+        if "cubin" not in compiled.asm or shared[name] > limit:
+            raise RuntimeError(f"{name} for sm_{arch} (head_dim {head_dim}, G {grid}, {dtype}, {const}): "
+                               f"{shared[name]} bytes of shared memory, limit {limit}")
+    return shared
