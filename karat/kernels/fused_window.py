@@ -121,11 +121,11 @@ if triton is not None:
         b0 = pid * WPP
         for w in range(0, tl.minimum(WPP, B - b0)):
             bh = (b0 + w) * heads + h
-            kt = _cols(K, bh, heads, sk0, sk1, skn, offs, offs_d, N)
-            v = _rows(V, bh, heads, sv0, sv1, svn, offs, offs_d, N)
+            kt = _cols(K, bh, heads, sk0, sk1, skn, offs, offs_d, N).to(tl.float32)
+            v = _rows(V, bh, heads, sv0, sv1, svn, offs, offs_d, N).to(tl.float32)
             for i0 in range(0, NP, BM):  # query rows in blocks: (BM, NP) tiles keep the registers in bounds
                 offs_m = i0 + tl.arange(0, BM)
-                q = _rows(Q, bh, heads, sq0, sq1, sqn, offs_m, offs_d, N)
+                q = _rows(Q, bh, heads, sq0, sq1, sqn, offs_m, offs_d, N).to(tl.float32)
                 s, valid = _logits(q, kt, SCALE, bh, heads, offs_m, offs, N, BIAS, sbb, sbh, sbi, sbj, BIAS, BIAS, 1,
                                    1, MASK, smb, smh, smi, smj, HAS_BIAS, False, HAS_MASK)
                 hid = tl.zeros((BM, RP), dtype=tl.float32)
@@ -176,17 +176,17 @@ if triton is not None:
         b0 = pid * WPP
         for w in range(0, tl.minimum(WPP, B - b0)):
             bh = (b0 + w) * heads + h
-            kt = _cols(K, bh, heads, sk0, sk1, skn, offs, offs_d, N)
-            vt = _cols(V, bh, heads, sv0, sv1, svn, offs, offs_d, N)
+            kt = _cols(K, bh, heads, sk0, sk1, skn, offs, offs_d, N).to(tl.float32)
+            vt = _cols(V, bh, heads, sv0, sv1, svn, offs, offs_d, N).to(tl.float32)
             dk = tl.zeros((NP, D), dtype=tl.float32)
             dv = tl.zeros((NP, D), dtype=tl.float32)
             for i0 in range(0, NP, BM):  # query rows in blocks: (BM, NP) tiles keep the registers in bounds
                 offs_m = i0 + tl.arange(0, BM)
                 mmask = offs_m[:, None] < N
-                q = _rows(Q, bh, heads, sq0, sq1, sqn, offs_m, offs_d, N)
+                q = _rows(Q, bh, heads, sq0, sq1, sqn, offs_m, offs_d, N).to(tl.float32)
                 s, valid = _logits(q, kt, SCALE, bh, heads, offs_m, offs, N, BIAS, sbb, sbh, sbi, sbj, BIAS, BIAS, 1,
                                    1, MASK, smb, smh, smi, smj, HAS_BIAS, False, HAS_MASK)
-                go = _rows(GO, bh, heads, sg0, sg1, sgn, offs_m, offs_d, N)
+                go = _rows(GO, bh, heads, sg0, sg1, sgn, offs_m, offs_d, N).to(tl.float32)
                 dsig = tl.where(valid, tl.dot(go, vt, input_precision=DOT), 0.0)  # dL/dsigma
                 dh = tl.dot(dsig, wk, input_precision=DOT)  # dL/dH, (BM, RP)
                 seen = kr & ((w > 0) | (i0 > 0))  # the partials start in uninitialised memory: add from the 2nd block
