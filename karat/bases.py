@@ -171,10 +171,16 @@ class FourierBasis(SharedFeatureBasis):
         g = self.grid
         if g > self.POWER_MAX_GRID:
             return coef, None
-        t, u = (torch.tensor(m, dtype=coef.dtype, device=coef.device) for m in _chebyshev_to_power(g))
-        a = t.transpose(0, 1) @ coef[..., :g, :]  # (..., G + 1, r): coefficients of c^0..c^G
-        b = u.transpose(0, 1) @ coef[..., g:, :]  # (..., G, r): coefficients of s c^0..s c^(G-1)
-        return torch.cat([a[..., 1:, :], b], dim=-2), a[..., 0, :]
+        t, u = _chebyshev_to_power(g)
+
+        def combine(rows, part: torch.Tensor, p: int) -> torch.Tensor:  # sum_k rows[k][p] part_k
+            # scalar products and sums only: ops an exporter folds into one constant (it does not fold MatMul)
+            terms = [part[..., k, :] * rows[k][p] for k in range(g) if rows[k][p]]
+            return functools.reduce(torch.add, terms) if terms else torch.zeros_like(part[..., 0, :])
+
+        cos, sin = coef[..., :g, :], coef[..., g:, :]
+        planes = [combine(t, cos, p) for p in range(1, g + 1)] + [combine(u, sin, p) for p in range(g)]
+        return torch.stack(planes, dim=-2), combine(t, cos, 0)
 
     def derivative_map(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(perm, scale)`` with ``dB_m/dx = scale_m * B_perm(m)``: d cos kx = -k sin kx, d sin kx = k cos kx."""
