@@ -78,7 +78,7 @@ def reduce_keys(layer, q: torch.Tensor, k: torch.Tensor, bias: Optional[Bias], k
     if constant is not None and key_level:  # sum over the (kept) keys of their constant terms
         out = constant.sum(-2, keepdim=True) if keep is None else keep @ constant
     q = q * scale
-    n = k.shape[-2]
+    n = layer.in_features  # the key count as a Python int: every block's slice of the coefficients is a constant
     row = bias.rel_w.shape[-1] if isinstance(bias, DecomposedRelPos) else 1
     for j in _blocks(n, block_size(n, planes_coef.shape[-2]), row):
         s = q @ k[..., j, :].transpose(-2, -1)  # (B, H, N, block)
@@ -96,7 +96,7 @@ def reduce_keys(layer, q: torch.Tensor, k: torch.Tensor, bias: Optional[Bias], k
         if constant is not None and not key_level:
             part = keep_j @ constant[:, j]
             out = part if out is None else out + part
-        for p, plane in enumerate(planes):
+        for p, plane in enumerate(planes):  # as fast as one product of the concatenated planes, and no copy
             part = plane @ cj[..., p, :]
             out = part if out is None else out + part  # an exported graph records no in-place accumulation
     return out
