@@ -355,6 +355,9 @@ def expand_rank(op: KArAtOperator, hidden: torch.Tensor, v: torch.Tensor,
     per-query mask needs the N x N product."""
     weight = op.weight.to(hidden.dtype)
     if _is_key_level(key_mask):
-        return hidden @ torch.einsum("hjr,bhjd->bhrd", weight, _masked_rows(v, key_mask))
+        vm = _masked_rows(v, key_mask)
+        if onnx_export.exporting():  # the same product as a MatMul: ONNX Runtime's Einsum is slower
+            return hidden @ (weight.transpose(-1, -2) @ vm)
+        return hidden @ torch.einsum("hjr,bhjd->bhrd", weight, vm)
     sigma = torch.einsum("bhir,hjr->bhij", hidden, weight) * key_mask.to(hidden.dtype)
     return sigma @ v

@@ -30,9 +30,12 @@ import torch
 from ..relpos import Bias, DecomposedRelPos
 
 # Feature entries of one key block (M planes of N x block), as a fraction of N x N per head and image: the planes
-# of one block hold no more than the N x N logits of a softmax export. Larger blocks mean fewer, larger ops; in ONNX
-# Runtime on 2 CPU cores 0.5, 1 and 2 ran ViT-Tiny at about the same speed (benchmarks/README.md, "ONNX Runtime").
+# of one block hold no more than the N x N logits of a softmax export. But at least MIN_BLOCK_KEYS keys a block in
+# reduce_keys (N x 64 x M entries: more than N x N below N = 64 M, yet no plane is N x N): ONNX Runtime's cost per
+# node and the sums of the blocks' partial products (N x r each) are per block, and at 197 keys (ViT-Tiny) four
+# blocks ran about 4% faster than seven (benchmarks/README.md, "ONNX Runtime").
 BLOCK_FRACTION = 1.0
+MIN_BLOCK_KEYS = 64
 
 
 def exporting() -> bool:
@@ -80,7 +83,8 @@ def reduce_keys(layer, q: torch.Tensor, k: torch.Tensor, bias: Optional[Bias], k
     q = q * scale
     n = layer.in_features  # the key count as a Python int: every block's slice of the coefficients is a constant
     row = bias.rel_w.shape[-1] if isinstance(bias, DecomposedRelPos) else 1
-    for j in _blocks(n, block_size(n, planes_coef.shape[-2]), row):
+    block = min(n, max(MIN_BLOCK_KEYS, block_size(n, planes_coef.shape[-2])))
+    for j in _blocks(n, block, row):
         s = q @ k[..., j, :].transpose(-2, -1)  # (B, H, N, block)
         if bias is not None:
             s = s + _bias_block(bias, j)
