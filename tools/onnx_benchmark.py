@@ -14,7 +14,8 @@ and of our KArAt one (1024 px: 4,096-token global blocks). Then, in ONNX Runtime
 * peak memory: each model in a fresh process that imports only onnxruntime, its peak resident set (``VmHWM``)
   after one inference
   (model weights, ORT's arena and the input included; the process baseline is reported too);
-* ``--profile``: ORT's per-operator profile of one inference each, summed by op type (what dominates).
+* ``--profile``: ORT's per-operator profile of each model (each node's median over 3 runs), summed by op type
+  (what dominates), and the cost of one elementwise pass of a few ops on one-op graphs (``op_ns_per_entry``).
 
   python tools/onnx_benchmark.py --batch 8 --rounds 10 --vitdet --profile --json benchmarks/onnx_cpu.json
 """
@@ -149,6 +150,36 @@ def profile(path: Path, shape: Tuple[int, ...], threads: int, runs: int = 3,
     return out
 
 
+def op_costs(threads: int, entries: int = 1 << 20, repeats: int = 15) -> Dict[str, Dict[str, float]]:
+    """Nanoseconds an entry of one-op graphs (``y = op(x)``, or ``x * x`` and ``x + x``) over ``entries`` fp32
+    entries, at 1 and ``threads`` intra-op threads, median of ``repeats``: what an elementwise pass costs in ORT, and
+    that ``Sin`` and ``Cos`` are evaluated one entry at a time on one thread."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = np.random.randn(entries).astype(np.float32) * 4
+    out: Dict[str, Dict[str, float]] = {}
+    for op in ("Sin", "Cos", "Mul", "Add", "Exp", "Tanh"):
+        inputs = ["x", "x"] if op in ("Mul", "Add") else ["x"]
+        graph = helper.make_graph([helper.make_node(op, inputs, ["y"])], op,
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [entries])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [entries])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        onnx.checker.check_model(model)
+        out[op] = {}
+        for n in sorted({1, threads}):
+            s = ort.InferenceSession(model.SerializeToString(), session_options(n), providers=["CPUExecutionProvider"])
+            s.run(None, {"x": x})
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                s.run(None, {"x": x})
+                times.append(time.perf_counter() - start)
+            out[op][f"{n} thread{'s' if n > 1 else ''}"] = round(float(np.median(times)) / entries * 1e9, 3)
+    return out
+
+
 def run_pair(label: str, models: Dict[str, Any], shape: Tuple[int, ...], args, tmp: Path) -> Dict[str, Any]:
     """Export both models, then time, measure and (optionally) profile them; ratios are KArAt / softmax."""
     paths = {k: tmp / f"{label}_{k}.onnx" for k in models}
@@ -177,7 +208,7 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--rounds", type=int, default=10, help="timed rounds for ViT-Tiny")
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
     p.add_argument("--vitdet", action="store_true", help="also detectron2's ViTDet-T backbone at 1024 px")
-    p.add_argument("--vitdet-rounds", type=int, default=1)
+    p.add_argument("--vitdet-rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="ORT intra-op threads, the same for both models")
     p.add_argument("--profile", action="store_true", help="ORT's per-op profile of each model")
     p.add_argument("--json", type=Path)
@@ -192,6 +223,9 @@ def main(argv=None) -> Dict[str, Any]:
                     "threads": args.threads, "load_average": [round(v, 2) for v in os.getloadavg()],
                     "date": time.strftime("%Y-%m-%d")},
         "cases": {}}
+    if args.profile:
+        result["op_ns_per_entry"] = op_costs(args.threads)
+        print(json.dumps(result["op_ns_per_entry"]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         vit = {"softmax": _timm_vit("vit_tiny_patch16_224"), "karat": _timm_vit("vit_tiny_patch16_224_karat")}
         result["cases"]["vit_tiny"] = run_pair("vit_tiny", vit, (args.batch, 3, 224, 224), args, Path(tmp))
