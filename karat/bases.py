@@ -14,6 +14,7 @@ off around them (``karat.precision``), so a half-precision input only rounds the
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional, Tuple
 
@@ -67,11 +68,19 @@ class SharedFeatureBasis(Basis):
         """The same values as ``features``, computed the fastest way without autograd in mind."""
         return self.features(x)
 
-    def feature_planes(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """The M features as M tensors shaped like ``x`` (``features(x)[..., m]``): a graph exporter's layout,
-        where elementwise ops on a trailing axis of size M would stride through memory
-        (``karat.kernels.onnx_export``)."""
-        return list(self.features(x).unbind(-1))
+    def feature_planes(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        """Tensors shaped like ``x`` that span the features: a graph exporter's layout, where elementwise ops on a
+        trailing axis of size M would stride through memory (``karat.kernels.onnx_export``). By default the M
+        features themselves (``features(x)[..., m]``); a basis may return another basis of their span, mapped to by
+        :meth:`plane_coefficients`. ``keep`` (0/1, broadcastable to x) zeroes every plane where it is 0."""
+        planes = list(self.features(x).unbind(-1))
+        return planes if keep is None else [p * keep for p in planes]
+
+    def plane_coefficients(self, coef: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Coefficients over the M features, ``(..., M, r)``, as coefficients over :meth:`feature_planes`'s planes
+        ``(..., P, r)`` and a constant term ``(..., r)`` (None: no constant): ``sum_m coef_m B_m(x)`` equals
+        ``sum_p out_p plane_p(x) + constant``."""
+        return coef, None
 
     def derivative_map(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """``(perm, scale)`` when every derivative is a scaled feature, ``dB_m/dx = scale_m B_perm(m)``
@@ -131,22 +140,67 @@ class FourierBasis(SharedFeatureBasis):
             torch.mul(sin_prev, cos1, out=sin_k).addcmul_(cos_prev, sin1)
         return out
 
-    def feature_planes(self, x: torch.Tensor) -> List[torch.Tensor]:
-        # The same recurrence out of place: one cos and one sin per entry, the other frequencies by products
-        # (a sine or cosine costs several multiplications in ONNX Runtime).
+    def feature_planes(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        # One cos and one sin per entry (each costs about twelve multiplications in ONNX Runtime, which evaluates
+        # them one entry at a time); the other frequencies follow from c = cos x and s = sin x by Chebyshev:
+        # cos kx = T_k(c), sin kx = s U_{k-1}(c). Up to POWER_MAX_GRID the planes are the powers c^1..c^G and
+        # s c^0..s c^(G-1), one multiplication each (plane_coefficients folds T_k and U_k into the coefficients);
+        # above it, T_k(c) and s U_{k-1}(c) themselves by the three-term recurrence (two operations each), whose
+        # error does not grow like the power basis's coefficients (about (1 + sqrt 2)^G).
         x = upcast(x)
-        cos, sin = [torch.cos(x)], [torch.sin(x)]
-        for _ in range(1, self.grid):
-            cos_k, sin_k = cos[-1], sin[-1]
-            cos.append(cos_k * cos[0] - sin_k * sin[0])
-            sin.append(sin_k * cos[0] + cos_k * sin[0])
+        c, s = torch.cos(x), torch.sin(x)
+        if keep is not None:
+            c, s = c * keep, s * keep
+        g = self.grid
+        if g <= self.POWER_MAX_GRID:
+            cos, sin = [c], [s]
+            for _ in range(1, g):
+                cos.append(cos[-1] * c)
+                sin.append(sin[-1] * c)
+            return cos + sin
+        two_c = c + c
+        cos, sin = [c, two_c * c - (1.0 if keep is None else keep)], [s, two_c * s]
+        for _ in range(2, g):
+            cos.append(two_c * cos[-1] - cos[-2])
+            sin.append(two_c * sin[-1] - sin[-2])
         return cos + sin
+
+    POWER_MAX_GRID = 4  # up to this G, feature_planes gives powers of cos x (1 op a plane), else Chebyshev terms
+
+    def plane_coefficients(self, coef: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        g = self.grid
+        if g > self.POWER_MAX_GRID:
+            return coef, None
+        t, u = _chebyshev_to_power(g)
+
+        def combine(rows, part: torch.Tensor, p: int) -> torch.Tensor:  # sum_k rows[k][p] part_k
+            # scalar products and sums only: ops an exporter folds into one constant (it does not fold MatMul)
+            terms = [part[..., k, :] * rows[k][p] for k in range(g) if rows[k][p]]
+            return functools.reduce(torch.add, terms) if terms else torch.zeros_like(part[..., 0, :])
+
+        cos, sin = coef[..., :g, :], coef[..., g:, :]
+        planes = [combine(t, cos, p) for p in range(1, g + 1)] + [combine(u, sin, p) for p in range(g)]
+        return torch.stack(planes, dim=-2), combine(t, cos, 0)
 
     def derivative_map(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(perm, scale)`` with ``dB_m/dx = scale_m * B_perm(m)``: d cos kx = -k sin kx, d sin kx = k cos kx."""
         g = self.grid
         perm = torch.cat([torch.arange(g, 2 * g), torch.arange(g)])
         return perm, torch.cat([-self.frequencies[:g], self.frequencies[g:]])
+
+
+@functools.lru_cache(maxsize=None)
+def _chebyshev_to_power(g: int) -> Tuple[Tuple[Tuple[float, ...], ...], Tuple[Tuple[float, ...], ...]]:
+    """``(t, u)``: ``T_k(c) = sum_p t[k-1][p] c^p`` (k = 1..g, p = 0..g) and ``U_{k-1}(c) = sum_p u[k-1][p] c^p``
+    (p = 0..g-1), from ``T_{k+1} = 2c T_k - T_{k-1}`` (the same for U, with U_1 = 2c). Plain numbers, so that a
+    graph exporter records the matrices as constants, not the ops that built them."""
+    t = [[1.0] + [0.0] * g, [0.0, 1.0] + [0.0] * (g - 1)]
+    u = [[1.0] + [0.0] * g, [0.0, 2.0] + [0.0] * (g - 1)]
+    for rows in (t, u):
+        for k in range(2, g + 1):
+            rows.append([2 * (rows[k - 1][p - 1] if p else 0.0) - rows[k - 2][p] for p in range(g + 1)])
+    return tuple(tuple(r) for r in t[1:g + 1]), tuple(tuple(r[:g]) for r in u[:g])
+
 
 class SplineBasis(SharedFeatureBasis):
     """B-splines of order ``k`` on G uniform intervals of ``grid_range``, extended by k knots each side.

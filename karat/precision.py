@@ -66,6 +66,7 @@ def full_precision_attention(fn: F) -> F:
                 key_mask: Optional[torch.Tensor] = None, *args, **kwargs):
         dtype = output_dtype(q)
         with autocast_off(q.device.type):
-            return fn(op, upcast(q), upcast(k), upcast(v), upcast(bias), key_mask, *args, **kwargs).to(dtype)
+            bias = bias.to(compute_dtype(bias.rel_h)) if hasattr(bias, "rel_h") else upcast(bias)  # DecomposedRelPos
+            return fn(op, upcast(q), upcast(k), upcast(v), bias, key_mask, *args, **kwargs).to(dtype)
 
     return wrapper  # type: ignore[return-value]

@@ -120,6 +120,45 @@ def test_exported_graph_is_as_lean_as_softmax(tmp_path):
     assert k_count <= s_count, (k_count, s_count)
 
 
+@pytest.mark.parametrize("grid", [1, 3, 4, 5, 16])
+def test_fourier_planes_span_its_features(grid):
+    """What an export records for Fourier (cos, sin times powers of cos up to ``POWER_MAX_GRID``, Chebyshev terms
+    above) with ``plane_coefficients`` gives the features' contraction in fp32, masked or not, G = 16 included."""
+    torch.manual_seed(0)
+    basis = karat.bases.FourierBasis(2, 5, 3, karat.KArAtConfig(grid=grid), 1.0)
+    x = torch.randn(4, 2, 7, 5) * 4
+    coef = torch.randn(2, 5, 2 * grid, 3)
+    keep = (torch.rand(4, 2, 7, 5) > 0.3).float()
+    planes_coef, constant = basis.plane_coefficients(coef)
+    assert (constant is None) == (grid > basis.POWER_MAX_GRID)
+    for mask in (None, keep):
+        feats = basis.features(x.double()) * (1 if mask is None else mask.double().unsqueeze(-1))
+        want = torch.einsum("bhiqm,hqmr->bhiqr", feats, coef.double())
+        planes = basis.feature_planes(x, mask)
+        got = sum(p.unsqueeze(-1) * planes_coef[:, None, :, i] for i, p in enumerate(planes))
+        if constant is not None:
+            got = got + constant[:, None] * (1 if mask is None else mask.unsqueeze(-1))
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4 * want.abs().max().item())
+
+
+def test_large_grid_exports(tmp_path):
+    """G = 16: the Chebyshev recurrence (not the power basis, whose coefficients grow like 2.4^G) in ONNX Runtime."""
+    name, kwargs = FAMILIES["vit"]
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5, grid=16, **kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert_ort_matches(model, export(model, x, tmp_path / "m.onnx", dynamo=False), x)
+
+
+def test_exported_coefficients_are_stored_once(tmp_path):
+    """The exported initializers take no more room than the model's parameters: the key blocks' slices of the
+    coefficients (and their power-basis form) are folded into constants, not stored beside the whole tensor."""
+    model = tiny("vit")
+    path = export(model, torch.randn(2, 3, 32, 32), tmp_path / "m.onnx", dynamo=False)
+    stored = sum(math.prod(i.dims) for i in onnx.load(str(path)).graph.initializer)
+    assert stored <= sum(p.numel() for p in model.parameters()), stored
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The hosts' backbones: detectron2's KArAtViT, mmseg's KArAtVisionTransformer and KArAtSwinTransformer.
 

@@ -111,7 +111,8 @@ def attend(choice: Choice, op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, 
             fused.disable(f"{type(e).__name__}: {e}")
     if choice.path == "reference":
         return reference.attend(op, q, k, v, dense_bias(bias), key_mask, scale)
-    return efficient.attend(op, q, k, v, dense_bias(bias), key_mask, scale)
+    # an exported graph adds a decomposed bias block by block (karat.kernels.onnx_export), never as N x N
+    return efficient.attend(op, q, k, v, bias if onnx_export.exporting() else dense_bias(bias), key_mask, scale)
 
 
 __all__ = ["Choice", "PATHS", "REFERENCE_MAX_TOKENS", "attend", "choose", "efficient", "fused_triton", "fused_window",

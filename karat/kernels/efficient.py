@@ -16,7 +16,7 @@ expansion; the non-modular depth-2 operator is a reduction followed by an expans
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -26,6 +26,7 @@ from ..bases import FourierBasis, SharedFeatureBasis
 from ..kan import KANLayer
 from ..operator import KArAtOperator
 from ..precision import autocast_off, full_precision_attention
+from ..relpos import Bias, dense_bias
 
 KEY_BLOCK: Optional[int] = None  # keys per block; None sizes blocks to BLOCK_ELEMENTS
 BLOCK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 25}  # feature entries of one block (bounds the transient memory)
@@ -141,22 +142,15 @@ class _ReduceKeysFromQK(torch.autograd.Function):
 
 
 def _reduce_blocks(q, k, bias, coef, layer, key_mask, block: int, scale: float) -> torch.Tensor:
-    """The forward of ``_ReduceKeysFromQK`` (also what an ONNX export records): q, k ``(B, H, N, d)``,
+    """The forward of ``_ReduceKeysFromQK``: q, k ``(B, H, N, d)``,
     ``S = scale q k^T (+ bias)``, coef ``(H, N, M, r)`` from ``_layer_coefficients(layer)``. The scale is applied
     here, so that the q saved for backward is the caller's (no scaled copy kept)."""
     qh, kh = _head_major(q, scale), _head_major(k)
     bh, mh = (None if t is None else t.transpose(0, 1) for t in (bias, key_mask))
     h, b, n = qh.shape[:3]
-    if onnx_export.exporting():
-        out = None
-        for j in _blocks(k.shape[-2], block):  # one (H, B*N, block) x (H, block, r) product per feature plane
-            for m, plane in enumerate(_block_planes(layer, qh, kh, bh, mh, j)):
-                part = plane.reshape(h, b * n, -1) @ coef[:, j, m]
-                out = part if out is None else out + part  # an exported graph records no in-place accumulation
-    else:
-        out = q.new_zeros(h, b * n, coef.shape[-1])
-        for j in _blocks(k.shape[-2], block):
-            out.baddbmm_(_block_features(layer, qh, kh, bh, mh, j).view(h, b * n, -1), coef[:, j].flatten(1, 2))
+    out = q.new_zeros(h, b * n, coef.shape[-1])
+    for j in _blocks(k.shape[-2], block):
+        out.baddbmm_(_block_features(layer, qh, kh, bh, mh, j).view(h, b * n, -1), coef[:, j].flatten(1, 2))
     return out.view(h, b, n, -1).transpose(0, 1)
 
 
@@ -177,18 +171,6 @@ def _block_features(layer, qh, kh, bh, mh, j, return_logits: bool = False):
     mask = None if mh is None else mh[..., j]
     feats = _features(layer, s, mask)
     return (s, mask, feats) if return_logits else feats
-
-
-def _block_planes(layer, qh, kh, bh, mh, j) -> List[torch.Tensor]:
-    """``_block_features`` as one tensor per feature (``basis.feature_planes``), for a graph exporter."""
-    s = qh @ kh[..., j, :].transpose(-2, -1)
-    if bh is not None:
-        s = s + bh[..., j]
-    planes = layer.basis.feature_planes(s) + ([layer.base_fn(s)] if layer.has_base else [])
-    if mh is not None:
-        keep = mh[..., j].to(s.dtype)
-        planes = [p * keep for p in planes]
-    return planes
 
 
 def _features(layer: KANLayer, s: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -255,22 +237,22 @@ def detail(op: KArAtOperator, q: Optional[torch.Tensor], bias: Optional[torch.Te
     return "PyTorch, blockwise"
 
 
-def reduce_keys_qk(layer: KANLayer, q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor],
+def reduce_keys_qk(layer: KANLayer, q: torch.Tensor, k: torch.Tensor, bias: Optional[Bias],
                    key_mask: Optional[torch.Tensor], scale: float = 1.0, block: Optional[int] = None) -> torch.Tensor:
     """``Phi(scale q k^T + bias)`` without storing the logits or their features (shared-feature bases)."""
+    if onnx_export.exporting():  # exporters record plain ops, not an autograd.Function or a custom op
+        return onnx_export.reduce_keys(layer, q, k, bias, key_mask, _layer_coefficients(layer).to(q.dtype), scale)
+    bias = dense_bias(bias)
     if bias is not None and bias.dim() < 4:
         bias = bias.expand(*([1] * (4 - bias.dim())), *bias.shape)
+    coef = _layer_coefficients(layer).to(q.dtype)
     if _fused_cpu(layer, q, k, bias, key_mask):
-        coef = _layer_coefficients(layer).to(q.dtype)
         shape = torch.Size((*q.shape[:-1], k.shape[-2]))
         # the expand's backward sums the kernel's dense dL/dS back to the bias's own shape
         return fused_cpu.fourier_reduce(q, k, coef, float(scale), layer.basis.grid, _expanded(bias, shape, q.dtype),
                                         _expanded(key_mask, shape))
     width = layer.basis.num_functions + int(layer.has_base)
     block = block or block_size(q.shape[0] * q.shape[1] * q.shape[2], width, k.shape[-2], q.device)
-    coef = _layer_coefficients(layer).to(q.dtype)
-    if onnx_export.exporting():  # the forward itself: exporters record plain ops, not an autograd.Function
-        return _reduce_blocks(q, k, bias, coef, layer, key_mask, block, scale)
     return _ReduceKeysFromQK.apply(q, k, bias, coef, layer, key_mask, block, scale)
 
 
@@ -344,7 +326,7 @@ def _attend_w1_phi2(op: KArAtOperator, q, k, v, bias, key_mask) -> torch.Tensor:
 
 
 @full_precision_attention
-def attend(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
+def attend(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[Bias] = None,
            key_mask: Optional[torch.Tensor] = None, scale: float = 1.0) -> torch.Tensor:
     """``sigma(S) V`` with ``S = scale q k^T (+ bias)``, without materialising ``sigma(S)``.
 
@@ -356,12 +338,12 @@ def attend(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if k.shape[-2] != op.num_tokens:
         raise ValueError(f"KArAt operator was built for {op.num_tokens} key tokens but got {k.shape[-2]}.")
     if op.mode == "w1_phi2":
-        return _attend_w1_phi2(op, q * scale, k, v, bias, key_mask)
+        return _attend_w1_phi2(op, q * scale, k, v, dense_bias(bias), key_mask)
     first = op.phi if op.mode == "phi1_w2" else op.layers[0]
     if isinstance(first.basis, SharedFeatureBasis):
-        hidden = reduce_keys_qk(first, q, k, bias, key_mask, scale)
+        hidden = reduce_keys_qk(first, q, k, bias, key_mask, scale)  # a decomposed bias stays so under export
     else:
-        hidden = reduce_keys(first, _logits(q * scale, k, bias), key_mask)
+        hidden = reduce_keys(first, _logits(q * scale, k, dense_bias(bias)), key_mask)
     if op.mode == "depth":
         return expand_to_keys(op.layers[1], hidden, v, key_mask)
     return expand_rank(op, hidden, v, key_mask)
@@ -373,6 +355,9 @@ def expand_rank(op: KArAtOperator, hidden: torch.Tensor, v: torch.Tensor,
     per-query mask needs the N x N product."""
     weight = op.weight.to(hidden.dtype)
     if _is_key_level(key_mask):
-        return hidden @ torch.einsum("hjr,bhjd->bhrd", weight, _masked_rows(v, key_mask))
+        vm = _masked_rows(v, key_mask)
+        if onnx_export.exporting():  # the same product as a MatMul: ONNX Runtime's Einsum is slower
+            return hidden @ (weight.transpose(-1, -2) @ vm)
+        return hidden @ torch.einsum("hjr,bhjd->bhrd", weight, vm)
     sigma = torch.einsum("bhir,hjr->bhij", hidden, weight) * key_mask.to(hidden.dtype)
     return sigma @ v
