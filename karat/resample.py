@@ -227,7 +227,8 @@ def _recorded_skeleton(op: KArAtOperator, num_tokens) -> KArAtOperator:
     def copy(module: nn.Module, path: str) -> nn.Module:
         new = type(module).__new__(type(module))
         new.__dict__.update(module.__dict__)
-        new.__dict__["_modules"] = {name: copy(child, f"{path}{name}.") for name, child in module._modules.items()}
+        new.__dict__["_modules"] = {name: copy(child, f"{path}{name}.")
+                                    for name, child in module.__dict__["_modules"].items()}
         dims = key_dims.get(path.rstrip("."), set())
         if 1 in dims and hasattr(new, "in_features"):
             new.in_features = num_tokens
@@ -238,9 +239,19 @@ def _recorded_skeleton(op: KArAtOperator, num_tokens) -> KArAtOperator:
             new.__dict__["_buffers"] = dict(new._buffers, window=_hamming(num_tokens, new._buffers["window"]))
         return new
 
-    new = copy(op, "")
+    new = copy(_unproxied(op), "")
     new.num_tokens = num_tokens
     return new
+
+
+def _unproxied(module: nn.Module) -> nn.Module:
+    """The module itself, not the stand-in that ``torch.export``'s tracer hands out for a module reached a second time
+    (a universal operator, shared by every block), whose class and child lookups only its tracer knows."""
+    get_base = getattr(type(module), "get_base", None)
+    while get_base is not None:
+        module = get_base(module)
+        get_base = getattr(type(module), "get_base", None)
+    return module
 
 
 def _hamming(n, like: torch.Tensor) -> torch.Tensor:

@@ -90,16 +90,20 @@ def test_timm_family_exports_with_defaults(family, dynamo, tmp_path):
     assert_ort_matches(model, path, torch.randn(2, 3, size, size), torch.randn(3, 3, size, size))
 
 
-@pytest.mark.parametrize("basis", ["fourier", "shannon"])
-def test_dynamic_img_size_exports_dynamic_spatial_axes(tmp_path, basis):
+# Fourier (the default: shared features, blockwise key reduction); Shannon wavelets (per-edge, their Hamming window over
+# the keys rebuilt for each grid) with a universal operator (one operator reached from two blocks).
+DYNAMIC_CASES = {"fourier": {}, "shannon-universal": dict(basis_type="WaveletBasis", wavelet_type="shannon",
+                                                          universal=True, depth=2)}
+
+
+@pytest.mark.parametrize("case", list(DYNAMIC_CASES))
+def test_dynamic_img_size_exports_dynamic_spatial_axes(tmp_path, case):
     """One graph from the dynamo exporter, batch, height and width dynamic, evaluates other image sizes as PyTorch
     does: the operator resampled in graph ops from the input's size (antialiased where a side shrinks), not a table
-    for the export size. Shannon wavelets also rebuild their Hamming window over the keys. The 8 x 8 grid is
-    evaluated at 6 x 6 (shrinks), 12 x 12 (grows) and 6 x 10 (both)."""
+    for the export size. The 8 x 8 grid is evaluated at 6 x 6 (shrinks), 12 x 12 (grows) and 6 x 10 (both)."""
     name, kwargs = FAMILIES["vit"]
-    extra = {} if basis == "fourier" else dict(basis_type="WaveletBasis", wavelet_type="shannon")
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=5, dynamic_img_size=True, **kwargs, **extra).eval()
+    model = timm.create_model(name, num_classes=5, dynamic_img_size=True, **{**kwargs, **DYNAMIC_CASES[case]}).eval()
     x = torch.randn(2, 3, 32, 32)
     grid_h, grid_w = torch.export.Dim("grid_h", min=2, max=64), torch.export.Dim("grid_w", min=2, max=64)
     shapes = ({0: torch.export.Dim("batch", min=1, max=1024), 2: 4 * grid_h, 3: 4 * grid_w},)
