@@ -13,6 +13,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from karat.progress import on_terminal
+
 _logger = logging.getLogger("classification")
 
 
@@ -53,7 +55,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: Callable, o
     model.train()
     start, total, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
     num_updates = epoch * len(loader)
-    bar = tqdm(loader, desc=f"{desc} epoch {epoch}", leave=False, dynamic_ncols=True, disable=not show_progress)
+    # a bar on a terminal only; in a log file the caller's line per epoch says it (karat.progress)
+    bar = tqdm(loader, desc=f"{desc} epoch {epoch}", leave=False, dynamic_ncols=True,
+               disable=not (show_progress and on_terminal()))
     for images, targets in bar:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         hard_targets = targets

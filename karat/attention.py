@@ -20,7 +20,7 @@ from .config import KArAtConfig
 from .flops import trace_core_call
 from .operator import KArAtOperator, OperatorProvider
 from .relpos import Bias, DecomposedRelPos, dense_bias
-from .resample import TokenLayout, operator_at, resample_operator
+from .resample import TokenLayout, is_symbolic, operator_at, resample_operator
 
 OperatorFactory = Callable[[int, int], KArAtOperator]
 
@@ -122,7 +122,7 @@ class KArAtCore(nn.Module):
         cached outside training). The host names the layout; a grid is never guessed from a token count."""
         if layout is not None and layout.num_tokens != num_keys:
             raise ValueError(f"The host passed layout={layout} ({layout.num_tokens} tokens) for {num_keys} keys.")
-        if layout is None or layout == self.layout:
+        if layout is None or (not is_symbolic(layout) and layout == self.layout):  # a symbolic one: resampled
             if num_keys != self.num_tokens:
                 raise ValueError(
                     f"KArAt attention was built for {self.num_tokens} tokens but got {num_keys}, and the host gave "

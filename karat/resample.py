@@ -14,6 +14,10 @@ and at run time (:func:`operator_at`), the way timm and mmseg interpolate absolu
 forward: a model built for one grid evaluates another with its operator resampled to that grid. The run-time
 operator is a differentiable function of the stored one (training at several sizes trains the stored weights);
 where nothing needs gradients it is cached per layout until the weights change.
+
+While a graph is recorded (``torch.export``, either ONNX exporter) nothing is cached, and a layout whose grid is
+symbolic (the dynamo exporter with dynamic spatial axes) is resampled in graph ops computed from the input's size, so
+one exported graph evaluates every image size as the eager model does (:func:`is_symbolic`).
 """
 from __future__ import annotations
 
@@ -65,16 +69,50 @@ def resample_key_axis(t: torch.Tensor, axis: int, src: TokenLayout, dst: TokenLa
     moved = t.movedim(axis, -1)
     prefix = moved[..., : dst.prefix]  # class token first, then registers
     grid = moved[..., src.prefix:]
-    if src.grid != dst.grid:
+    symbolic = is_symbolic(dst)
+    if symbolic or src.grid != dst.grid:  # a symbolic grid may be the stored one: then the resampling is exact
         lead = grid.shape[:-1]
         # bicubic needs fp32 or more: half precision is upcast, float64 (tests, exact comparisons) kept
         img = grid.reshape(1, -1, *src.grid).to(torch.promote_types(t.dtype, torch.float32))
-        antialias = dst.grid[0] < src.grid[0] or dst.grid[1] < src.grid[1]
-        img = F.interpolate(img, size=dst.grid, mode="bicubic", align_corners=False, antialias=antialias)
+        img = _bicubic(img, src.grid, dst.grid, symbolic)
         grid = img.reshape(*lead, dst.grid[0] * dst.grid[1]).to(t.dtype)
-        if rescale:
+        if rescale and symbolic:
+            grid = grid * (src.grid[0] * src.grid[1] / _graph_scalar(dst.grid[0] * dst.grid[1], grid))
+        elif rescale:
             grid = grid * (src.grid[0] * src.grid[1] / (dst.grid[0] * dst.grid[1]))
     return torch.cat([prefix, grid], dim=-1).movedim(-1, axis)
+
+
+def _bicubic(img: torch.Tensor, src: Tuple[int, int], dst: Tuple, symbolic: bool) -> torch.Tensor:
+    """``img`` (1, C, *src) resized bicubically to ``dst``, antialiased when a side shrinks (torch's antialiased
+    bicubic is another filter, a = -0.5 over the widened support, not a = -0.75). With a symbolic ``dst`` the
+    choice is made when the graph runs: both resizes are recorded and the one the eager path takes selected."""
+    if not symbolic:
+        antialias = dst[0] < src[0] or dst[1] < src[1]
+        return F.interpolate(img, size=dst, mode="bicubic", align_corners=False, antialias=antialias)
+    plain = F.interpolate(img, size=dst, mode="bicubic", align_corners=False, antialias=False)
+    smooth = F.interpolate(img, size=dst, mode="bicubic", align_corners=False, antialias=True)
+    shrinks = (_graph_scalar(dst[0], img) < src[0]) | (_graph_scalar(dst[1], img) < src[1])
+    return torch.where(shrinks, smooth, plain)
+
+
+def _graph_scalar(size, like: torch.Tensor) -> torch.Tensor:
+    """A (possibly symbolic) size as a 0-d tensor of ``like``'s dtype: recorded as a graph op, never a constant."""
+    return torch.scalar_tensor(size, dtype=like.dtype, device=like.device)
+
+
+def is_symbolic(layout: TokenLayout) -> bool:
+    """Whether ``layout``'s sizes are symbols of a graph being recorded (``torch.export`` or the dynamo ONNX exporter
+    with dynamic spatial axes): their values are known only when the graph runs, so nothing may compare them to
+    Python ints (which would specialise the graph to the example input) or key a cache with them."""
+    return any(isinstance(d, torch.SymInt) for d in (layout.prefix, *layout.grid))
+
+
+def recording() -> bool:
+    """Whether a graph is being recorded (``torch.export``, either ONNX exporter): the run-time operator is then
+    computed in graph ops from the stored weights, never served from the cache (whose tensors the exporters cannot
+    capture)."""
+    return bool(torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting())
 
 
 def resample_operator_state(state: Dict[str, torch.Tensor], axes: Dict[str, Tuple[int, ...]], src: TokenLayout,
@@ -188,7 +226,54 @@ def resampled_operator(op: KArAtOperator, src: TokenLayout, dst: TokenLayout) ->
     evaluates this one unchanged. Not cached: see :func:`operator_at`."""
     _check_source(op, src)
     tensors = resample_operator_state(dict(op.named_parameters()), op.key_axes(), src, dst)
-    return _with_parameters(_skeleton(op, dst.num_tokens), tensors)
+    skeleton = _recorded_skeleton(op, dst.num_tokens) if recording() or is_symbolic(dst) else \
+        _skeleton(op, dst.num_tokens)
+    return _with_parameters(skeleton, tensors)
+
+
+def _recorded_skeleton(op: KArAtOperator, num_tokens) -> KArAtOperator:
+    """What :func:`_skeleton` builds, made from ``op`` itself without building a module (an exporter records the
+    forward only): its modules copied shallowly, the sizes indexed by key set to ``num_tokens`` (maybe symbolic),
+    and the one buffer that depends on the key count, a Shannon wavelet's Hamming window over key inputs, recomputed
+    in graph ops."""
+    key_dims: Dict[str, set] = {}
+    for name, axes in op.key_axes().items():
+        key_dims.setdefault(name.rpartition(".")[0], set()).update(axes)
+
+    def copy(module: nn.Module, path: str) -> nn.Module:
+        new = type(module).__new__(type(module))
+        new.__dict__.update(module.__dict__)
+        new.__dict__["_modules"] = {name: copy(child, f"{path}{name}.")
+                                    for name, child in module.__dict__["_modules"].items()}
+        dims = key_dims.get(path.rstrip("."), set())
+        if 1 in dims and hasattr(new, "in_features"):
+            new.in_features = num_tokens
+        if 2 in dims and hasattr(new, "out_features"):
+            new.out_features = num_tokens
+        if 1 in dims and isinstance(new.__dict__["_buffers"].get("window"), torch.Tensor) and \
+                getattr(new, "wavelet_type", None) == "shannon":
+            new.__dict__["_buffers"] = dict(new._buffers, window=_hamming(num_tokens, new._buffers["window"]))
+        return new
+
+    new = copy(_unproxied(op), "")
+    new.num_tokens = num_tokens
+    return new
+
+
+def _unproxied(module: nn.Module) -> nn.Module:
+    """The module itself, not the stand-in that ``torch.export``'s tracer hands out for a module reached a second time
+    (a universal operator, shared by every block), whose class and child lookups only its tracer knows."""
+    get_base = getattr(type(module), "get_base", None)
+    while get_base is not None:
+        module = get_base(module)
+        get_base = getattr(type(module), "get_base", None)
+    return module
+
+
+def _hamming(n, like: torch.Tensor) -> torch.Tensor:
+    """``torch.hamming_window(n, periodic=False)`` for a key count ``n`` that may be symbolic (graph ops)."""
+    i = torch.arange(n, dtype=torch.float64, device=like.device)
+    return (0.54 - 0.46 * torch.cos(i * (2 * math.pi) / (_graph_scalar(n, i) - 1))).to(like.dtype)
 
 
 def _weights_key(op: KArAtOperator) -> Tuple:
@@ -205,11 +290,13 @@ def operator_at(op: KArAtOperator, src: TokenLayout, dst: TokenLayout) -> KArAtO
     ``op`` per layout, so a fixed non-native size pays the interpolation once, and an operator shared by all blocks
     (universal) is resampled once per layout for all of them. The cache is dropped as soon as the weights change
     (optimizer step, ``load_state_dict``, ``.to()``). While training, each call resamples, differentiably: a cached
-    tensor would carry a graph that the first backward frees."""
-    if src == dst:
+    tensor would carry a graph that the first backward frees. While a graph is recorded, never cached: the graph
+    computes the resampled operator from the stored weights (:func:`recording`)."""
+    symbolic = is_symbolic(dst)
+    if not symbolic and src == dst:
         return op
     params = list(op.parameters())
-    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+    if symbolic or recording() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
         return resampled_operator(op, src, dst)
     key = (torch.is_inference_mode_enabled(), _weights_key(op))
     cache = op.__dict__.get(_CACHE_ATTR)

@@ -3,9 +3,11 @@
 For each classification checkpoint of the demo (``karat`` and ``softmax``: ViT-Tiny bodies with patch 2 on
 8 x 8 grey digits, 4 x 4 tokens, no class token) the converter writes an mmseg backbone checkpoint for 16 x 16
 RGB inputs (8 x 8 tokens: position embeddings and KArAt operators resampled, the grey patch embedding
-replicated to RGB), the embedded config (``upernet/upernet_vit-t2-karat_1xb8-60iter_embedded-16x16.py``)
-loads it (``load_from``), and mmseg's ``Runner`` fine-tunes and evaluates (IoUMetric) on
-the generated ADE20K-layout set. Both backbones get the same data, schedule and seed.
+replicated to RGB) and prints its transfer report (what was loaded, resampled, newly initialised), the embedded
+config (``upernet/upernet_vit-t2-karat_1xb8-60iter_embedded-16x16.py``) builds the UperNet, the backbone takes that
+checkpoint strictly (:class:`LoadBackbone`: not ``load_from``, whose non-strict load of a whole segmentor lists every
+neck and head tensor as missing), and mmseg's ``Runner`` fine-tunes and evaluates (IoUMetric) on the generated
+ADE20K-layout set. Both backbones get the same data, schedule and seed.
 
 The stage writes, under its (new or empty) output folder: ``data/`` (the generated set), and per backbone
 ``<name>/`` with ``transfer_report.txt``, ``backbone_16x16.pth``, mmseg's work dir (config, logs, checkpoints,
@@ -52,7 +54,7 @@ def build_config(backbone_ckpt: Path, work_dir: Path, data_root: Path, quick: bo
     cfg.model.neck.in_channels = [meta["embed_dims"]] * 4
     for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
         cfg[loader].dataset.data_root = str(data_root)
-    cfg.load_from = str(backbone_ckpt)  # backbone.* keys; mmseg's softmax ViT and the KArAt one alike
+    cfg.load_from = None  # the backbone's weights come from LoadBackbone (run_stage)
     cfg.work_dir = str(work_dir)
     cfg.randomness = dict(seed=seed, deterministic=False)
     cfg.log_level = "WARNING"
@@ -63,6 +65,32 @@ def build_config(backbone_ckpt: Path, work_dir: Path, data_root: Path, quick: bo
         cfg.default_hooks.checkpoint.interval = 2
         cfg.param_scheduler = [dict(type="ConstantLR", factor=1.0, by_epoch=False, begin=0, end=2)]
     return cfg
+
+
+def _hook_base() -> type:
+    from mmengine.hooks import Hook
+
+    return Hook
+
+
+class LoadBackbone(_hook_base()):
+    """Before training, the converted checkpoint's ``backbone.`` tensors into the segmentor's backbone, strictly: every
+    backbone tensor is there (the converter checked it and its report, printed, says what was loaded and what is
+    new), and no neck or head tensor is expected. mmengine's ``load_from`` would load them into the whole segmentor
+    non-strictly and print every neck and decode-head tensor as "missing keys in source state_dict"."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        self.checkpoint = Path(checkpoint)
+
+    def before_train(self, runner) -> None:  # after the runner's weight initialisation, as load_from would be
+        from mmengine.model import is_model_wrapper
+
+        from karat.checkpoint import load_checkpoint
+
+        from .convert import backbone_state
+
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        model.backbone.load_state_dict(backbone_state(load_checkpoint(self.checkpoint), str(self.checkpoint)))
 
 
 def run_stage(out_dir: Path, checkpoints: Dict[str, Path], quick: bool = False) -> List[Dict[str, Any]]:
@@ -105,7 +133,9 @@ def _run_stage(out_dir: Path, checkpoints: Dict[str, Path], quick: bool) -> List
         report = convert_classifier(str(checkpoints[name]), backbone_ckpt, img_size=IMAGE_SIZE, with_cls_token=False,
                                     in_channels=3)
         (work_dir / "transfer_report.txt").write_text(f"source: {checkpoints[name]}\n{report}\n")
+        print(f"{name}: {checkpoints[name]} -> {backbone_ckpt}\n{report}", flush=True)
         runner = Runner.from_cfg(build_config(backbone_ckpt, work_dir, data_root, quick=quick))
+        runner.register_hook(LoadBackbone(backbone_ckpt), priority="VERY_HIGH")
         runner.train()
         metrics: Optional[Dict[str, float]] = runner.val_loop.run()
         rows.append(dict(name=name, mIoU=float(metrics["mIoU"]), aAcc=float(metrics["aAcc"]),

@@ -1,5 +1,7 @@
 """`make demo`'s program end to end, shortened: both models train, and everything is written."""
+import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +45,39 @@ def test_demo_refuses_to_overwrite_a_folder(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "not empty" in proc.stderr
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_training_log_file_gets_one_line_per_epoch_not_a_bar(tmp_path):
+    """The demo's classification run written to a file (not a terminal, as ``make demo > log``): no tqdm redraws
+    (one line per iteration there), exactly one line per epoch."""
+    from classification.demo import DEMO_MODELS, DemoSettings
+
+    argv = DemoSettings(epochs=2, batch_size=16, train_limit=64).command_line(tmp_path / "run") + DEMO_MODELS["softmax"]
+    log = tmp_path / "train.log"
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-m", "classification.main", *argv], stdout=f, stderr=subprocess.STDOUT,
+                              cwd=ROOT, timeout=300)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert "\r" not in text and "it/s" not in text, text[-2000:]
+    assert re.findall(r"\bepoch (\d+)\b", text) == ["0", "1"], text[-2000:]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stream, drawn", [(_Terminal, True), (io.StringIO, False)], ids=["terminal", "file"])
+def test_training_bar_is_drawn_on_a_terminal_only(monkeypatch, stream, drawn):
+    import torch
+
+    from classification.engine import train_one_epoch
+
+    err = stream()
+    monkeypatch.setattr(sys, "stderr", err)
+    model = torch.nn.Linear(4, 3)
+    loader = [(torch.randn(2, 4), torch.tensor([0, 1])) for _ in range(3)]
+    train_one_epoch(model, loader, torch.nn.functional.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), 0,
+                    desc="tiny")
+    assert ("tiny epoch 0" in err.getvalue()) == drawn

@@ -98,11 +98,16 @@ def test_convert_with_class_token_to_512px(mmseg_backbones, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_stage_quick(mmseg_backbones, tmp_path):
+def test_demo_stage_quick(mmseg_backbones, tmp_path, capfd):
+    """The stage's log says what the transfer loaded and what is new, and no wall of mmengine's "missing keys" for
+    the neck and decode head (the backbone checkpoint is loaded into the backbone, strictly)."""
     from mmseg_configs.demo import run_stage, summary_table
 
     ckpts = {"karat": classifier(tmp_path, karat=True, depth=4), "softmax": classifier(tmp_path, karat=False, depth=4)}
     rows = run_stage(tmp_path / "seg", ckpts, quick=True)
+    log = "".join(capfd.readouterr())
+    assert "missing keys in source state_dict" not in log and "do not match exactly" not in log
+    assert log.count("loaded as is:") == 2 and log.count("newly initialised:") == 2, log[-3000:]
     assert [r["name"] for r in rows] == ["karat", "softmax"]
     for r in rows:
         assert 0.0 <= r["mIoU"] <= 100.0 and 0.0 < r["aAcc"] <= 100.0 and r["iterations"] == 2

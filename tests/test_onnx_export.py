@@ -1,7 +1,8 @@
 """KArAt models leave PyTorch: ``torch.onnx.export`` with the default options, both exporters, ONNX Runtime on the CPU
 against PyTorch (issue 21). Tiny models, but with more than ``REFERENCE_MAX_TOKENS`` keys, so that the eager default
 path is the C++ kernel's custom op ``karat::fourier_reduce``, which no exporter knows: the model itself must take an
-exportable path while ``torch.onnx.export`` runs. The batch axis is dynamic: ONNX Runtime runs two batch sizes.
+exportable path while ``torch.onnx.export`` runs. The batch axis is dynamic: ONNX Runtime runs two batch sizes. With
+``dynamic_img_size=True`` and the dynamo exporter the spatial axes are dynamic too: one graph, several image sizes.
 """
 from __future__ import annotations
 
@@ -87,6 +88,29 @@ def test_timm_family_exports_with_defaults(family, dynamo, tmp_path):
     size = FAMILIES[family][1]["img_size"]
     path = export(model, torch.randn(2, 3, size, size), tmp_path / "m.onnx", dynamo)
     assert_ort_matches(model, path, torch.randn(2, 3, size, size), torch.randn(3, 3, size, size))
+
+
+# Fourier (the default: shared features, blockwise key reduction); Shannon wavelets (per-edge, their Hamming window over
+# the keys rebuilt for each grid) with a universal operator (one operator reached from two blocks).
+DYNAMIC_CASES = {"fourier": {}, "shannon-universal": dict(basis_type="WaveletBasis", wavelet_type="shannon",
+                                                          universal=True, depth=2)}
+
+
+@pytest.mark.parametrize("case", list(DYNAMIC_CASES))
+def test_dynamic_img_size_exports_dynamic_spatial_axes(tmp_path, case):
+    """One graph from the dynamo exporter, batch, height and width dynamic, evaluates other image sizes as PyTorch
+    does: the operator resampled in graph ops from the input's size (antialiased where a side shrinks), not a table
+    for the export size. The 8 x 8 grid is evaluated at 6 x 6 (shrinks), 12 x 12 (grows) and 6 x 10 (both)."""
+    name, kwargs = FAMILIES["vit"]
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5, dynamic_img_size=True, **{**kwargs, **DYNAMIC_CASES[case]}).eval()
+    x = torch.randn(2, 3, 32, 32)
+    grid_h, grid_w = torch.export.Dim("grid_h", min=2, max=64), torch.export.Dim("grid_w", min=2, max=64)
+    shapes = ({0: torch.export.Dim("batch", min=1, max=1024), 2: 4 * grid_h, 3: 4 * grid_w},)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=True, dynamic_shapes=shapes, verbose=False)
+    assert_ort_matches(model, path, torch.randn(2, 3, 32, 32), torch.randn(1, 3, 24, 24), torch.randn(2, 3, 48, 48),
+                       torch.randn(1, 3, 24, 40))
 
 
 def _big_tensors(path: Path, n: int, per: int) -> Tuple[int, int]:

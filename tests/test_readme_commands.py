@@ -56,6 +56,9 @@ PLAN: Dict[str, Plan] = {
     "torch.onnx.export(model, (x,), \"vit_karat.onnx\"": Plan(
         "skip", "exports a full ViT-Tiny (minutes on two cores); tests/test_onnx_export.py makes the same calls on "
         "tiny models of every family and host"),
+    "\"vit_karat_any_size.onnx\"": Plan(
+        "skip", "exports a full ViT-Tiny with dynamic spatial axes (about a minute on two cores); "
+        "tests/test_onnx_export.py makes the same call on a small ViT and runs the graph at four sizes"),
     "tools/onnx_benchmark.py --batch 8": Plan("skip", "the ONNX benchmark itself (minutes)"),
     "pytorch-image-models/train.py --device-modules karat": Plan(
         "skip", "timm's scripts live in timm's repository, not in its wheel; tests/test_timm_script.py runs the route"),

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..progress import on_terminal
+
 Direction = Dict[str, torch.Tensor]
 Batches = Sequence[Tuple[torch.Tensor, torch.Tensor]]
 
@@ -78,7 +80,7 @@ def perturbed(model: nn.Module) -> Iterator["callable"]:
 def _progress(total: int, desc: str, show: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not show, leave=False)
+    return tqdm(total=total, desc=desc, disable=not (show and on_terminal()), leave=False)  # log files: no bar
 
 
 def landscape_1d(model: nn.Module, batches: Batches, direction: Direction, alphas: Sequence[float],

@@ -42,6 +42,8 @@ def supports(op: KArAtOperator) -> Optional[str]:
 
 
 def _blocks(n: int, block: int):
+    if onnx_export.symbolic_keys(n):  # a key count known when the exported graph runs: one block
+        return [slice(None)]
     return [slice(j, min(j + block, n)) for j in range(0, n, block)]
 
 

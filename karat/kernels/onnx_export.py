@@ -45,12 +45,24 @@ def exporting() -> bool:
 
 def block_size(num_keys: int, width: int) -> int:
     """Keys per block in an exported graph: ``N x block x width`` feature entries stay within
-    ``BLOCK_FRACTION x N x N``. Depends on the key count and the basis width only (static in the graph)."""
+    ``BLOCK_FRACTION x N x N``. Depends on the key count and the basis width only (static in the graph). A symbolic
+    key count (dynamic spatial axes) is one block: see :func:`symbolic_keys`."""
+    if symbolic_keys(num_keys):
+        return num_keys
     return max(1, min(num_keys, int(BLOCK_FRACTION * num_keys) // max(1, width)))
+
+
+def symbolic_keys(num_keys) -> bool:
+    """Whether the key count is a symbol of the graph (the dynamo exporter with dynamic spatial axes): the key loop then
+    cannot unroll into a count of blocks fixed at export time, so the keys are one block (``N x N`` feature planes,
+    as large as a softmax's logits each)."""
+    return isinstance(num_keys, torch.SymInt)
 
 
 def _blocks(n: int, block: int, row: int = 1) -> List[slice]:
     """Key blocks of about ``block`` keys, each a whole number of ``row``-key rows (a decomposed bias's key grid)."""
+    if symbolic_keys(n):  # a key count known when the exported graph runs: one block
+        return [slice(0, n)]
     block = max(row, block // row * row)
     return [slice(j, min(j + block, n)) for j in range(0, n, block)]
 
