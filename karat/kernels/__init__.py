@@ -23,7 +23,7 @@ import torch
 
 from ..operator import KArAtOperator
 from ..relpos import Bias, dense_bias
-from . import efficient, fused_triton, fused_window, onnx_export, reference
+from . import efficient, fused_ops, fused_triton, fused_window, onnx_export, reference  # fused_ops registers the ops
 
 PATHS = ("fused", "efficient", "reference")
 
@@ -115,5 +115,5 @@ def attend(choice: Choice, op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, 
     return efficient.attend(op, q, k, v, bias if onnx_export.exporting() else dense_bias(bias), key_mask, scale)
 
 
-__all__ = ["Choice", "PATHS", "REFERENCE_MAX_TOKENS", "attend", "choose", "efficient", "fused_triton", "fused_window",
-           "onnx_export", "reference"]
+__all__ = ["Choice", "PATHS", "REFERENCE_MAX_TOKENS", "attend", "choose", "efficient", "fused_ops", "fused_triton",
+           "fused_window", "onnx_export", "reference"]

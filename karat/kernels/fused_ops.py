@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import sys
+
 import torch
 from torch import Tensor
 
@@ -254,3 +256,5 @@ def _probe(device: str, dtype: str, d: int, grid: int, rank: int, features: int,
     except Exception as e:  # noqa: BLE001  a kernel that fails to build must not end the run
         ft.disable(f"{type(e).__name__}: {e}")
         return False
+
+ft.fused_ops = sys.modules[__name__]  # fused_triton's supports() and attend() call this module's operators

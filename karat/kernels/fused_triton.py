@@ -71,6 +71,9 @@ from ..precision import autocast_off, output_dtype, upcast
 from ..relpos import Bias, DecomposedRelPos
 from . import efficient
 
+# karat.kernels.fused_ops, the operators around the launch wrappers below; it imports this module and sets this
+# name when it loads (karat.kernels imports it), so the two modules form no import cycle
+fused_ops = None
 DOT_PRECISION = "tf32"  # feature x coefficient and gradient products (q k^T is always "ieee")
 MAX_HEAD_DIM = 256
 _DISABLED: Optional[str] = None
@@ -670,5 +673,3 @@ def compile_offline(arch: int, head_dim: int, grid: int, rank: int, dtype: str =
                                    f"{cfg}, {options}): {used} bytes of shared memory, limit {limit}")
     return shared if space else {name: used[0] for name, used in shared.items()}
 
-
-from . import fused_ops  # noqa: E402  the operators around the launch wrappers above
