@@ -231,7 +231,8 @@ def test_fused_model_under_torch_compile_matches_eager(mode):
 
     if INTERPRET and mode != "default":
         pytest.skip("CUDA graphs need a CUDA device")
-    kw = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=5, grid=2, hidden_dim=8)
+    # 65 tokens: the flash kernels (karat::fused_attention); windows of <= 64 keys take the whole-window kernels
+    kw = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=5, grid=2, hidden_dim=8)
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224_karat", impl="fused", **kw).to(DEVICE)
     x = torch.randn(4, 3, 32, 32, device=DEVICE)
