@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 import karat  # noqa: F401  registers the KArAt models
 from karat import load_checkpoint, param_groups, save_checkpoint
-from karat.distributed import DEFAULT_INIT_TIMEOUT, init_method as karat_init_method
+from karat.distributed import DEFAULT_INIT_TIMEOUT, end_process_group, init_method as karat_init_method
 from karat.models.vision_transformer import karat_vit_filter_fn
 
 from .args import get_args_parser, karat_kwargs
@@ -199,8 +199,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     if loggers.writer is not None:
         loggers.writer.close()
     if run.distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+        end_process_group()
     return last
 
 

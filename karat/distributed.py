@@ -98,6 +98,21 @@ def _rendezvous_handler(url: str, timeout: timedelta = timedelta(minutes=30), **
     raise RuntimeError(f"{SCHEME}:// cannot re-rendezvous; restart the workers (torchrun does)")
 
 
+def end_process_group(settle: float = 0.2) -> None:
+    """Tear the default process group down after every rank's last collective: a barrier, then ``settle`` seconds
+    with the GIL free, then ``destroy_process_group``.
+
+    A gloo worker thread frees a finished collective's tensors after the ranks have returned from waiting on it,
+    and freeing a tensor that Python created takes the GIL (a barrier holds every earlier collective, say an
+    ``all_gather_object``). The group's C++ destructor joins those threads while holding the GIL: if it runs in that
+    window (at ``destroy_process_group``, or later when the last DDP model that holds the group is freed), both wait
+    forever (pytorch/pytorch#56297). On 2 loaded cores it hung one teardown in a few dozen; the sleep lets the worker
+    threads finish first (``tests/test_distributed_init.py`` repeats the pattern)."""
+    dist.barrier()
+    time.sleep(settle)
+    dist.destroy_process_group()
+
+
 def register() -> None:
     """Make ``karat-env://`` known to ``torch.distributed`` (idempotent)."""
     if not dist.is_available():

@@ -27,7 +27,7 @@ from typing import Callable, Dict, Iterable, List, Tuple
 import torch
 import torch.distributed as dist
 
-from karat.distributed import init_method as karat_init_method
+from karat.distributed import end_process_group, init_method as karat_init_method
 from kernel_calls import cpu_kernel_calls
 
 COMMON = ["--data-set", "DIGITS", "--input-size", "8", "--batch-size", "4", "--epochs", "1", "--train-subset", "16",
@@ -172,8 +172,6 @@ if __name__ == "__main__":
         dist.init_process_group("gloo", init_method=karat_init_method())
         for part in backbones:
             {"detectron2": detectron2_backbone, "mmseg": mmseg_backbone}[part]()
-        # every rank's gloo work done before either tears the group down (as classification.main does): a rank
-        # that destroyed it while the other's last work was in flight once aborted at exit (SIGABRT, "terminate
-        # called without an active exception") on a loaded 2-core CI machine
-        dist.barrier()
-        dist.destroy_process_group()
+        # every rank's gloo work done before either tears the group down, as classification.main does
+        # (karat.distributed.end_process_group says why)
+        end_process_group()

@@ -87,3 +87,40 @@ def test_openmmlab_configs_start_their_groups_this_way():
     for path in configs:
         cfg = Config.fromfile(str(path))
         assert cfg.env_cfg.dist_cfg.get("init_method") == f"{SCHEME}://", path.name
+
+
+# What classification.main and tests/ddp_driver.py do at the end of a run, many times over: a DDP step, a collective
+# on tensors Python creates (all_gather_object, as the checkpoint's RNG states), then the teardown. With
+# ``dist.barrier(); dist.destroy_process_group()`` instead, this hung within the first ten starts on 2 cores: the
+# group's destructor joins gloo's worker thread holding the GIL, while that thread waits for the GIL to free the
+# gathered tensors.
+TEARDOWNS = """
+import os, sys
+from pathlib import Path
+import torch, torch.distributed as dist
+from karat.distributed import end_process_group, init_method
+for i in range(int(sys.argv[1])):
+    dist.init_process_group("gloo", init_method=init_method(60))
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+    model(torch.randn(2, 4)).sum().backward()
+    dist.all_gather_object([None, None], {"rank": os.environ["RANK"], "start": i})
+    end_process_group()
+    del model  # the reducer holds the group: its destructor runs here
+Path(sys.argv[2], "ended-" + os.environ["RANK"]).write_text("")
+"""
+
+
+@pytest.mark.slow
+def test_process_groups_end_without_the_gloo_teardown_deadlock(tmp_path):
+    import os
+    import sys
+
+    import process_group
+
+    script = tmp_path / "teardowns.py"
+    script.write_text(TEARDOWNS)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = process_group.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              str(script), "25", str(tmp_path)], timeout=240, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(p.name for p in tmp_path.glob("ended-*")) == ["ended-0", "ended-1"]

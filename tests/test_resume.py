@@ -19,6 +19,7 @@ from classification import main as cls_main
 from classification.args import get_args_parser
 from classification.resume import ResumeError, restore_rng_states, restore_scaler, rng_state
 from conftest import require_cpu_kernel
+import process_group
 from ddp_driver import parse_reports
 from karat import load_checkpoint
 from karat.kernels import fused_cpu
@@ -290,9 +291,9 @@ def two_rank_runs(tmp_path_factory):
     (root / "runs.json").write_text(json.dumps(runs))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "tests" / "ddp_driver.py"), f"runs={root / 'runs.json'}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = process_group.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              str(ROOT / "tests" / "ddp_driver.py"), f"runs={root / 'runs.json'}"],
+                             cwd=ROOT, env=env, timeout=300)  # about 30 s alone on 2 cores
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-8000:]  # a hung rank's stack included
     done = parse_reports(proc.stdout)
     assert list(done) == [r["name"] for r in runs], proc.stdout[-2000:]

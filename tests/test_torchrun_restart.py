@@ -18,6 +18,7 @@ import psutil
 import pytest
 import torch
 
+import process_group
 from conftest import require_cpu_kernel
 from karat import KArAtConfig, KArAtCore, load_checkpoint
 
@@ -34,8 +35,7 @@ def _torchrun(out: Path, restarts: int) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            f"--max-restarts={restarts}", "-m", "classification.main", *ARGS, "--output_dir", str(out)]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group: a hung run is killed with its workers
+    return process_group.popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def _worker(agent: subprocess.Popen, rank: int) -> psutil.Process:
@@ -49,12 +49,7 @@ def _worker(agent: subprocess.Popen, rank: int) -> psutil.Process:
 
 
 def _finish(agent: subprocess.Popen) -> str:
-    try:
-        out, _ = agent.communicate(timeout=420)
-    except subprocess.TimeoutExpired:
-        os.killpg(agent.pid, signal.SIGKILL)
-        out, _ = agent.communicate()
-        raise AssertionError(f"torchrun did not finish (a restarted group hung?)\n{out[-4000:]}")
+    out, _ = process_group.finish(agent, timeout=420)  # a hung group fails with every process's stacks
     assert agent.returncode == 0, out[-4000:]
     return out
 
@@ -80,8 +75,8 @@ def test_a_killed_worker_restarts_and_ends_bit_identical(victim, uninterrupted, 
     deadline = time.monotonic() + 300
     while not first.exists():  # the first checkpoint; the kill then lands wherever training is
         if agent.poll() is not None or time.monotonic() > deadline:
-            os.killpg(agent.pid, signal.SIGKILL)
-            raise AssertionError(f"no first checkpoint\n{agent.communicate()[0][-4000:]}")
+            out, _ = process_group.finish(agent, timeout=0)  # one that still runs fails here, with its stacks
+            raise AssertionError(f"no first checkpoint\n{out[-4000:]}")
         time.sleep(0.05)
     time.sleep(float(torch.rand(()) * 2.0))  # an epoch takes about a second
     os.kill(_worker(agent, victim).pid, signal.SIGKILL)
