@@ -204,24 +204,27 @@ def test_fused_triton_path_traces_with_fake_cuda_tensors():
 
 # Under TRITON_INTERPRET=1 the fused operators are opaque custom ops (Inductor cannot compile interpreted kernels),
 # so a compiled training step on CPU tensors calls the real kernels: what the compiler captures, forward and backward,
-# and whether the gradients are right. impl='fused': 'auto' takes the fused kernels on CUDA tensors only.
+# and whether the gradients are right. impl='fused': 'auto' takes the fused kernels on CUDA tensors only. The family
+# (argv[1]) sets the tokens: 65 take the flash kernels (karat::fused_attention), 17 (windows of <= 64 keys) the
+# whole-window kernels (karat::window_attention).
 INTERPRETED = """
-import copy, json
+import copy, json, sys
 import timm, torch
 from torch._dynamo.backends.common import aot_autograd
 from functorch.compile import make_boxed_func
 import karat
-from karat.kernels import fused_ops
+from karat.kernels import fused_ops, fused_window
 
+family = sys.argv[1]
+patch = {"flash": 4, "window": 8}[family]
 torch.manual_seed(0)
-# 65 tokens: the flash kernels (karat::fused_attention); windows of <= 64 keys take the whole-window kernels
-model = timm.create_model("vit_tiny_patch16_224_karat", img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2,
-                          num_classes=10, impl="fused", hidden_dim=4, grid=2, base_fn="nn.SiLU").train()
+model = timm.create_model("vit_tiny_patch16_224_karat", img_size=32, patch_size=patch, embed_dim=32, depth=2,
+                          num_heads=2, num_classes=10, impl="fused", hidden_dim=4, grid=2, base_fn="nn.SiLU").train()
 reference = copy.deepcopy(model)
 core = next(m for m in model.modules() if isinstance(m, karat.KArAtCore))
 rng = torch.get_rng_state()
-path = core.choose_path(torch.zeros(2, 2, 17, 16)).describe()  # the kernels' tiny check runs here, eagerly
-rng_kept = bool(torch.equal(rng, torch.get_rng_state())) and len(fused_ops._BUILDS) == 1
+path = core.choose_path(torch.zeros(2, 2, core.num_tokens, 16)).describe()  # the kernels' tiny check runs here, eagerly
+rng_kept = bool(torch.equal(rng, torch.get_rng_state())) and [k[0] for k in fused_ops._BUILDS] == [family]
 graphs = {"forward": set(), "backward": set()}
 
 
@@ -254,45 +257,67 @@ b, h, n, d, r, m = 2, 2, 12, 16, 3, 4
 q, k, v = (t.detach().requires_grad_() for t in torch.randn(b, n, 3, h, d).permute(2, 0, 3, 1, 4))
 params = [torch.randn(h, n, r, m), torch.rand(h, n, r), torch.randn(h, n, r), torch.randn(h, n, r)]
 coefficients, basis_scale, base, weight = (t.requires_grad_() for t in params)
-calls = {"dense bias, padding mask": (torch.randn(1, h, n, n, requires_grad=True), None, None,
-                                      torch.rand(b, 1, 1, n) > 0.2),
-         "decomposed bias, per-query mask": (None, torch.randn(b, h, n, 3, requires_grad=True),
-                                             torch.randn(b, h, n, 4, requires_grad=True), torch.rand(1, 1, n, n) > 0.2)}
 checks = {}
-for name, extras in calls.items():
-    args = (q, k, v, coefficients, basis_scale, base, weight, *extras, 2, 0.25, 0.0, 1.0, 0)
-    checks[name] = torch.library.opcheck(fused_ops.fused_attention, args)
-    out, hidden, saved, coef = fused_ops.fused_attention(*args)
-    detached = [t.detach() if t is not None else None for t in (q, k, v, coefficients, basis_scale)]
-    back = (torch.randn_like(out), *detached, coef, weight.detach(), hidden, saved,
-            *(t.detach() if t is not None else None for t in extras), 2, 0.25, 0.0, 1.0, 0, True, extras[0] is not None)
-    checks[name + ", backward"] = torch.library.opcheck(fused_ops.fused_attention_backward, back)
+
+
+def detached(*tensors):
+    return [t.detach() if t is not None else None for t in tensors]
+
+
+if family == "flash":
+    calls = {"dense bias, padding mask": (torch.randn(1, h, n, n, requires_grad=True), None, None,
+                                          torch.rand(b, 1, 1, n) > 0.2),
+             "decomposed bias, per-query mask": (None, torch.randn(b, h, n, 3, requires_grad=True),
+                                                 torch.randn(b, h, n, 4, requires_grad=True),
+                                                 torch.rand(1, 1, n, n) > 0.2)}
+    for name, extras in calls.items():
+        args = (q, k, v, coefficients, basis_scale, base, weight, *extras, 2, 0.25, 0.0, 1.0, 0)
+        checks[name] = torch.library.opcheck(fused_ops.fused_attention, args)
+        out, hidden, saved, coef = fused_ops.fused_attention(*args)
+        back = (torch.randn_like(out), *detached(q, k, v, coefficients, basis_scale), coef, weight.detach(), hidden,
+                saved, *detached(*extras), 2, 0.25, 0.0, 1.0, 0, True, extras[0] is not None)
+        checks[name + ", backward"] = torch.library.opcheck(fused_ops.fused_attention_backward, back)
+else:  # a bias shared by the windows (Swin's table) and one per window; padding and shifted-window masks
+    calls = {"shared bias, padding mask": (torch.randn(1, h, n, n, requires_grad=True), torch.rand(b, 1, 1, n) > 0.2),
+             "per-window bias, per-query mask": (torch.randn(b, h, n, n, requires_grad=True),
+                                                 torch.rand(b, 1, n, n) > 0.2)}
+    for name, (bias, mask) in calls.items():
+        args = (q, k, v, coefficients, basis_scale, base, weight, bias, mask, 2, 0.25, 0.0, 1.0, 0, torch.float32)
+        checks[name] = torch.library.opcheck(fused_window.window_attention, args)
+        out = fused_window.window_attention(*args)
+        back = (torch.randn_like(out), *detached(q, k, v, coefficients, basis_scale, base, weight, bias), mask,
+                2, 0.25, 0.0, 1.0, 0, True)
+        checks[name + ", backward"] = torch.library.opcheck(fused_window.window_attention_backward, back)
 print(json.dumps(dict(graphs=explained.graph_count, breaks=explained.graph_break_count,
                       forward=sorted(graphs["forward"]), backward=sorted(graphs["backward"]),
                       loss=abs(float(loss) - float(ref_loss)), grads=grads, path=path, rng_kept=rng_kept,
                       opcheck={k: sorted(set(v.values())) for k, v in checks.items()})))
 """
+FAMILIES = {"flash": ("fused (triton)", "karat.fused_attention"),
+            "window": ("fused (triton, whole window)", "karat.window_attention")}
 
 
 @pytest.mark.slow
-def test_fused_training_step_compiles_and_its_operators_pass_opcheck_under_the_interpreter():
-    """A compiled training step of a KArAt ViT on the fused path (Triton's interpreter on CPU tensors): one graph, the
-    fused operator in the forward graph and its backward operator in the backward graph, no Fourier feature computed
-    outside them (no efficient or reference path), and the eager step's loss and gradients. Then
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fused_training_step_compiles_and_its_operators_pass_opcheck_under_the_interpreter(family):
+    """A compiled training step of a KArAt ViT on each fused path (Triton's interpreter on CPU tensors): one graph,
+    the family's operator in the forward graph and its backward operator in the backward graph, no Fourier feature
+    computed outside them (no efficient or reference path), and the eager step's loss and gradients. Then
     ``torch.library.opcheck`` on both operators, with each kind of bias and mask."""
     from conftest import require_triton
 
     require_triton()
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-c", INTERPRETED, family], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
+    path, op = FAMILIES[family]
     assert (report["graphs"], report["breaks"]) == (1, 0), report
-    assert report["path"] == "fused (triton)" and report["rng_kept"], report  # the build check draws no random number
-    assert "karat.fused_attention.default" in report["forward"], report["forward"]
-    assert "karat.fused_attention_backward.default" in report["backward"], report["backward"]
+    assert report["path"] == path and report["rng_kept"], report  # the build check draws no random number
+    assert f"{op}.default" in report["forward"], report["forward"]
+    assert f"{op}_backward.default" in report["backward"], report["backward"]
     for graph in (report["forward"], report["backward"]):
         assert not {"aten.cos.default", "aten.sin.default", "karat.fourier_reduce.default"} & set(graph), graph
     assert report["loss"] <= 1e-5 and report["grads"] <= 1e-4, report

@@ -226,3 +226,39 @@ def test_a_vitdet_call_is_served_by_the_kernel():
     assert (choice.path, choice.detail) == ("efficient", "C++ CPU kernel"), choice.describe()
     assert efficient.detail(core.operator, q, rel.dense(), keep) == "C++ CPU kernel"
     assert efficient.detail(core.operator, q, rel.dense(), keep.float()) == "PyTorch, blockwise"  # not a bool mask
+
+
+LOAD = """
+import logging, sys
+logging.basicConfig(level=logging.DEBUG, format="%(message)s")
+from karat.kernels import fused_cpu
+print(fused_cpu.available(), fused_cpu.unavailable_reason())
+"""
+
+
+@needs_kernel
+@pytest.mark.parametrize("stale", [False, True], ids=["cached", "library-out-of-date"])
+def test_a_lock_file_left_by_a_killed_build_blocks_nothing(stale, tmp_path):
+    """``torch.utils.cpp_extension`` guards a build with a lock *file*; a process killed while building (a torchrun
+    worker, Ctrl-C) leaves it behind, and every later ``load`` then waited for it forever. A cached library is now
+    imported without touching it, and a build removes it under an ``flock`` (which dies with its holder)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    built = cpu_kernel._cache_dir()
+    cache = tmp_path / "cache"
+    copy = cache / built.name
+    shutil.copytree(built, copy)
+    (copy / "lock").write_text("")  # what a build killed midway leaves
+    if stale:  # older than the source: ninja relinks it (seconds; the object file is current)
+        os.utime(copy / f"{cpu_kernel.LIBRARY}.so", (0, 0))
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, KARAT_CACHE=str(cache), PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-c", LOAD], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split() == ["True", "None"], proc.stdout + proc.stderr[-3000:]
+    said = "building the fused CPU kernel" if stale else "loading the fused CPU kernel"
+    assert said in proc.stderr, proc.stderr[-3000:]
+    assert (copy / "lock").exists() != stale  # a load leaves it alone; a build takes it away

@@ -238,19 +238,44 @@ def test_auto_takes_the_window_kernels_for_small_cuda_windows():
     assert kernels.REFERENCE_MAX_TOKENS[fused_window.DETAIL] == 0 and kernels.REFERENCE_MAX_TOKENS["triton"] == 0
 
 
-# As tests/test_compile_fresh.py does for the flash kernels: the script says "a GPU is there" and traces a Swin with
-# fake CUDA tensors (nothing runs), so Dynamo sees the whole-window path.
+# As tests/test_compile_fresh.py does for the flash kernels: the script says "a GPU is there" (an H100 stand-in
+# driver) and traces a Swin with fake CUDA tensors (nothing runs), so Dynamo sees the whole-window path with the
+# default impl, and Inductor's forward graph holds the window kernel itself.
 FAKE_CUDA_SWIN = textwrap.dedent("""
     import json
     import timm, torch
     import torch.utils._triton
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from torch._subclasses.fake_tensor import FakeTensorMode
     import karat
     from karat.kernels import fused_triton, fused_window
 
+
+    class H100:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+
     torch.utils._triton.has_triton = lambda: True
+    triton.runtime.driver.set_active(H100())
     model = timm.create_model("swin_tiny_patch4_window7_224_karat", img_size=28, patch_size=2, window_size=7,
                               embed_dim=32, depths=(2,), num_heads=(2,), num_classes=3, grid=2, hidden_dim=5).train()
+    forward = set()
+
+
+    def record(gm, inputs):
+        for node in gm.graph.nodes:
+            if node.op == "call_function":
+                name = str(node.target)
+                if "triton_kernel_wrapper" in name:
+                    name = kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__
+                forward.add(name)
+        return gm
+
+
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = model.to("cuda")
         x = torch.randn(2, 3, 28, 28, device="cuda")
@@ -258,14 +283,21 @@ FAKE_CUDA_SWIN = textwrap.dedent("""
         path = core.choose_path(torch.empty(8, 2, 49, 16, device="cuda"),
                                 torch.empty(1, 2, 49, 49, device="cuda")).describe()
         explained = torch._dynamo.explain(model)(x)
+        with torch.no_grad():  # the forward graph as Inductor receives it
+            torch.compile(model, backend=aot_autograd(fw_compiler=record), fullgraph=True)(x)
+    kernels = {op: [k.fn.__name__ for k in torch._library.triton.get_triton_kernels_for_op(op)]
+               for op in ("karat::window_attention", "karat::window_attention_backward")}
     print(json.dumps(dict(path=path, graphs=explained.graph_count, breaks=explained.graph_break_count,
-                          disabled=[fused_triton._DISABLED, fused_window._DISABLED])))
+                          disabled=[fused_triton._DISABLED, fused_window._DISABLED], forward=sorted(forward),
+                          kernels=kernels)))
 """)
 
 
 @pytest.mark.slow
 def test_swin_on_the_window_kernels_traces_into_one_graph():
-    """torch.compile's Dynamo takes a KArAt Swin's whole-window path (forward) as one graph without breaks."""
+    """torch.compile's Dynamo takes a KArAt Swin's whole-window path (default impl, fake CUDA) as one graph without
+    breaks, and AOTAutograd decomposes the operator for Inductor into the window kernel's launch: no ``karat::`` op,
+    no Fourier feature outside the kernel, and no input written back (which would keep a CUDA graph from capturing)."""
     require_triton()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
@@ -273,4 +305,11 @@ def test_swin_on_the_window_kernels_traces_into_one_graph():
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
+    forward, kernels = report.pop("forward"), report.pop("kernels")
     assert report == dict(path="fused (triton, whole window)", graphs=1, breaks=0, disabled=[None, None]), report
+    assert "_window_fwd_kernel" in forward and "_window_bwd_kernel" not in forward, forward
+    assert not any(name.startswith("karat.") for name in forward), forward
+    assert not {"aten.cos.default", "aten.sin.default", "aten.copy_.default"} & set(forward), forward
+    # what torch's compiled-graph cache hashes for each operator: an edited kernel is not served from a stale entry
+    assert kernels == {"karat::window_attention": ["_window_fwd_kernel"],
+                       "karat::window_attention_backward": ["_window_bwd_kernel"]}, kernels

@@ -72,7 +72,8 @@ def markdown(rows: List[dict], notes: List[str], command: str) -> str:
         pl = r["per_logit"]
         lines.append("| " + " | ".join(str(x) for x in [
             f"{r['module']}: {r['variant']} (d {r['head_dim']}, G {r['G']}, r {r['r']}, {r['dtype']})", r["arch"],
-            r["kernel"].removeprefix("_phi_").removesuffix("_kernel"), "x".join(map(str, r["tile"])), r["num_warps"],
+            r["kernel"].removeprefix("_phi_").removeprefix("_window_").removesuffix("_kernel"),
+            "x".join(map(str, r["tile"])), r["num_warps"],
             r["num_stages"], r["registers"], f"{r['spill_stores']}/{r['spill_loads']}", r["stack"], r["shared"],
             *(pl.get(k, "-") for k, _ in COLUMNS)]) + " |")
     lines += [""] + [f"- {n}" for n in notes]

@@ -17,12 +17,14 @@ build or load runs eagerly when the first compiled call is traced, never inside 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.util
 import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
 import torch
 
@@ -76,16 +78,49 @@ def _cpp_extension_load() -> Any:
     return load
 
 
+@contextlib.contextmanager
+def _lock(build_dir: Path, exclusive: bool) -> Iterator[None]:
+    """Held while the library is built (exclusive) or imported (shared), across processes (two ranks of a
+    ``torchrun``). An ``flock`` dies with its holder; ``cpp_extension``'s own lock is a *file* that a build killed
+    midway leaves behind, after which every later build waits on it forever: under the exclusive lock such a file is
+    known to be stale and is removed."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: cpp_extension's lock file alone
+        yield
+        return
+    with open(build_dir / "karat.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            if exclusive:
+                (build_dir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _import(build_dir: Path) -> Any:
+    """The built library, imported as the Python module it is: no ninja run and no lock file."""
+    spec = importlib.util.spec_from_file_location(LIBRARY, build_dir / f"{LIBRARY}.so")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _build() -> Any:
-    load = _cpp_extension_load()
     build_dir = _cache_dir()
-    if _is_cached(build_dir):
-        _log.debug("karat: loading the fused CPU kernel from %s", build_dir)
-    else:
+    with _lock(build_dir, exclusive=False):
+        if _is_cached(build_dir):
+            _log.debug("karat: loading the fused CPU kernel from %s", build_dir)
+            return _import(build_dir)
+    with _lock(build_dir, exclusive=True):
+        if _is_cached(build_dir):  # another process built it while this one waited
+            _log.debug("karat: loading the fused CPU kernel from %s", build_dir)
+            return _import(build_dir)
         _log.info("karat: building the fused CPU kernel into %s (once per machine, about a minute)", build_dir)
-    return load(name=LIBRARY, sources=[str(SOURCE)], build_directory=str(build_dir),
-                extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"],
-                extra_ldflags=["-fopenmp"], verbose=False)
+        return _cpp_extension_load()(name=LIBRARY, sources=[str(SOURCE)], build_directory=str(build_dir),
+                                     extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math",
+                                                   "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def extension() -> Optional[Any]:

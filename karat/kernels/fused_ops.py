@@ -20,15 +20,16 @@ Under ``TRITON_INTERPRET=1`` (Triton on CPU tensors, for tests) the operators ar
 Inductor cannot generate code for interpreted kernels, but a compiled graph can call the operators, so a compiled
 training step runs the real kernels on the CPU.
 
-Another kernel module (say ``fused_window``) registers its operators the same way: its launches written
-``fused_triton._launch(kernel)[grid](...)``; a forward body and a backward body taking tensors and numbers only;
-each passed to :func:`define` under its own name; the formula registered with ``register_autograd``; an eager
-``autograd.Function`` over the same bodies chosen by :func:`_tracing`; and a tiny run of its kernels behind
-``torch.compiler.assume_constant_result`` (as :func:`builds`) before its path is chosen.
+``karat.kernels.fused_window`` registers its pair (``karat::window_attention`` and its backward) the same way: its
+launches written ``fused_triton._launch(kernel)[grid](...)``; a forward body and a backward body taking tensors and
+numbers only, each passed to :func:`define` with the kernels it launches; the formula registered with
+``register_autograd``; an eager ``autograd.Function`` over the same bodies, chosen where :func:`_tracing` is False;
+and its tiny run in :data:`PROBES`, so that :func:`builds` settles whether its kernels work before its path is
+chosen.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import sys
 
@@ -41,15 +42,15 @@ from . import fused_triton as ft
 _BUILDS: Dict[Tuple, bool] = {}
 
 
-def define(name: str, fn: Callable, kernels: Sequence[str]) -> "torch._library.custom_ops.CustomOpDef":
+def define(name: str, fn: Callable, kernels: Sequence[Any]) -> "torch._library.custom_ops.CustomOpDef":
     """``fn`` (tensor ops and ``_launch``-ed Triton kernels, no host sync) as the operator ``name``: a
     ``triton_op`` that ``torch.compile`` traces into; under the Triton interpreter (or before torch 2.6, which has no
     ``triton_op``) an opaque ``custom_op`` whose fake implementation is ``fn`` itself (``_launch`` skips the launches
     on fake tensors).
 
-    ``kernels`` names the Triton kernels ``fn`` launches (globals of ``fused_triton``): torch finds them by reading
-    ``fn``'s source, which misses launches made through helpers, and keys its compiled-graph cache on their source,
-    so that an edited kernel is not served from a stale cache entry."""
+    ``kernels`` are the Triton kernels ``fn`` launches: torch finds them by reading ``fn``'s source, which misses
+    launches made through helpers, and keys its compiled-graph cache on their source, so that an edited kernel is
+    not served from a stale cache entry."""
     if ft._interpreting() or ft.wrap_triton is None:
         op = torch.library.custom_op(name, fn, mutates_args=())
         op.register_fake(fn)
@@ -59,7 +60,7 @@ def define(name: str, fn: Callable, kernels: Sequence[str]) -> "torch._library.c
 
     table = getattr(library_triton, "triton_ops_to_kernels", None)
     if table is not None:
-        table[name] = [getattr(ft, kernel) for kernel in kernels]
+        table[name] = list(kernels)
     return op
 
 
@@ -152,9 +153,9 @@ def _gradients(ctx, g: Tensor, backward: Callable) -> tuple:
 
 
 if ft.triton is not None:
-    fused_attention = define("karat::fused_attention", _fused_attention, ["_phi_fwd_kernel"])
+    fused_attention = define("karat::fused_attention", _fused_attention, [ft._phi_fwd_kernel])
     fused_attention_backward = define("karat::fused_attention_backward", _fused_attention_backward,
-                                      ["_phi_bwd_dq_kernel", "_phi_bwd_dk_kernel"])
+                                      [ft._phi_bwd_dq_kernel, ft._phi_bwd_dk_kernel])
     fused_attention.register_autograd(lambda ctx, g, *_: _gradients(ctx, g, fused_attention_backward),
                                       setup_context=_setup_context)
 
@@ -204,30 +205,45 @@ def attention(*inputs) -> Tensor:
     return _Eager.apply(*inputs)[0]
 
 
-def variant(op, q: Tensor, bias, key_mask: Optional[Tensor]) -> Tuple:
-    """What decides which kernels a call compiles (device, dtype, sizes, flags), as constants."""
+def variant(family: str, op, q: Tensor, bias, key_mask: Optional[Tensor], tokens: int = 16) -> Tuple:
+    """What decides which kernels of ``family`` (a key of :data:`PROBES`) a call compiles, as constants: device,
+    dtype, sizes, flags, and the keys a probe holds (``tokens``: where the kernels' tile depends on them)."""
     basis = op.phi.basis
     _, _, spline, _ = ft._basis_args(op.phi, op.cfg.grid)
     rel = isinstance(bias, ft.DecomposedRelPos)
-    return (str(q.device), str(q.dtype).split(".")[-1], q.shape[-1], op.cfg.grid, basis.coefficients.shape[2],
+    return (family, str(q.device), str(q.dtype).split(".")[-1], q.shape[-1], op.cfg.grid, basis.coefficients.shape[2],
             basis.coefficients.shape[3], op.phi.has_base, spline,
             "rel" if rel else None if bias is None else "dense",
             *((bias.rel_h.shape[-1], bias.rel_w.shape[-1]) if rel else (1, 1)),
-            None if key_mask is None else "key" if efficient._is_key_level(key_mask) else "query")
+            None if key_mask is None else "key" if efficient._is_key_level(key_mask) else "query", tokens)
 
 
 @torch.compiler.assume_constant_result
 def builds(key: Tuple) -> bool:
     """Whether the kernels of this :func:`variant` build and run here: a tiny forward and backward, run eagerly once
-    per variant and process (``torch.compile`` calls this while it traces and keeps the answer). On failure the
-    fused kernels are disabled (one warning) and every call takes the efficient path."""
+    per variant and process (``torch.compile`` calls this while it traces and keeps the answer). On failure that
+    family's kernels are disabled (one warning) and its calls take another path."""
     if key not in _BUILDS:
         _BUILDS[key] = _probe(*key)
     return _BUILDS[key]
 
 
-def _probe(device: str, dtype: str, d: int, grid: int, rank: int, features: int, has_base: bool, spline: int,
-           bias: Optional[str], kh: int, kw: int, mask: Optional[str]) -> bool:
+def _run_flash(q: Tensor, coefficients: Tensor, ones: Tensor, base: Optional[Tensor], bias: Optional[Tensor],
+               rel_h: Optional[Tensor], rel_w: Optional[Tensor], mask: Optional[Tensor], args: tuple) -> None:
+    out, hidden, saved, coef = fused_attention(q, q, q, coefficients, ones, base, ones, bias, rel_h, rel_w, mask,
+                                               *args)
+    fused_attention_backward(out, q, q, q, coefficients, ones, coef, ones, hidden, saved, bias, rel_h, rel_w, mask,
+                             *args, base is not None, bias is not None)
+
+
+# kernel family -> (a tiny forward and backward through its operators, what turns the family off). A kernel module
+# adds its own entry when it loads (karat.kernels.fused_window).
+PROBES: Dict[str, Tuple[Callable[..., None], Callable[[str], None]]] = {"flash": (_run_flash, ft.disable)}
+
+
+def _probe(family: str, device: str, dtype: str, d: int, grid: int, rank: int, features: int, has_base: bool,
+           spline: int, bias: Optional[str], kh: int, kw: int, mask: Optional[str], tokens: int) -> bool:
+    run, disable = PROBES[family]
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         return True  # traced with fake CUDA tensors on a machine without a GPU: there is nothing to run
@@ -235,9 +251,9 @@ def _probe(device: str, dtype: str, d: int, grid: int, rank: int, features: int,
 
     try:
         with unset_fake_temporarily(), torch.no_grad():
-            n = kh * kw if bias == "rel" else 16
+            n = kh * kw if bias == "rel" else tokens
             # constants, not random draws: the check must not move the caller's random stream
-            q = k = v = torch.full((1, 1, n, d), 0.1, device=dev, dtype=getattr(torch, dtype))
+            q = torch.full((1, 1, n, d), 0.1, device=dev, dtype=getattr(torch, dtype))
             coefficients = torch.full((1, n, rank, features), 0.1, device=dev)
             ones = torch.ones(1, n, rank, device=dev)
             dense = torch.zeros(1, 1, n, n, device=dev) if bias == "dense" else None
@@ -245,16 +261,14 @@ def _probe(device: str, dtype: str, d: int, grid: int, rank: int, features: int,
                             if bias == "rel" else (None, None))
             keep = (None if mask is None else
                     torch.ones(1, 1, 1 if mask == "key" else n, n, dtype=torch.bool, device=dev))
-            args = (grid, 1.0, 0.0, 1.0, spline)
-            out, hidden, saved, coef = fused_attention(q, k, v, coefficients, ones, ones if has_base else None, ones,
-                                                       dense, rel_h, rel_w, keep, *args)
-            fused_attention_backward(out, q, k, v, coefficients, ones, coef, ones, hidden, saved, dense, rel_h,
-                                     rel_w, keep, *args, has_base, dense is not None)
+            run(q, coefficients, ones, ones if has_base else None, dense, rel_h, rel_w, keep,
+                (grid, 1.0, 0.0, 1.0, spline))
             if dev.type == "cuda" and not torch.cuda.is_current_stream_capturing():
                 torch.cuda.synchronize(dev)  # a failed launch shows here, not in a later call
         return True
     except Exception as e:  # noqa: BLE001  a kernel that fails to build must not end the run
-        ft.disable(f"{type(e).__name__}: {e}")
+        disable(f"{type(e).__name__}: {e}")
         return False
+
 
 ft.fused_ops = sys.modules[__name__]  # fused_triton's supports() and attend() call this module's operators

@@ -90,10 +90,22 @@ def disable(reason: str) -> None:
 def supports(op: KArAtOperator, q: torch.Tensor, bias: Optional[Bias],
              key_mask: Optional[torch.Tensor]) -> Optional[str]:
     """None when the fused kernels can evaluate this call, else the reason (one line)."""
-    if triton is None:
-        return "Triton is not installed"
     if _DISABLED is not None:
         return f"the fused kernels failed earlier in this process ({_DISABLED})"
+    why = unsupported(op, q, bias, key_mask)
+    if why is not None:
+        return why
+    if not fused_ops.builds(fused_ops.variant("flash", op, q, bias, key_mask)):  # settled before any trace or capture
+        return f"the fused kernels failed to build in this process ({_DISABLED})"
+    return None
+
+
+def unsupported(op: KArAtOperator, q: torch.Tensor, bias: Optional[Bias],
+                key_mask: Optional[torch.Tensor]) -> Optional[str]:
+    """What no Triton kernel of KArAt serves (one line), else None: the configuration and the call's device,
+    without building anything (``karat.kernels.fused_window`` shares these limits)."""
+    if triton is None:
+        return "Triton is not installed"
     if op.mode == "w1_phi2":
         return "w1_phi2 needs no kernel: the efficient path is linear in N (U = q (W k)^T)"
     if op.mode != "phi1_w2":
@@ -117,8 +129,6 @@ def supports(op: KArAtOperator, q: torch.Tensor, bias: Optional[Bias],
         return "the key mask must be boolean"
     if not (q.is_cuda or _interpreting()):
         return "the fused kernels run on CUDA (or under TRITON_INTERPRET=1)"
-    if not fused_ops.builds(fused_ops.variant(op, q, bias, key_mask)):  # settled before any trace or capture
-        return f"the fused kernels failed to build in this process ({_DISABLED})"
     return None
 
 

@@ -24,25 +24,25 @@ decomposed bias is left to the flash kernels. :func:`supports` names what it can
 ``TRITON_INTERPRET=1`` (tests/test_fused_window.py) and compiled for sm_80 / sm_90 (tests/test_fused_compile.py).
 
 Not yet run on a GPU. A program holds a window's keys whole and its query rows in blocks of ``ROWS_PER_BLOCK``
-(32): for Swin-T's windows (49 keys padded to 64, head_dim 32, G = 3, 8 warps) Triton's ptxas then reports no
-spills in the forward and about 1.6 KB per thread in the backward on sm_90 (2.4 KB on sm_80; with all 64 rows at
-once it was 2.9 and 5 KB, and the backward needed 108 KiB of shared memory on sm_80, now 82 KiB). Blocks of 16
-rows spill less (0.6 KB on sm_90) at twice the partial-gradient traffic: a knob for the GPU run.
+(16), with 8 warps for windows of 33-64 keys. ``python -m tools.kernel_table`` (``benchmarks/gpu_kernel_table.md``)
+compiled blocks of 16 and 32 rows on 4 and 8 warps for sm_80 and sm_90: 16 rows on 8 warps spill least in every
+shipped variant but one (the forward: nothing; the backward: 0.6-1.1 KB per thread, see :data:`SPILL_BUDGET`).
 """
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
-import torch.nn as nn
+from torch import Tensor
 
 from ..operator import KArAtOperator
 from ..precision import autocast_off, output_dtype, upcast
 from ..relpos import Bias, DecomposedRelPos
-from . import fused_triton, reference
+from . import fused_ops, fused_triton, reference
 from .efficient import _sum_to
-from .fused_triton import DOT_PRECISION, _basis_args, _pad, _rowwise, triton
+from .fused_ops import _coef
+from .fused_triton import DOT_PRECISION, _basis_args, _launch, _pad, _rowwise, triton
 
 if triton is not None:
     import triton.language as tl
@@ -54,7 +54,7 @@ MAX_TOKENS = 64  # keys one program holds
 MAX_HEAD_DIM = 128  # q, k, v, dO tiles of 64 x 128 in fp32: beyond, the flash kernels serve
 TARGET_PROGRAMS = 1024  # windows per program grow until a launch has about this many programs
 STAGES = 1  # no software pipelining of the window loop: prefetched q, k, v and coefficient tiles overflow shared memory
-ROWS_PER_BLOCK = 32  # query rows a program holds at once: (32, 64) tiles of S and its features (register pressure)
+ROWS_PER_BLOCK = 16  # query rows a program holds at once: (16, 64) tiles of S and its features (register pressure)
 
 
 _DISABLED: Optional[str] = None
@@ -72,17 +72,20 @@ def disable(reason: str) -> None:
 def supports(op: KArAtOperator, q: torch.Tensor, bias: Optional[Bias],
              key_mask: Optional[torch.Tensor]) -> Optional[str]:
     """None when the whole-window kernels can evaluate this call, else the reason (one line)."""
-    why = fused_triton.supports(op, q, bias, key_mask)
-    if why is not None:
-        return why
     if _DISABLED is not None:
         return f"the whole-window kernels failed earlier in this process ({_DISABLED})"
+    why = fused_triton.unsupported(op, q, bias, key_mask)  # the limits both kernel families share
+    if why is not None:
+        return why
     if op.num_tokens > MAX_TOKENS:
         return f"{op.num_tokens} keys > {MAX_TOKENS}: a window must fit one tile"
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}"
     if isinstance(bias, DecomposedRelPos):
         return "a decomposed relative-position bias runs in the flash kernels"
+    # the tile is the padded window: one build check per size class, settled before any trace or capture
+    if not fused_ops.builds(fused_ops.variant("window", op, q, bias, key_mask, _pad(op.num_tokens))):
+        return f"the whole-window kernels failed to build in this process ({_DISABLED})"
     return None
 
 
@@ -245,15 +248,17 @@ if triton is not None:
 
 class _Args:
     """The kernels' pointer, stride and flag arguments for one call (bias and mask as broadcast views, no copies;
-    placeholders where absent: a compile-time flag keeps the kernels from touching them)."""
+    placeholders where absent: a compile-time flag keeps the kernels from touching them). ``basis``: (lo, 1 / h,
+    B-spline order or 0 for Fourier, has a base function), numbers as the operators take them."""
 
-    def __init__(self, q: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 mask: Optional[torch.Tensor], layer: nn.Module, grid: int) -> None:
+    def __init__(self, q: Tensor, coef: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
+                 grid: int, basis: Tuple[float, float, int, bool]) -> None:
         b, h, n, d = q.shape
-        lo, inv_h, spline, base_row = _basis_args(layer, grid)
-        self.flags = dict(HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_BASE=layer.has_base,
-                          SPLINE=spline, BROW=base_row, D=d, G=grid, NP=_pad(n), RP=_pad(coef.shape[2]),
-                          BM=_rows_per_block(_pad(n)), DOT=DOT_PRECISION)
+        lo, inv_h, spline, has_base = basis
+        np_ = int(_pad(n))
+        self.flags = dict(HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_BASE=has_base, SPLINE=spline,
+                          BROW=grid + spline if spline else 2 * grid, D=int(d), G=grid, NP=np_,
+                          RP=int(_pad(coef.shape[2])), BM=_rows_per_block(np_), DOT=DOT_PRECISION)
         bias4 = bias.expand(b, h, n, n) if bias is not None else None
         mask4 = mask.view(torch.uint8).expand(b, h, n, n) if mask is not None else None
         self.bias, self.mask = (q if bias4 is None else bias4), (q if mask4 is None else mask4)
@@ -264,15 +269,15 @@ class _Args:
         self.basis = (lo, inv_h)
         self.wpp = windows_per_program(b * h)
         self.grid = (triton.cdiv(b, self.wpp), h)
-        self.warps = _warps(self.flags["NP"])
+        self.warps = _warps(np_)
 
 
-def _forward(q, k, v, coef, weight, a: _Args, scale: float, dtype: torch.dtype) -> torch.Tensor:
+def _forward(q, k, v, coef, weight, a: _Args, scale: float, dtype: torch.dtype) -> Tensor:
     b, h, n, d = q.shape
     out = torch.empty(b, h, n, d, device=q.device, dtype=dtype)
     if out.numel() == 0:
         return out
-    _window_fwd_kernel[a.grid](
+    _launch(_window_fwd_kernel)[a.grid](
         q, k, v, coef, weight, out, a.bias, a.mask, b, n, coef.shape[2], scale, a.wpp, h,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *a.coef_strides, *a.weight_strides,
         *a.bias_strides, *a.mask_strides, *a.basis, num_warps=a.warps, num_stages=STAGES, **a.flags)
@@ -292,7 +297,7 @@ def _backward(q, k, v, coef, weight, go, a: _Args, scale: float, bias_grad: int)
         db = torch.empty(programs if bias_grad == 1 else b, h, n, n, device=q.device, dtype=torch.float32)
     if q.numel() == 0:  # no window: zero parameter gradients
         return dq, dk, dv, torch.zeros_like(coef), torch.zeros_like(weight), db.zero_() if bias_grad else None
-    _window_bwd_kernel[a.grid](
+    _launch(_window_bwd_kernel)[a.grid](
         q, k, v, coef, weight, go, dq, dk, dv, dc, dw, db, a.bias, a.mask, b, n, r, scale, a.wpp, h,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *go.stride()[:3], *a.coef_strides, *a.weight_strides,
         dc.stride(1), dc.stride(2), dc.stride(4), dc.stride(3), h * n * n, *a.bias_strides, *a.mask_strides,
@@ -301,95 +306,168 @@ def _backward(q, k, v, coef, weight, go, a: _Args, scale: float, bias_grad: int)
     return dq, dk, dv, dc.sum(0), dw.sum(0), dbias
 
 
-class _WindowAttention(torch.autograd.Function):
-    """``sigma(S) V = ((Phi(S) W^T) * mask) V`` over whole windows as one autograd node that saves its inputs only
-    (softmax attention's memory). A backward kernel that fails to build falls back to autograd through the
-    reference path (a window is small) and turns the whole-window kernels off for the process."""
+def _window_attention(q: Tensor, k: Tensor, v: Tensor, coefficients: Tensor, basis_scale: Tensor,
+                      base_weight: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
+                      grid: int, scale: float, lo: float, inv_h: float, spline: int, dtype: torch.dtype) -> Tensor:
+    """``sigma(S) V`` in ``dtype``, the output alone (the backward recomputes the rest from the inputs).
+
+    q, k, v: (windows, H, N, d), any strides with a contiguous last dim; coefficients (H, N, r, M), basis_scale /
+    base_weight / weight (H, N, r); bias: fp32 broadcastable to (windows, H, N, N); mask: bool, (.., 1, N) for
+    padding or (.., N, N) (Swin's shifted windows)."""
+    q, k, v = _rowwise(q), _rowwise(k), _rowwise(v)
+    coef, weight32 = _coef(coefficients, basis_scale, base_weight), weight.float()
+    a = _Args(q, coef, weight32, bias, mask, grid, (lo, inv_h, spline, base_weight is not None))
+    return _forward(q, k, v, coef, weight32, a, scale, dtype)
+
+
+def _window_attention_backward(go: Tensor, q: Tensor, k: Tensor, v: Tensor, coefficients: Tensor,
+                               basis_scale: Tensor, base_weight: Optional[Tensor], weight: Tensor,
+                               bias: Optional[Tensor], mask: Optional[Tensor], grid: int, scale: float, lo: float,
+                               inv_h: float, spline: int, need_bias: bool) -> List[Tensor]:
+    """[dq, dk, dv, dcoefficients, dbasis_scale, dbase_weight, dweight, dbias]; an empty tensor for an absent one
+    (no base function; no bias, or ``need_bias`` False): an operator's outputs must not be None or alias."""
+    q, k, v = _rowwise(q), _rowwise(k), _rowwise(v)
+    coef, weight32 = _coef(coefficients, basis_scale, base_weight), weight.float()
+    bias_grad = 0
+    if bias is not None and need_bias:  # 1: one bias for every window (summed per program), 2: one per window
+        bias_grad = 1 if bias.expand(*q.shape[:2], q.shape[2], q.shape[2]).stride(0) == 0 else 2
+    a = _Args(q, coef, weight32, bias, mask, grid, (lo, inv_h, spline, base_weight is not None))
+    dq, dk, dv, dc, dw, db = _backward(q, k, v, coef, weight32, _rowwise(go), a, scale, bias_grad)
+    m = coefficients.shape[-1]
+    dc_basis = dc[..., :m]
+    none = q.new_empty(0, dtype=torch.float32)
+    return [dq, dk, dv, dc_basis * basis_scale.float().unsqueeze(-1), (dc_basis * coefficients.float()).sum(-1),
+            dc[..., m].clone() if base_weight is not None else none, dw,
+            _sum_to(db, bias.shape) if db is not None else none.clone()]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:9])  # q, k, v, coefficients, basis_scale, base_weight, weight, bias, mask
+    ctx.args = tuple(inputs[9:14])  # grid, scale, lo, inv_h, spline (not the output dtype)
+
+
+def _gradients(ctx, go: Tensor, backward) -> tuple:
+    """The autograd formula of ``karat::window_attention``: ``backward`` (the backward operator, or its body in
+    eager mode) on the saved inputs; None for an input that gets no gradient."""
+    saved = ctx.saved_tensors
+    need_bias = saved[7] is not None and ctx.needs_input_grad[7]
+    grads = backward(go, *saved, *ctx.args, need_bias)
+    present = (True,) * 5 + (saved[5] is not None, True, need_bias)
+    return (*(g if keep else None for g, keep in zip(grads, present)), *(None,) * 7)  # mask, then the constants
+
+
+if triton is not None:
+    window_attention = fused_ops.define("karat::window_attention", _window_attention, [_window_fwd_kernel])
+    window_attention_backward = fused_ops.define("karat::window_attention_backward", _window_attention_backward,
+                                                 [_window_bwd_kernel])
+    window_attention.register_autograd(lambda ctx, go: _gradients(ctx, go, window_attention_backward),
+                                       setup_context=_setup_context)
+
+
+class _Eager(torch.autograd.Function):
+    """The operators' bodies and formula as one autograd node without the operator dispatch (what an eager call
+    runs, as in ``fused_ops``). It saves the inputs only (softmax attention's memory). A backward kernel that fails
+    to build falls back to autograd through the reference path (a window is small) and turns the whole-window
+    kernels off for the process."""
 
     @staticmethod
-    def forward(ctx, q, k, v, coefficients, basis_scale, base_weight, weight, bias, mask, op, scale, dtype):
-        q, k, v = _rowwise(q), _rowwise(k), _rowwise(v)
-        coef = _coef(coefficients, basis_scale, base_weight)
-        weight32 = weight.float()
-        a = _Args(q, coef, weight32, bias, mask, op.phi, op.cfg.grid)
-        out = _forward(q, k, v, coef, weight32, a, scale, dtype)
-        ctx.save_for_backward(q, k, v, coefficients, basis_scale, base_weight, weight, bias, mask)
-        ctx.op, ctx.scale = op, scale
+    def forward(ctx, *inputs):
+        *inputs, op = inputs
+        with fused_ops._direct_launches():
+            out = _window_attention(*inputs)
+        _setup_context(ctx, inputs, out)
+        ctx.op = op
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, go):
-        q, k, v, coefficients, basis_scale, base_weight, weight, bias, mask = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        coef = _coef(coefficients, basis_scale, base_weight)
-        weight32 = weight.float()
-        bias_grad = 0
-        if bias is not None and need[7]:
-            bias4 = bias.expand(*q.shape[:2], q.shape[2], q.shape[2])
-            bias_grad = 1 if bias4.stride(0) == 0 else 2
         try:
-            a = _Args(q, coef, weight32, bias, mask, ctx.op.phi, ctx.op.cfg.grid)
-            dq, dk, dv, dc, dw, db = _backward(q, k, v, coef, weight32, _rowwise(go), a, ctx.scale, bias_grad)
+            with fused_ops._direct_launches():
+                return (*_gradients(ctx, go, _window_attention_backward), None)
         except Exception as e:  # noqa: BLE001  a backward kernel that fails to build must not end the run
             disable(f"backward: {type(e).__name__}: {e}")
             return _backward_reference(ctx, go)
-        m = coefficients.shape[-1]
-        dc_basis = dc[..., :m]
-        dcoefficients = dc_basis * basis_scale.float().unsqueeze(-1) if need[3] else None
-        dscale = (dc_basis * coefficients.float()).sum(-1) if need[4] else None
-        dbase = dc[..., m] if need[5] and base_weight is not None else None
-        dbias = _sum_to(db, bias.shape) if db is not None else None
-        return dq, dk, dv, dcoefficients, dscale, dbase, dw if need[6] else None, dbias, None, None, None, None
 
 
-def _coef(coefficients: torch.Tensor, basis_scale: torch.Tensor, base_weight: Optional[torch.Tensor]) -> torch.Tensor:
-    """The scaled basis coefficients with the base weight as one more feature, (H, N, r, M (+1)) fp32."""
-    coef = coefficients.float() * basis_scale.float().unsqueeze(-1)
-    return coef if base_weight is None else torch.cat([coef, base_weight.float().unsqueeze(-1)], dim=-1)
-
-
-def _backward_reference(ctx, go: torch.Tensor) -> tuple:
+def _backward_reference(ctx, go: Tensor) -> tuple:
     """Every gradient by autograd through the reference path (what runs when the backward kernel fails)."""
     q, k, v, coefficients, basis_scale, base_weight, weight, bias, mask = ctx.saved_tensors
     need = ctx.needs_input_grad
+    scale = ctx.args[1]
     with torch.enable_grad():
         qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v))
         bd = bias.detach().requires_grad_() if bias is not None else None
-        out = reference.attend(ctx.op, qd, kd, vd, bd, mask, ctx.scale)
+        out = reference.attend(ctx.op, qd, kd, vd, bd, mask, scale)
         params = (coefficients, basis_scale, base_weight, weight)
         wanted = [t for t, n in zip((qd, kd, vd, *params, bd), need[:8]) if n and t is not None]
         grads = iter(torch.autograd.grad(out, wanted, go.to(out.dtype), allow_unused=True))
         result = [next(grads) if n and t is not None else None for t, n in zip((qd, kd, vd, *params, bd), need[:8])]
-    return (*result, None, None, None, None)
+    return (*result, *(None,) * 8)  # mask, the constants, op
 
 
-def attend(op: KArAtOperator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[Bias] = None,
-           key_mask: Optional[torch.Tensor] = None, scale: float = 1.0) -> torch.Tensor:
+def _run_probe(q: Tensor, coefficients: Tensor, ones: Tensor, base: Optional[Tensor], bias: Optional[Tensor],
+               rel_h: Optional[Tensor], rel_w: Optional[Tensor], mask: Optional[Tensor], args: tuple) -> None:
+    """``fused_ops``' build check for this family: a tiny forward and backward through the operators."""
+    out = window_attention(q, q, q, coefficients, ones, base, ones, bias, mask, *args, q.dtype)
+    window_attention_backward(out, q, q, q, coefficients, ones, base, ones, bias, mask, *args, bias is not None)
+
+
+fused_ops.PROBES["window"] = (_run_probe, disable)
+
+
+def attend(op: KArAtOperator, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Bias] = None,
+           key_mask: Optional[Tensor] = None, scale: float = 1.0) -> Tensor:
     """``sigma(S) V`` of a ``phi1_w2`` operator over windows of at most 64 keys, with autocast off; the output comes
-    back in the autocast dtype under autocast, else in q's dtype. ``choose`` has checked :func:`supports`."""
+    back in the autocast dtype under autocast, else in q's dtype. ``choose`` has checked :func:`supports`. Traced
+    (``torch.compile``, export): the operator ``karat::window_attention``; eager: the same bodies (:class:`_Eager`)."""
     phi = op.phi
-    dense = upcast(bias) if bias is not None else None
+    lo, inv_h, spline, _ = _basis_args(phi, op.cfg.grid)
+    args = (q, k, v, phi.basis.coefficients, phi.basis_scale, phi.base_weight, op.weight,
+            upcast(bias) if bias is not None else None, key_mask, op.cfg.grid, float(scale), lo, inv_h, spline,
+            output_dtype(q))
     with autocast_off(q.device.type):
-        return _WindowAttention.apply(q, k, v, phi.basis.coefficients, phi.basis_scale, phi.base_weight, op.weight,
-                                      dense, key_mask, op, float(scale), output_dtype(q))
+        if fused_ops._tracing():
+            return window_attention(*args)
+        return _Eager.apply(*args, op)
 
 
 KERNELS = ("_window_fwd_kernel", "_window_bwd_kernel")
 _FP32_POINTERS = ("C", "W", "DC", "DW", "DB", "BIAS")
+_TENSOR_POINTERS = ("Q", "K", "V", "OUT", "GO", "DQ", "DK", "DV")
+
+# What the offline compiles (tests/test_fused_compile.py, tools/kernel_table.py) cover, as (head_dim, G, r, q/k/v
+# dtype, flags): the plain Fourier kernel at the largest window; B-splines with every flag (bias, mask, SiLU base);
+# Swin-T's window attention (49 keys, head_dim 32, G = 3, r = 12, bf16 under autocast, the bias table and the
+# shifted-window mask).
+SHIPPED_VARIANTS = {
+    "plain-n64": (64, 3, 12, "fp32", dict(tokens=64)),
+    "bspline-all-flags-n64": (64, 5, 12, "bf16", dict(spline=3, bias=True, mask=True, base=True, tokens=64)),
+    "swin-t-bf16": (32, 3, 12, "bf16", dict(bias=True, mask=True, tokens=49)),
+}
+# Bytes of register spill stores (and loads) a shipped variant's kernel may have (any other: none), as measured in
+# benchmarks/gpu_kernel_table.md with some headroom, keyed (variant, kernel) or, for one architecture,
+# (variant, kernel, arch). The backward keeps the window's k and v and its dk and dv sums (4 x 64 x head_dim fp32)
+# live across the query-row blocks, beside a block's S, its features and their gradients: 0.6 KB per thread on
+# sm_90, 1.1 KB on sm_80. Swin-T's head_dim 32 with a bias or mask on sm_80 is an outlier: ptxas allocates 32
+# registers and spills 6 KB (9 KB loaded back) where blocks of 32 rows spill 2.7 KB; the GPU run decides whether
+# sm_80 gets blocks of its own. Summing dk and dv in global memory would take the rest away (bf16 partial sums).
+SPILL_BUDGET = {("plain-n64", "_window_bwd_kernel"): 1280, ("bspline-all-flags-n64", "_window_bwd_kernel"): 1152,
+                ("swin-t-bf16", "_window_bwd_kernel"): 768, ("swin-t-bf16", "_window_bwd_kernel", "sm_80"): 9216}
 
 
 def compile_offline(arch: int, head_dim: int, grid: int, rank: int, dtype: str = "fp32", *, bias: bool = False,
-                    mask: bool = False, base: bool = False, spline: int = 0, tokens: int = 49) -> dict:
+                    mask: bool = False, base: bool = False, spline: int = 0, tokens: int = 49,
+                    rows: Optional[int] = None, warps: Optional[int] = None) -> dict:
     """Compile both kernels of one variant for ``sm_<arch>`` without a GPU (Triton's bundled ptxas):
     ``{kernel name: shared memory bytes}``. ``dtype`` is that of q, k, v, the output and the gradients
-    (``fp32``, ``bf16``, ``fp16``); ``spline`` a B-spline order (0: Fourier); ``tokens`` the window's keys."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    (``fp32``, ``bf16``, ``fp16``); ``spline`` a B-spline order (0: Fourier); ``tokens`` the window's keys.
+    ``offline.stats_of(compile_offline, ...)`` reads registers, spills and the instruction mix of the same compile."""
+    from . import offline
 
     features = grid + spline if spline else 2 * grid
     np_ = _pad(tokens)
-    const = dict(D=head_dim, G=grid, NP=np_, RP=_pad(rank), BM=_rows_per_block(np_), DOT=DOT_PRECISION,
+    const = dict(D=head_dim, G=grid, NP=np_, RP=_pad(rank), BM=rows or _rows_per_block(np_), DOT=DOT_PRECISION,
                  HAS_BIAS=bias, HAS_MASK=mask, HAS_BASE=base, SPLINE=spline, BROW=features, BIAS_GRAD=int(bias))
     shared = {}
     for name in KERNELS:
@@ -402,13 +480,11 @@ def compile_offline(arch: int, head_dim: int, grid: int, rank: int, dtype: str =
                 sig[a] = "*u8"
             elif a in _FP32_POINTERS:
                 sig[a] = "*fp32"
-            elif a in ("Q", "K", "V", "OUT", "GO", "DQ", "DK", "DV"):
+            elif a in _TENSOR_POINTERS:
                 sig[a] = f"*{dtype}"
             else:
                 sig[a] = "fp32" if a in ("LO", "INVH", "SCALE") else "i32"
-        consts = {(kernel.arg_names.index(k),): v for k, v in const.items() if k in kernel.arg_names}
-        compiled = triton.compile(ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
-                                  options=dict(num_warps=_warps(np_), num_stages=STAGES))
+        compiled = offline.compile_kernel(kernel, sig, const, arch, num_warps=warps or _warps(np_), num_stages=STAGES)
         shared[name] = compiled.metadata.shared
         limit = fused_triton.SHARED_MEMORY_LIMIT.get(arch, 101376)
         if "cubin" not in compiled.asm or shared[name] > limit:

@@ -6,9 +6,10 @@ needs no code of its own to be measured), and :func:`kernel_stats` reads registe
 ``ptxas -v`` and counts the SASS instructions of the kernel's main loop. That is the evidence the kernels are tuned
 from without a GPU (``python -m tools.kernel_table``, ``benchmarks/gpu_kernel_table.md``).
 
-Per logit: the static SASS count of the main loop's body (the outermost backward branch: one key block of the
-forward and dq kernels, one query block of the dk kernel) times the warps of a program, over the ``BM x BN``
-logits that one iteration evaluates, i.e. warp instructions issued per logit. Static counts: a branch that is
+Per logit: the static SASS count of the main loop's body (:func:`main_loop`: one key block of the forward and dq
+kernels, one query block of the dk kernel, one block of a window's query rows in the whole-window kernels) times
+the warps of a program, over the ``BM x BN`` (``BM x NP``) logits that one iteration evaluates, i.e. warp
+instructions issued per logit. Static counts: a branch that is
 rarely taken (a slow path) counts as if it were taken.
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ CLASSES: Dict[str, Tuple[str, ...]] = {
     "local": ("LDL", "STL"),  # local memory: spills and stack arrays
     "shared": ("LDS", "LDSM", "STS"),
 }
-TILE = ("BM", "BN")  # the constexprs whose product is the logits of one main-loop iteration
+TILE = ("BM", "BN", "NP")  # the constexprs whose product is the logits of one main-loop iteration (BN or NP)
 
 
 def tool(name: str) -> str:
@@ -127,16 +128,20 @@ def sass(cubin: bytes) -> Tuple[List[Tuple[int, str, str]], Dict[str, int]]:
 
 
 def main_loop(insns: List[Tuple[int, str, str]], text_labels: Dict[str, int]) -> Tuple[int, int]:
-    """(first, last) address of the outermost loop: the backward branch spanning the most code."""
-    best = (0, -1)
+    """(first, last) address of the main loop: of the loops (backward branches) holding the most tensor-core
+    instructions, the innermost. The flash kernels have one such loop (over key or query blocks); the whole-window
+    kernels loop over a program's windows and, inside, over a window's query-row blocks, which is the one counted."""
+    best, best_key = (0, -1), (-1, 0)
     for addr, op, operands in insns:
         if op.split(".")[0] != "BRA":
             continue
         m = re.search(r"(\.L_x_\d+)", operands)
         if m and m.group(1) in text_labels and text_labels[m.group(1)] <= addr:
             start = text_labels[m.group(1)]
-            if addr - start > best[1] - best[0]:
-                best = (start, addr)
+            mma = sum(1 for a, o, _ in insns if start <= a <= addr and o.split(".")[0] in CLASSES["mma"])
+            key = (mma, start - addr)  # most MMAs, then the shortest span
+            if key > best_key:
+                best, best_key = (start, addr), key
     return best
 
 
