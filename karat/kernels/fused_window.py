@@ -27,6 +27,8 @@ Not yet run on a GPU. A program holds a window's keys whole and its query rows i
 (16), with 8 warps for windows of 33-64 keys. ``python -m tools.kernel_table`` (``benchmarks/gpu_kernel_table.md``)
 compiled blocks of 16 and 32 rows on 4 and 8 warps for sm_80 and sm_90: 16 rows on 8 warps spill least in every
 shipped variant but one (the forward: nothing; the backward: 0.6-1.1 KB per thread, see :data:`SPILL_BUDGET`).
+Sine and cosine take the flash kernels' range reduction and the SFU (``_cos_sin``): libdevice's routines cost the
+Fourier forward 12 warp instructions per logit, now 7.3.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ from .fused_triton import DOT_PRECISION, _basis_args, _launch, _pad, _rowwise, t
 if triton is not None:
     import triton.language as tl
 
-    from .fused_triton import _add_feature_grad, _bspline, _cols, _logits, _rows
+    from .fused_triton import _add_feature_grad, _bspline, _cols, _cos_sin, _logits, _rows
 
 DETAIL = "triton, whole window"  # Choice.detail of this variant
 MAX_TOKENS = 64  # keys one program holds
@@ -133,8 +135,7 @@ if triton is not None:
                                    1, MASK, smb, smh, smi, smj, HAS_BIAS, False, HAS_MASK)
                 hid = tl.zeros((BM, RP), dtype=tl.float32)
                 if SPLINE == 0:
-                    c1 = tl.where(valid, tl.cos(s), 0.0)  # zero features where masked: the recurrence keeps them 0
-                    s1 = tl.where(valid, tl.sin(s), 0.0)
+                    c1, s1 = _cos_sin(s, valid)  # zero features where masked: the recurrence keeps them 0
                     ck = c1
                     sk = s1
                     for g in tl.static_range(G):
@@ -196,8 +197,7 @@ if triton is not None:
                 hid = tl.zeros((BM, RP), dtype=tl.float32)
                 ds = tl.zeros((BM, NP), dtype=tl.float32)
                 if SPLINE == 0:
-                    c1 = tl.where(valid, tl.cos(s), 0.0)
-                    s1 = tl.where(valid, tl.sin(s), 0.0)
+                    c1, s1 = _cos_sin(s, valid)
                     ck = c1
                     sk = s1
                     for g in tl.static_range(G):
@@ -448,12 +448,12 @@ SHIPPED_VARIANTS = {
 # Bytes of register spill stores (and loads) a shipped variant's kernel may have (any other: none), as measured in
 # benchmarks/gpu_kernel_table.md with some headroom, keyed (variant, kernel) or, for one architecture,
 # (variant, kernel, arch). The backward keeps the window's k and v and its dk and dv sums (4 x 64 x head_dim fp32)
-# live across the query-row blocks, beside a block's S, its features and their gradients: 0.6 KB per thread on
-# sm_90, 1.1 KB on sm_80. Swin-T's head_dim 32 with a bias or mask on sm_80 is an outlier: ptxas allocates 32
-# registers and spills 6 KB (9 KB loaded back) where blocks of 32 rows spill 2.7 KB; the GPU run decides whether
+# live across the query-row blocks, beside a block's S, its features and their gradients: 0.6-0.9 KB per thread on
+# sm_90, 1-1.1 KB on sm_80. Swin-T's head_dim 32 with a bias or mask on sm_80 is an outlier: ptxas allocates 32
+# registers and spills 6.3 KB (9.1 KB loaded back) where blocks of 32 rows spill 2.7 KB; the GPU run decides whether
 # sm_80 gets blocks of its own. Summing dk and dv in global memory would take the rest away (bf16 partial sums).
 SPILL_BUDGET = {("plain-n64", "_window_bwd_kernel"): 1280, ("bspline-all-flags-n64", "_window_bwd_kernel"): 1152,
-                ("swin-t-bf16", "_window_bwd_kernel"): 768, ("swin-t-bf16", "_window_bwd_kernel", "sm_80"): 9216}
+                ("swin-t-bf16", "_window_bwd_kernel"): 896, ("swin-t-bf16", "_window_bwd_kernel", "sm_80"): 10240}
 
 
 def compile_offline(arch: int, head_dim: int, grid: int, rank: int, dtype: str = "fp32", *, bias: bool = False,
