@@ -67,7 +67,9 @@ def _is_cached(build_dir: Path) -> bool:
 
 def _cpp_extension_load() -> Any:
     """``torch.utils.cpp_extension.load``, imported without the warning it logs on a machine with a CUDA toolkit
-    but no GPU ("No CUDA runtime is found"): nothing here needs CUDA."""
+    but no GPU ("No CUDA runtime is found"): nothing here needs CUDA. Imported even where the cached library is
+    loaded without it, so that Inductor's later import (its C++ code generation) finds it imported and stays quiet
+    too."""
     torch_log = logging.getLogger("torch.utils.cpp_extension")
     level = torch_log.level
     torch_log.setLevel(logging.ERROR)
@@ -108,6 +110,7 @@ def _import(build_dir: Path) -> Any:
 
 
 def _build() -> Any:
+    load = _cpp_extension_load()
     build_dir = _cache_dir()
     with _lock(build_dir, exclusive=False):
         if _is_cached(build_dir):
@@ -118,9 +121,9 @@ def _build() -> Any:
             _log.debug("karat: loading the fused CPU kernel from %s", build_dir)
             return _import(build_dir)
         _log.info("karat: building the fused CPU kernel into %s (once per machine, about a minute)", build_dir)
-        return _cpp_extension_load()(name=LIBRARY, sources=[str(SOURCE)], build_directory=str(build_dir),
-                                     extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math",
-                                                   "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        return load(name=LIBRARY, sources=[str(SOURCE)], build_directory=str(build_dir),
+                    extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def extension() -> Optional[Any]:
