@@ -84,3 +84,20 @@ def test_kernel_table_skips_a_module_that_is_not_there_and_renders_rows():
                spill_loads=0, stack=0, shared=81920, per_logit=dict(mma=0.094, sincos=0.062, all=2.135))
     table = kernel_table.markdown([row], notes, "python -m tools.kernel_table")
     assert "| fused_triton: plain (d 64, G 3, r 12, fp32) | sm_90 | fwd | 64x32 | 4 | 2 | 165 | 0/0 |" in table
+
+
+def test_window_launch_configurations_come_from_their_space_by_key(monkeypatch):
+    """The whole-window kernels' configuration (query rows per block, warps) is the first of their space unless one
+    was tuned for the key (head dim, G, rank, dtype, options, window size); small windows take 4 warps."""
+    require_triton()
+    import torch
+
+    from karat.kernels import fused_window as window
+
+    assert window.launch_config(32, 3, 12, torch.bfloat16, 64, {"HAS_BIAS": True}) == dict(BM=16, num_warps=8)
+    assert window.config_space(16) == [dict(BM=16, num_warps=4)]  # 16 keys: one block, 4 warps
+    tuned = dict(BM=32, num_warps=8)
+    monkeypatch.setitem(window._TUNED, (32, 3, 16, "bf16", ("HAS_BIAS", "HAS_MASK"), 64), tuned)
+    assert window.launch_config(32, 3, 12, torch.bfloat16, 64, {"HAS_BIAS": True, "HAS_MASK": True}) == tuned
+    assert window.launch_config(32, 3, 12, torch.bfloat16, 64, {"HAS_BIAS": True}) != tuned  # another key
+    assert tuned in window.config_space(64)

@@ -23,17 +23,18 @@ strides) at N <= 64 and head_dim <= 128, reusing its Triton helpers (``_logits``
 decomposed bias is left to the flash kernels. :func:`supports` names what it cannot serve in one line. Tested with
 ``TRITON_INTERPRET=1`` (tests/test_fused_window.py) and compiled for sm_80 / sm_90 (tests/test_fused_compile.py).
 
-Not yet run on a GPU. A program holds a window's keys whole and its query rows in blocks of ``ROWS_PER_BLOCK``
-(16), with 8 warps for windows of 33-64 keys. ``python -m tools.kernel_table`` (``benchmarks/gpu_kernel_table.md``)
-compiled blocks of 16 and 32 rows on 4 and 8 warps for sm_80 and sm_90: 16 rows on 8 warps spill least in every
-shipped variant but one (the forward: nothing; the backward: 0.6-1.1 KB per thread, see :data:`SPILL_BUDGET`).
+Not yet run on a GPU. A program holds a window's keys whole and its query rows in blocks (:func:`launch_config`:
+16 rows, with 8 warps for windows of 33-64 keys, unless a tuning run recorded another). ``python -m
+tools.kernel_table --space`` compiles blocks of 16 and 32 rows on 4 and 8 warps for sm_80 and sm_90: 16 rows on 8
+warps spill least in every shipped variant but one (the forward: nothing; the backward: 0.6-1.1 KB per thread, see
+:data:`SPILL_BUDGET`).
 Sine and cosine take the flash kernels' range reduction and the SFU (``_cos_sin``): libdevice's routines cost the
 Fourier forward 12 warp instructions per logit, now 7.3.
 """
 from __future__ import annotations
 
 import warnings
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -44,7 +45,7 @@ from ..relpos import Bias, DecomposedRelPos
 from . import fused_ops, fused_triton, reference
 from .efficient import _sum_to
 from .fused_ops import _coef
-from .fused_triton import DOT_PRECISION, _basis_args, _launch, _pad, _rowwise, triton
+from .fused_triton import DOT_PRECISION, _basis_args, _dtype_name, _flag_names, _launch, _pad, _rowwise, triton
 
 if triton is not None:
     import triton.language as tl
@@ -56,7 +57,6 @@ MAX_TOKENS = 64  # keys one program holds
 MAX_HEAD_DIM = 128  # q, k, v, dO tiles of 64 x 128 in fp32: beyond, the flash kernels serve
 TARGET_PROGRAMS = 1024  # windows per program grow until a launch has about this many programs
 STAGES = 1  # no software pipelining of the window loop: prefetched q, k, v and coefficient tiles overflow shared memory
-ROWS_PER_BLOCK = 16  # query rows a program holds at once: (16, 64) tiles of S and its features (register pressure)
 
 
 _DISABLED: Optional[str] = None
@@ -97,12 +97,29 @@ def windows_per_program(pairs: int) -> int:
     return max(1, min(64, pairs // TARGET_PROGRAMS))
 
 
-def _warps(np_: int) -> int:
-    return 4 if np_ <= 32 else 8
+# (query rows per block, warps) worth timing for both kernels, the default first: of these, 16 rows on 8 warps
+# spilled least in every shipped variant compiled offline (benchmarks/README.md); windows of at most 32 keys take
+# 4 warps. A tuning run on a GPU records its pick in _TUNED.
+_SPACE = ((16, 8), (32, 8), (16, 4), (32, 4))
+_TUNED: Dict[tuple, dict] = {}  # (head_dim, G, padded rank, dtype, options, padded window) -> configuration
 
 
-def _rows_per_block(np_: int) -> int:
-    return min(np_, ROWS_PER_BLOCK)
+def config_space(np_: int) -> List[dict]:
+    """The launch configurations (BM query rows per block, num_warps) for windows padded to ``np_`` keys."""
+    seen: List[dict] = []
+    for rows, warps in _SPACE:
+        cfg = dict(BM=min(rows, np_), num_warps=warps if np_ > 32 else 4)
+        if cfg not in seen:
+            seen.append(cfg)
+    return seen
+
+
+def launch_config(head_dim: int, grid: int, rank: int, dtype, np_: int, flags=()) -> dict:
+    """The configuration recorded in :data:`_TUNED` for this key (head dim, G, rank, dtype, options, window
+    size), else the first of :func:`config_space` (deterministic: what the interpreter always takes)."""
+    key = (int(head_dim), int(grid), int(_pad(rank)), dtype if isinstance(dtype, str) else _dtype_name(dtype),
+           _flag_names(flags), int(np_))
+    return dict(_TUNED.get(key) or config_space(int(np_))[0])
 
 
 if triton is not None:
@@ -258,7 +275,9 @@ class _Args:
         np_ = int(_pad(n))
         self.flags = dict(HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_BASE=has_base, SPLINE=spline,
                           BROW=grid + spline if spline else 2 * grid, D=int(d), G=grid, NP=np_,
-                          RP=int(_pad(coef.shape[2])), BM=_rows_per_block(np_), DOT=DOT_PRECISION)
+                          RP=int(_pad(coef.shape[2])), DOT=DOT_PRECISION)
+        cfg = launch_config(d, grid, coef.shape[2], q.dtype, np_, self.flags)
+        self.flags["BM"], self.warps = cfg["BM"], cfg["num_warps"]
         bias4 = bias.expand(b, h, n, n) if bias is not None else None
         mask4 = mask.view(torch.uint8).expand(b, h, n, n) if mask is not None else None
         self.bias, self.mask = (q if bias4 is None else bias4), (q if mask4 is None else mask4)
@@ -269,7 +288,6 @@ class _Args:
         self.basis = (lo, inv_h)
         self.wpp = windows_per_program(b * h)
         self.grid = (triton.cdiv(b, self.wpp), h)
-        self.warps = _warps(np_)
 
 
 def _forward(q, k, v, coef, weight, a: _Args, scale: float, dtype: torch.dtype) -> Tensor:
@@ -458,17 +476,30 @@ SPILL_BUDGET = {("plain-n64", "_window_bwd_kernel"): 1280, ("bspline-all-flags-n
 
 def compile_offline(arch: int, head_dim: int, grid: int, rank: int, dtype: str = "fp32", *, bias: bool = False,
                     mask: bool = False, base: bool = False, spline: int = 0, tokens: int = 49,
-                    rows: Optional[int] = None, warps: Optional[int] = None) -> dict:
+                    config: Optional[dict] = None, space: bool = False) -> dict:
     """Compile both kernels of one variant for ``sm_<arch>`` without a GPU (Triton's bundled ptxas):
     ``{kernel name: shared memory bytes}``. ``dtype`` is that of q, k, v, the output and the gradients
-    (``fp32``, ``bf16``, ``fp16``); ``spline`` a B-spline order (0: Fourier); ``tokens`` the window's keys.
+    (``fp32``, ``bf16``, ``fp16``); ``spline`` a B-spline order (0: Fourier); ``tokens`` the window's keys;
+    ``config`` a launch configuration (default: :func:`launch_config`'s); ``space``: compile every configuration of
+    :func:`config_space` instead (the default first), ``{kernel name: [shared memory bytes, ...]}``.
     ``offline.stats_of(compile_offline, ...)`` reads registers, spills and the instruction mix of the same compile."""
+    np_ = _pad(tokens)
+    flags = dict(HAS_BIAS=bias, HAS_MASK=mask, HAS_BASE=base, SPLINE=spline)
+    default = config or launch_config(head_dim, grid, rank, dtype, np_, flags)
+    shared: dict = {}
+    for cfg in (config_space(np_) if space else [default]):
+        for name, used in _compile_both(arch, head_dim, grid, rank, dtype, np_, flags, cfg).items():
+            shared.setdefault(name, []).append(used)
+    return shared if space else {name: used[0] for name, used in shared.items()}
+
+
+def _compile_both(arch: int, head_dim: int, grid: int, rank: int, dtype: str, np_: int, flags: dict,
+                  cfg: dict) -> dict:
     from . import offline
 
-    features = grid + spline if spline else 2 * grid
-    np_ = _pad(tokens)
-    const = dict(D=head_dim, G=grid, NP=np_, RP=_pad(rank), BM=rows or _rows_per_block(np_), DOT=DOT_PRECISION,
-                 HAS_BIAS=bias, HAS_MASK=mask, HAS_BASE=base, SPLINE=spline, BROW=features, BIAS_GRAD=int(bias))
+    spline = flags["SPLINE"]
+    const = dict(D=head_dim, G=grid, NP=np_, RP=_pad(rank), BM=cfg["BM"], DOT=DOT_PRECISION, **flags,
+                 BROW=grid + spline if spline else 2 * grid, BIAS_GRAD=int(flags["HAS_BIAS"]))
     shared = {}
     for name in KERNELS:
         kernel = globals()[name]
@@ -484,7 +515,7 @@ def compile_offline(arch: int, head_dim: int, grid: int, rank: int, dtype: str =
                 sig[a] = f"*{dtype}"
             else:
                 sig[a] = "fp32" if a in ("LO", "INVH", "SCALE") else "i32"
-        compiled = offline.compile_kernel(kernel, sig, const, arch, num_warps=warps or _warps(np_), num_stages=STAGES)
+        compiled = offline.compile_kernel(kernel, sig, const, arch, num_warps=cfg["num_warps"], num_stages=STAGES)
         shared[name] = compiled.metadata.shared
         limit = fused_triton.SHARED_MEMORY_LIMIT.get(arch, 101376)
         if "cubin" not in compiled.asm or shared[name] > limit:
