@@ -26,8 +26,8 @@ decomposed bias is left to the flash kernels. :func:`supports` names what it can
 Not yet run on a GPU. A program holds a window's keys whole and its query rows in blocks (:func:`launch_config`:
 16 rows, with 8 warps for windows of 33-64 keys, unless a tuning run recorded another). ``python -m
 tools.kernel_table --space`` compiles blocks of 16 and 32 rows on 4 and 8 warps for sm_80 and sm_90: 16 rows on 8
-warps spill least in every shipped variant but one (the forward: nothing; the backward: 0.6-1.1 KB per thread, see
-:data:`SPILL_BUDGET`).
+warps spill least in every shipped variant on both (the forward: nothing; the backward: 0.6-1.1 KB per thread, 6.3 KB
+for Swin-T's on sm_80, see :data:`SPILL_BUDGET`).
 Sine and cosine take the flash kernels' range reduction and the SFU (``_cos_sin``): libdevice's routines cost the
 Fourier forward 12 warp instructions per logit, now 7.3.
 """
@@ -468,8 +468,8 @@ SHIPPED_VARIANTS = {
 # (variant, kernel, arch). The backward keeps the window's k and v and its dk and dv sums (4 x 64 x head_dim fp32)
 # live across the query-row blocks, beside a block's S, its features and their gradients: 0.6-0.9 KB per thread on
 # sm_90, 1-1.1 KB on sm_80. Swin-T's head_dim 32 with a bias or mask on sm_80 is an outlier: ptxas allocates 32
-# registers and spills 6.3 KB (9.1 KB loaded back) where blocks of 32 rows spill 2.7 KB; the GPU run decides whether
-# sm_80 gets blocks of its own. Summing dk and dv in global memory would take the rest away (bf16 partial sums).
+# registers and spills 6.3 KB (9.1 KB loaded back), the least in the space (benchmarks/gpu_kernel_space.md: 8-17 KB
+# elsewhere). Summing dk and dv in global memory would take most of it away (at the cost of bf16 partial sums).
 SPILL_BUDGET = {("plain-n64", "_window_bwd_kernel"): 1280, ("bspline-all-flags-n64", "_window_bwd_kernel"): 1152,
                 ("swin-t-bf16", "_window_bwd_kernel"): 896, ("swin-t-bf16", "_window_bwd_kernel", "sm_80"): 10240}
 
