@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+import fake_gpu
 from conftest import require_cpu_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,33 +88,19 @@ def test_cached_kernel_is_recognised(tmp_path):
     assert not fused_cpu._is_cached(tmp_path)
 
 
-# On a machine without a GPU, Dynamo does not recognise Triton kernels (torch.utils._triton.has_triton() asks the CUDA
-# driver). The script says "a GPU is there" and traces with fake CUDA tensors: nothing runs, and the graphs show what
-# Inductor would compile. AOTDispatch decomposes the fused operators (karat::fused_attention and its backward,
-# torch.library.triton_op) into tensor ops and Triton launches (triton_kernel_wrapper_functional). Which arguments a
-# kernel writes, torch reads from the kernel's Triton IR, which Triton generates for a target it asks its driver for:
-# a stand-in driver names an H100 (sm_90), as tests/test_fused_compile.py compiles for one.
+# With fake CUDA tensors (tests/fake_gpu.py: nothing runs) the graphs show what Inductor would compile. AOTDispatch
+# decomposes the fused operators (karat::fused_attention and its backward, torch.library.triton_op) into tensor ops and
+# Triton launches (triton_kernel_wrapper_functional).
 FAKE_CUDA = """
 import json
 import timm, torch
-import torch.utils._triton
-import triton
-from triton.backends.compiler import GPUTarget
 from torch._dynamo.backends.common import aot_autograd
-from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 from torch._subclasses.fake_tensor import FakeTensorMode
 import karat
 from karat.kernels import fused_ops, fused_triton
+from fake_gpu import graph_ops, pretend_h100
 
-
-
-class H100:
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-
-torch.utils._triton.has_triton = lambda: True
-triton.runtime.driver.set_active(H100())
+pretend_h100()
 torch.manual_seed(0)
 model = timm.create_model("vit_tiny_patch16_224_karat", img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=2,
                           num_classes=10).train()
@@ -121,14 +108,7 @@ graphs = []
 
 
 def record(gm, inputs):
-    names = set()
-    for node in gm.graph.nodes:
-        if node.op == "call_function":
-            name = str(node.target)
-            if "triton_kernel_wrapper" in name:
-                name = kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__
-            names.add(name)
-    graphs.append(sorted(names))
+    graphs.append(sorted(graph_ops(gm)))
     return gm
 
 
@@ -180,12 +160,7 @@ def test_fused_triton_path_traces_with_fake_cuda_tensors():
     from conftest import require_triton
 
     require_triton()
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", FAKE_CUDA], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = fake_gpu.run_script(FAKE_CUDA)
     forward, pairs, kernels = report.pop("forward"), report.pop("pairs"), report.pop("kernels")
     assert report == dict(path="fused (triton)", graphs=1, breaks=0, reasons=[], disabled=None), report
     assert forward.count("_phi_fwd_kernel") == 1 and "_phi_bwd_dq_kernel" not in forward, forward

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import fake_gpu
 from conftest import require_triton
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,41 +239,26 @@ def test_auto_takes_the_window_kernels_for_small_cuda_windows():
     assert kernels.REFERENCE_MAX_TOKENS[fused_window.DETAIL] == 0 and kernels.REFERENCE_MAX_TOKENS["triton"] == 0
 
 
-# As tests/test_compile_fresh.py does for the flash kernels: the script says "a GPU is there" (an H100 stand-in
-# driver) and traces a Swin with fake CUDA tensors (nothing runs), so Dynamo sees the whole-window path with the
-# default impl, and Inductor's forward graph holds the window kernel itself.
+# As tests/test_compile_fresh.py does for the flash kernels: a Swin traced with fake CUDA tensors (tests/fake_gpu.py,
+# nothing runs), so Dynamo sees the whole-window path with the default impl, and Inductor's forward graph holds the
+# window kernel itself.
 FAKE_CUDA_SWIN = textwrap.dedent("""
     import json
     import timm, torch
-    import torch.utils._triton
-    import triton
-    from triton.backends.compiler import GPUTarget
     from torch._dynamo.backends.common import aot_autograd
-    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from torch._subclasses.fake_tensor import FakeTensorMode
     import karat
     from karat.kernels import fused_triton, fused_window
+    from fake_gpu import graph_ops, pretend_h100
 
-
-    class H100:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-
-    torch.utils._triton.has_triton = lambda: True
-    triton.runtime.driver.set_active(H100())
+    pretend_h100()
     model = timm.create_model("swin_tiny_patch4_window7_224_karat", img_size=28, patch_size=2, window_size=7,
                               embed_dim=32, depths=(2,), num_heads=(2,), num_classes=3, grid=2, hidden_dim=5).train()
     forward = set()
 
 
     def record(gm, inputs):
-        for node in gm.graph.nodes:
-            if node.op == "call_function":
-                name = str(node.target)
-                if "triton_kernel_wrapper" in name:
-                    name = kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__
-                forward.add(name)
+        forward.update(graph_ops(gm))
         return gm
 
 
@@ -299,12 +285,7 @@ def test_swin_on_the_window_kernels_traces_into_one_graph():
     breaks, and AOTAutograd decomposes the operator for Inductor into the window kernel's launch: no ``karat::`` op,
     no Fourier feature outside the kernel, and no input written back (which would keep a CUDA graph from capturing)."""
     require_triton()
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", FAKE_CUDA_SWIN], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = fake_gpu.run_script(FAKE_CUDA_SWIN)
     forward, kernels = report.pop("forward"), report.pop("kernels")
     assert report == dict(path="fused (triton, whole window)", graphs=1, breaks=0, disabled=[None, None]), report
     assert "_window_fwd_kernel" in forward and "_window_bwd_kernel" not in forward, forward
